@@ -1,0 +1,1 @@
+"""The nodemedic lab: real systemd nodes booted with systemd-nspawn (see lab/README.md)."""

@@ -1,0 +1,288 @@
+"""Build and cache the Debian 12 root filesystem that every lab node boots from.
+
+`ensure_image()` returns `lab/.cache/node-<key>/`, a ready rootfs. The key hashes this file's
+source and the project's runtime dependencies, so editing either makes a fresh image. The first
+build runs debootstrap (about a minute) and saves `node-<key>.tar.zst`; later checkouts with the
+tarball but no directory only unpack it (seconds). Safe for concurrent callers (flock) and atomic
+(everything is built in a temporary directory and renamed into place).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the lab hosts run Debian 12 (Python 3.11)
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "lab" / ".cache"
+LOGS = CACHE / "logs"
+MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "containerd", "runc", "python3", "python3-venv",
+    "python3-systemd", "iproute2", "procps", "busybox-static", "ca-certificates", "coreutils",
+)  # fmt: skip
+VENV = "/opt/nodemedic/venv"
+# Dependencies that come from Debian inside the node instead of from wheels.
+FROM_DEBIAN = {"systemd-python"}
+WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+STEP_TIMEOUT = 1200  # seconds for any one build step (debootstrap on a slow mirror)
+CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+LAUNCHER = """#!/bin/sh
+export PYTHONPATH=/opt/nodemedic/src
+exec /opt/nodemedic/venv/bin/python3 -m nodemedic "$@"
+"""
+
+KUBELET_UNIT = """[Unit]
+Description=kubelet (lab stand-in: sleeps, not a real kubelet)
+After=containerd.service
+
+[Service]
+ExecStart=/bin/sleep infinity
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """Print one progress line to stderr."""
+    print(f"[lab {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def dependencies(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
+    """The project's runtime requirements that must be installed as wheels in the node."""
+    with pyproject.open("rb") as f:
+        deps: list[str] = tomllib.load(f)["project"]["dependencies"]
+    return [d for d in deps if _name(d) not in FROM_DEBIAN and not _py_below_311(d)]
+
+
+def _name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    name = match.group(1) if match else requirement
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _py_below_311(requirement: str) -> bool:
+    """True for entries only needed on an older Python (marker `python_version < '3.11'` etc.)."""
+    _, _, marker = requirement.partition(";")
+    match = re.search(r"python_version\s*(<=?)\s*['\"](\d+)\.(\d+)['\"]", marker)
+    if not match:
+        return False
+    op, major, minor = match.group(1), int(match.group(2)), int(match.group(3))
+    return (major, minor) <= (3, 11) if op == "<" else (major, minor) < (3, 11)
+
+
+def image_key(deps: Sequence[str] | None = None) -> str:
+    """Short hash of this file's source and the dependency list."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update("\n".join(dependencies() if deps is None else deps).encode())
+    return digest.hexdigest()[:12]
+
+
+def ensure_image() -> Path:
+    """Return a directory holding a ready node rootfs, building or unpacking it if missing."""
+    deps = dependencies()
+    key = image_key(deps)
+    final = CACHE / f"node-{key}"
+    if final.is_dir():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with _locked(CACHE / f"node-{key}.lock"):
+        if final.is_dir():  # another caller finished while we waited
+            return final
+        tarball = CACHE / f"node-{key}.tar.zst"
+        if tarball.is_file():
+            _unpack(tarball, final)
+        else:
+            _build(deps, tarball, final)
+    return final
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process building the image ({path.name})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _unpack(tarball: Path, final: Path) -> None:
+    log(f"unpacking cached image {tarball.name}")
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=CACHE))
+    try:
+        _run(["tar", "--zstd", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+              "-xpf", str(tarball), "-C", str(tmp)], log_name="unpack")  # fmt: skip
+        tmp.chmod(0o755)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"image ready in {time.monotonic() - start:.1f}s: {final}")
+
+
+def _build(deps: Sequence[str], tarball: Path, final: Path) -> None:
+    start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f".build-{final.name}.", dir=CACHE))
+    try:
+        rootfs = work / "rootfs"
+        wheels = work / "wheels"
+        _download_wheels(deps, wheels)
+        _debootstrap(rootfs)
+        _customise(rootfs, wheels, deps)
+        _save_tarball(rootfs, tarball)
+        rootfs.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"image built in {time.monotonic() - start:.1f}s: {final}")
+
+
+def _download_wheels(deps: Sequence[str], dest: Path) -> None:
+    log(f"downloading wheels on the host for {len(deps)} dependencies: {' '.join(deps)}")
+    cmd = [*_host_pip(), "download", "--quiet", "--disable-pip-version-check",
+           "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+           "--abi", "cp311", "-d", str(dest)]  # fmt: skip
+    for platform in WHEEL_PLATFORMS:
+        cmd += ["--platform", platform]
+    _run([*cmd, *deps], log_name="pip-download")
+
+
+def _host_pip() -> list[str]:
+    """pip of the interpreter running the lab if it has one, else the host's pip3."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    found = shutil.which("pip3") or shutil.which("pip")
+    if found is None:
+        raise RuntimeError("no pip found on the host to download the node's wheels")
+    return [found]
+
+
+def _debootstrap(rootfs: Path) -> None:
+    log(f"debootstrap {SUITE} from {MIRROR} (about a minute; log: {LOGS / 'debootstrap.log'})")
+    _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+          SUITE, str(rootfs), MIRROR], log_name="debootstrap")  # fmt: skip
+
+
+def _customise(rootfs: Path, wheels: Path, deps: Sequence[str]) -> None:
+    log("installing the nodemedic venv and lab files into the image")
+    shutil.copytree(wheels, rootfs / "tmp/wheels")
+    _chroot(rootfs, "python3", "-m", "venv", "--system-site-packages", VENV)
+    _chroot(rootfs, f"{VENV}/bin/pip", "install", "--quiet", "--no-index", "--no-cache-dir",
+            "--disable-pip-version-check", "--find-links", "/tmp/wheels", *deps)  # fmt: skip
+    shutil.rmtree(rootfs / "tmp/wheels")
+    _write_lab_files(rootfs)
+    _make_busybox_root(rootfs)
+    _chroot(rootfs, "apt-get", "clean")
+    _clean_tree(rootfs)
+    _check_imports(rootfs)
+
+
+def _write_lab_files(rootfs: Path) -> None:
+    for d in ("opt/nodemedic/src", "opt/nodemedic/units", "etc/nodemedic", "var/log/journal"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    launcher = rootfs / "usr/bin/nodemedic"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    units = rootfs / "etc/systemd/system"
+    (units / "nodemedic.service").symlink_to("/opt/nodemedic/units/nodemedic.service")
+    (units / "kubelet.service").write_text(KUBELET_UNIT)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    (wants / "kubelet.service").symlink_to("/etc/systemd/system/kubelet.service")
+    dropin = rootfs / "etc/systemd/journald.conf.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "lab.conf").write_text("[Journal]\nStorage=persistent\n")
+
+
+def _make_busybox_root(rootfs: Path) -> None:
+    """A tiny rootfs for `ctr run --rootfs /opt/bbroot ...` (there is no image registry)."""
+    bb = rootfs / "opt/bbroot"
+    for d in ("bin", "dev", "etc", "proc", "sys", "tmp"):
+        (bb / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(rootfs / "bin/busybox", bb / "bin/busybox")
+    applets = subprocess.run(
+        [str(bb / "bin/busybox"), "--list"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (bb / "bin" / applet).symlink_to("busybox")
+
+
+def _clean_tree(rootfs: Path) -> None:
+    """Empty machine-id (systemd makes a transient one per boot), no apt lists or caches."""
+    (rootfs / "etc/machine-id").write_text("")
+    dbus_id = rootfs / "var/lib/dbus/machine-id"
+    if dbus_id.exists() and not dbus_id.is_symlink():
+        dbus_id.unlink()
+    for d in ("var/lib/apt/lists", "var/cache/apt", "var/cache/debconf", "tmp"):
+        for entry in (rootfs / d).glob("*"):
+            if entry.name in ("partial", "lock") or entry.name.endswith("-old"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _check_imports(rootfs: Path) -> None:
+    modules = "dbus_fast, asyncinotify, pydantic, tomlkit, grpc, google.protobuf, systemd.journal"
+    _chroot(rootfs, f"{VENV}/bin/python3", "-c", f"import {modules}")
+
+
+def _save_tarball(rootfs: Path, tarball: Path) -> None:
+    log(f"saving {tarball.name}")
+    tmp = tarball.with_name(f".{tarball.name}.{os.getpid()}")
+    try:
+        _run(["tar", "--use-compress-program=zstd -T0 -3", "--numeric-owner", "--xattrs",
+              "--xattrs-include=*", "-cf", str(tmp), "-C", str(rootfs), "."])  # fmt: skip
+        tmp.rename(tarball)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"saved {tarball.name} ({tarball.stat().st_size / 1e6:.0f} MB)")
+
+
+def _chroot(rootfs: Path, *argv: str) -> None:
+    env = {"PATH": CHROOT_PATH, "LANG": "C.UTF-8", "HOME": "/root",
+           "DEBIAN_FRONTEND": "noninteractive", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
+    _run(["chroot", str(rootfs), *argv], env=env, log_name="chroot")
+
+
+def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, log_name: str = "") -> None:
+    """Run a build step; on failure raise with the tail of its output."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    logfile = LOGS / f"{log_name or 'build'}.log"
+    with logfile.open("a") as out:
+        out.write(f"\n$ {' '.join(argv)}\n")
+        out.flush()
+        proc = subprocess.run(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, check=False, timeout=STEP_TIMEOUT
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"image build step failed ({proc.returncode}): {' '.join(argv)}\n"
+                           f"--- tail of {logfile} ---\n{tail}")  # fmt: skip

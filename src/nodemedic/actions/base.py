@@ -1,0 +1,85 @@
+"""What every action needs: the world it may touch (as Protocols) and the shape of a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from nodemedic.clock import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class UnitState:
+    load_state: str
+    active_state: str
+    sub_state: str
+
+    @property
+    def exists(self) -> bool:
+        return self.load_state not in ("not-found", "masked")
+
+    @property
+    def down(self) -> bool:
+        """Not running and not about to run by itself."""
+        return self.active_state in ("inactive", "failed")
+
+
+class UnitControl(Protocol):
+    """systemd, as the actions see it (D-Bus in the daemon, a fake in unit tests)."""
+
+    async def state(self, unit: str) -> UnitState: ...
+
+    async def stop(self, unit: str, timeout: float) -> None: ...
+
+    async def start(self, unit: str, timeout: float) -> None: ...
+
+    async def restart(self, unit: str, timeout: float) -> None: ...
+
+
+class VersionProbe(Protocol):
+    """containerd's Version API over its socket."""
+
+    async def version(self, socket: str, timeout: float) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    units: UnitControl
+    probe: VersionProbe
+    clock: Clock
+    quarantine_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What an action is about to do (or would do), found by its read-only check."""
+
+    summary: str
+    unit: str = ""
+    paths: tuple[str, ...] = ()
+    detail: str = ""
+    data: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """The check found nothing to do, and says why."""
+
+    reason: str
+
+
+class Action(Protocol):
+    """check (read-only) -> apply -> verify. Observe mode runs check only."""
+
+    name: str
+
+    async def check(self, ctx: ActionContext) -> Step | Skip: ...
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        """Do it; return a short detail for the record (e.g. where a path was moved)."""
+        ...
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        """Raise RepairFailedError if the intended state did not come about; else a short detail."""
+        ...

@@ -1,0 +1,114 @@
+"""Stop, start or restart a systemd unit and wait for systemd's job to finish."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from nodemedic.actions.base import ActionContext, Skip, Step
+from nodemedic.errors import RepairFailedError
+from nodemedic.policy.duration import Duration
+
+
+class _UnitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unit: str
+    """The systemd unit, e.g. ``containerd.service``."""
+    timeout: Duration = 30.0
+    """How long systemd's job may take."""
+
+
+class StopUnitParams(_UnitParams):
+    """Stop a unit unless it is already down (this also cancels a pending automatic restart)."""
+
+    do: Literal["stop-unit"]
+
+
+class StartUnitParams(_UnitParams):
+    """Start a unit now, without waiting for its own RestartSec."""
+
+    do: Literal["start-unit"]
+
+
+class RestartUnitParams(_UnitParams):
+    """Restart a unit; with ``if_exists`` a unit that is not installed is skipped quietly."""
+
+    do: Literal["restart-unit"]
+    if_exists: bool = True
+    """Skip without error when the unit is not installed (e.g. kubelet on a plain containerd host)."""
+
+
+class StopUnit:
+    name = "stop-unit"
+
+    def __init__(self, params: StopUnitParams) -> None:
+        self.params = params
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        state = await ctx.units.state(self.params.unit)
+        if state.down:
+            return Skip(f"{self.params.unit} is already {state.active_state}")
+        return Step(
+            f"stop {self.params.unit} ({state.active_state}/{state.sub_state})",
+            unit=self.params.unit,
+        )
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        await ctx.units.stop(self.params.unit, self.params.timeout)
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        state = await ctx.units.state(self.params.unit)
+        if not state.down:
+            raise RepairFailedError(f"{self.params.unit} is {state.active_state} after stop")
+        return f"{self.params.unit} is {state.active_state}"
+
+
+class StartUnit:
+    name = "start-unit"
+
+    def __init__(self, params: StartUnitParams) -> None:
+        self.params = params
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        state = await ctx.units.state(self.params.unit)
+        if state.active_state == "active":
+            return Skip(f"{self.params.unit} is already active")
+        return Step(f"start {self.params.unit}", unit=self.params.unit)
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        await ctx.units.start(self.params.unit, self.params.timeout)
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        state = await ctx.units.state(self.params.unit)
+        if state.active_state != "active":
+            raise RepairFailedError(
+                f"{self.params.unit} is {state.active_state}/{state.sub_state} after start"
+            )
+        return f"{self.params.unit} is active"
+
+
+class RestartUnit:
+    name = "restart-unit"
+
+    def __init__(self, params: RestartUnitParams) -> None:
+        self.params = params
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        state = await ctx.units.state(self.params.unit)
+        if not state.exists and self.params.if_exists:
+            return Skip(f"{self.params.unit} is not installed")
+        return Step(f"restart {self.params.unit}", unit=self.params.unit)
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        await ctx.units.restart(self.params.unit, self.params.timeout)
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        state = await ctx.units.state(self.params.unit)
+        if state.active_state not in ("active", "activating"):
+            raise RepairFailedError(f"{self.params.unit} is {state.active_state} after restart")
+        return f"{self.params.unit} is {state.active_state}"

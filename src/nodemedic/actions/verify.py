@@ -1,0 +1,67 @@
+"""Verify that containerd serves again: its socket path is a socket and its Version API answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from nodemedic.actions.base import ActionContext, Skip, Step
+from nodemedic.errors import ProbeError, RepairFailedError
+from nodemedic.policy.duration import Duration
+
+RETRY_INTERVAL = 0.05
+
+
+class VerifyContainerdParams(BaseModel):
+    """Wait until containerd's socket is a socket and its Version API answers, within ``timeout``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    do: Literal["verify-containerd"]
+    socket: str = "/run/containerd/containerd.sock"
+    """containerd's main gRPC socket."""
+    timeout: Duration = 15.0
+    """The deadline for containerd to answer after the repair."""
+    request_timeout: Duration = 1.0
+    """The deadline of each Version request."""
+
+
+class VerifyContainerd:
+    name = "verify-containerd"
+
+    def __init__(self, params: VerifyContainerdParams) -> None:
+        self.params = params
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        return Step(f"check that containerd answers on {self.params.socket}", paths=(self.params.socket,))
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        deadline = ctx.clock.monotonic() + self.params.timeout
+        last = "socket not there yet"
+        while ctx.clock.monotonic() < deadline:
+            if _is_socket(self.params.socket):
+                try:
+                    version = await ctx.probe.version(self.params.socket, self.params.request_timeout)
+                except ProbeError as exc:
+                    last = str(exc)
+                else:
+                    return f"containerd {version} answers"
+            # Bounded retries inside a deadline: containerd takes a moment to bind after start.
+            await asyncio.sleep(RETRY_INTERVAL)
+        raise RepairFailedError(
+            f"containerd did not answer on {self.params.socket} within {self.params.timeout:g}s: {last}"
+        )
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,87 @@
+"""Builds and wires everything from the policy. The one place that knows every part."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodemedic.actions.base import ActionContext, UnitControl, VersionProbe
+from nodemedic.clock import Clock, MonotonicClock
+from nodemedic.engine.runner import Runner
+from nodemedic.events import Event
+from nodemedic.policy.model import Policy
+from nodemedic.report import RecordKind, Reporter
+from nodemedic.sources.dbus import SystemdBus
+from nodemedic.sources.inotify import PathWatcher
+from nodemedic.sources.journal import JournalFollower
+from nodemedic.sources.probe import ContainerdProbe
+
+CURSOR_FILE = "journal.cursor"
+
+
+@dataclass
+class App:
+    policy: Policy
+    policy_path: Path | None
+    report: Reporter
+    events: asyncio.Queue[Event]
+    sources: dict[str, Callable[[], Coroutine[Any, Any, None]]]
+    systemd: SystemdBus
+    runner: Runner
+    repairs: set[asyncio.Task[None]]
+
+
+def build_app(
+    policy: Policy,
+    report: Reporter,
+    *,
+    policy_path: Path | None = None,
+    clock: Clock | None = None,
+    bus_address: str | None = None,
+    journal_dir: str | None = None,
+    units: UnitControl | None = None,
+    probe: VersionProbe | None = None,
+) -> App:
+    clock = clock or MonotonicClock()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    emit = events.put_nowait
+    settings = policy.daemon
+
+    def on_bus_state(message: str) -> None:
+        report(RecordKind.DAEMON, message, SOURCE="dbus")
+
+    systemd = SystemdBus(settings.watch_units, emit, clock, bus_address=bus_address, on_state=on_bus_state)
+    journal = JournalFollower(
+        settings.journal_units,
+        emit,
+        clock,
+        cursor_file=settings.state_dir / CURSOR_FILE,
+        journal_dir=journal_dir,
+    )
+    paths = PathWatcher(policy.watched_paths(), emit, clock)
+    ctx = ActionContext(
+        units=units or systemd,
+        probe=probe or ContainerdProbe(),
+        clock=clock,
+        quarantine_dir=settings.quarantine,
+    )
+    repairs: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        repairs.add(task)
+        task.add_done_callback(repairs.discard)
+
+    return App(
+        policy=policy,
+        policy_path=policy_path,
+        report=report,
+        events=events,
+        sources={"dbus": systemd.run, "journal": journal.run, "inotify": paths.run},
+        systemd=systemd,
+        runner=Runner(policy, ctx, report, spawn),
+        repairs=repairs,
+    )

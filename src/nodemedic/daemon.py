@@ -1,0 +1,168 @@
+"""The daemon's life: startup -> main loop -> shutdown. The shutdown trigger is passed in.
+
+Signals are turned into requests by the caller (cli.py) and never handled here directly, so tests
+drive the daemon without sending real signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Protocol
+
+from nodemedic import __version__
+from nodemedic.app import App
+from nodemedic.engine.runner import Runner
+from nodemedic.errors import PolicyError
+from nodemedic.policy.load import load_policy
+from nodemedic.report import RecordKind
+
+log = logging.getLogger(__name__)
+
+READY_WAIT = 5.0  # how long start-up waits for the D-Bus connection before saying READY anyway
+REPAIR_GRACE = 120.0  # a repair under way is finished, not cut off, at shutdown (bounded)
+
+
+class Notifier(Protocol):
+    def __call__(self, state: str) -> object: ...
+
+
+def sd_notify(state: str) -> object:
+    from systemd import daemon
+
+    return daemon.notify(state)
+
+
+class Daemon:
+    def __init__(
+        self, app: App, shutdown: asyncio.Event, reload: asyncio.Event, notify: Notifier = sd_notify
+    ) -> None:
+        self.app = app
+        self.shutdown = shutdown
+        self.reload = reload
+        self.notify = notify
+
+    async def run(self) -> None:
+        tasks = self._startup()
+        try:
+            await self._ready()
+            await self._main_loop(tasks)
+        finally:
+            await self._shutdown(tasks)
+
+    def _startup(self) -> list[asyncio.Task[None]]:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(run(), name=name) for name, run in self.app.sources.items()]
+        tasks.append(loop.create_task(self._dispatch(), name="dispatch"))
+        watchdog = _watchdog_interval()
+        if watchdog:
+            tasks.append(loop.create_task(self._watchdog(watchdog), name="watchdog"))
+        return tasks
+
+    async def _ready(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.app.systemd.connected.wait(), READY_WAIT)
+        policy = self.app.policy
+        self.app.report(
+            RecordKind.DAEMON,
+            f"nodemedic {__version__} started: mode {policy.daemon.mode}, {len(policy.rule)} rule(s), "
+            f"watching {', '.join(policy.watched_paths()) or 'no paths'}",
+            MODE=policy.daemon.mode,
+            VERSION=__version__,
+            OUTCOME="started",
+        )
+        self.notify(f"READY=1\nSTATUS=watching {len(policy.rule)} rule(s)")
+
+    async def _main_loop(self, tasks: list[asyncio.Task[None]]) -> None:
+        while not self.shutdown.is_set():
+            stop = asyncio.ensure_future(self.shutdown.wait())
+            reload = asyncio.ensure_future(self.reload.wait())
+            done, _ = await asyncio.wait([stop, reload, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            for task in tasks:
+                if task in done:
+                    self._source_ended(task)
+                    return
+            if self.reload.is_set():
+                self.reload.clear()
+                self._reload()
+
+    def _source_ended(self, task: asyncio.Task[None]) -> None:
+        exc = task.exception()
+        self.app.report(
+            RecordKind.ERROR,
+            f"{task.get_name()} stopped: {exc!r}; exiting",
+            SOURCE=task.get_name(),
+            DETAIL=repr(exc),
+            OUTCOME="failed",
+        )
+        raise SystemExit(1) from exc
+
+    async def _dispatch(self) -> None:
+        while True:
+            event = await self.app.events.get()
+            log.debug("event %s", event)
+            self.app.runner.handle(event)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def _reload(self) -> None:
+        """Re-read the policy; a broken one is reported and the one in force stays."""
+        path = self.app.policy_path
+        if path is None:
+            return
+        self.notify("RELOADING=1")
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            self.app.report(
+                RecordKind.ERROR,
+                f"reload refused, the policy in force stays: {exc}",
+                OUTCOME="refused",
+                DETAIL="; ".join(exc.problems),
+                PATH=str(path),
+            )
+        else:
+            old = self.app.runner
+            if policy.watched_paths() != old.policy.watched_paths() or policy.daemon != old.policy.daemon:
+                self.app.report(
+                    RecordKind.DAEMON,
+                    "reloaded; changes to [daemon] or to watched paths take effect at the next restart",
+                    PATH=str(path),
+                )
+            runner = Runner(policy, old.ctx, old.report, old._spawn)
+            runner.states.update({k: v for k, v in old.states.items() if k in runner.states})
+            self.app.runner = runner
+            self.app.report(
+                RecordKind.DAEMON,
+                f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
+                OUTCOME="reloaded",
+                PATH=str(path),
+            )
+        self.notify("READY=1")
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        self.notify("STOPPING=1")
+        if self.app.repairs:
+            # Cutting a repair off between "stop containerd" and "start containerd" would leave
+            # the node worse than before: let it finish.
+            await asyncio.wait(self.app.repairs, timeout=REPAIR_GRACE)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.app.systemd.close()
+        self.app.report(RecordKind.DAEMON, "nodemedic stopped", OUTCOME="stopped")
+
+
+def _watchdog_interval() -> float:
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 2_000_000

@@ -1,0 +1,1 @@
+"""Decision making: pure state machines (backoff) and the runner that applies rules."""

@@ -1,0 +1,33 @@
+"""Typed errors. Each subclasses NodemedicError and the builtin it resembles; messages say what to fix."""
+
+from __future__ import annotations
+
+
+class NodemedicError(Exception):
+    """Base class of every error nodemedic raises on purpose."""
+
+
+class PolicyError(NodemedicError, ValueError):
+    """The policy file cannot be used. ``problems`` lists every problem found, one line each."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid policy {path}:\n{lines}")
+
+
+class UnsafePathError(NodemedicError, PermissionError):
+    """A repair refused to touch a path because doing so could lose data or escape its root."""
+
+
+class RepairFailedError(NodemedicError, RuntimeError):
+    """An action ran but the state it was meant to produce did not come about."""
+
+
+class UnitControlError(NodemedicError, RuntimeError):
+    """systemd refused or failed a unit job (start, stop, restart)."""
+
+
+class ProbeError(NodemedicError, ConnectionError):
+    """containerd did not answer a real request in time."""

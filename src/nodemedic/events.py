@@ -1,0 +1,82 @@
+"""What the sources report. Frozen dataclasses: no behaviour, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class PathKind(str, enum.Enum):
+    """What is found at a watched path (lstat, never following a symlink)."""
+
+    DIRECTORY = "directory"
+    SOCKET = "socket"
+    SYMLINK = "symlink"
+    FILE = "file"
+    OTHER = "other"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitChanged:
+    """A watched systemd unit's state, after a change (or at (re)synchronisation)."""
+
+    unit: str
+    active_state: str
+    sub_state: str
+    result: str = ""
+    exec_main_code: int = 0
+    exec_main_status: int = 0
+    n_restarts: int = 0
+    main_pid: int = 0
+    load_state: str = "loaded"
+    at: float = 0.0
+    source: str = "dbus"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalLine:
+    """One journal entry from or about a watched unit."""
+
+    unit: str
+    message: str
+    identifier: str = ""
+    pid: int = 0
+    cursor: str = ""
+    at: float = 0.0
+    source: str = "journal"
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """A watched path changed kind (or its state at start-up)."""
+
+    path: str
+    kind: PathKind
+    at: float = 0.0
+    source: str = "inotify"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeFailed:
+    """containerd did not answer a real request."""
+
+    target: str
+    error: str
+    at: float = 0.0
+    source: str = "probe"
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSeen:
+    """A signal was sent to a watched process."""
+
+    signal: int
+    target_pid: int
+    sender_pid: int = 0
+    sender_comm: str = ""
+    at: float = 0.0
+    source: str = "tracefs"
+
+
+Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | SignalSeen

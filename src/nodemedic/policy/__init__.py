@@ -1,0 +1,1 @@
+"""The declarative policy: models (model.py), loading (load.py), matching (match.py)."""

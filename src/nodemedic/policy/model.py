@@ -1,0 +1,147 @@
+"""The policy's models. Every field's docstring becomes the policy reference (docs/policy.md).
+
+A policy is a ``[daemon]`` table and ``[[rule]]`` tables. A rule says when to look (its triggers),
+whether to act (its confirm condition, checked against the real state at decision time) and what to do
+(its ordered actions).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nodemedic.actions.registry import ActionSpec
+from nodemedic.events import PathKind
+from nodemedic.policy.duration import Duration
+
+Mode = Literal["enforce", "observe"]
+RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSettings(Strict):
+    """Settings of the daemon as a whole."""
+
+    mode: Mode = "enforce"
+    """``enforce`` repairs; ``observe`` reports what would be done and touches nothing."""
+
+    state_dir: Path = Path("/var/lib/nodemedic")
+    """Where nodemedic keeps its state (journal cursor) and the quarantine."""
+
+    quarantine_dir: Path | None = None
+    """Where moved-aside files go; default ``<state_dir>/quarantine``. Never emptied by nodemedic."""
+
+    watch_units: list[str] = Field(default=["containerd.service", "kubelet.service"])
+    """systemd units whose state changes are followed over D-Bus."""
+
+    journal_units: list[str] = Field(default=["containerd.service"])
+    """Units whose own journal lines, and systemd's lines about them, are followed."""
+
+    @property
+    def quarantine(self) -> Path:
+        return self.quarantine_dir or self.state_dir / "quarantine"
+
+
+class PathTrigger(Strict):
+    """Fires when one of ``paths`` is found to be of ``kind`` (inotify, and once at start-up)."""
+
+    source: Literal["path"]
+    paths: list[str] = Field(min_length=1)
+    """Absolute paths to watch; their parent directories may be missing or recreated."""
+    kind: PathKind
+    """directory | socket | symlink | file | other | missing"""
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for p in paths:
+            if not p.startswith("/") or p.endswith("/") or "/../" in p + "/":
+                raise ValueError(f"{p!r} must be an absolute, normalised path")
+        return paths
+
+
+class JournalTrigger(Strict):
+    """Fires when a journal line from or about ``unit`` matches ``pattern`` (a Python regex)."""
+
+    source: Literal["journal"]
+    pattern: re.Pattern[str]
+    """Regular expression searched in the MESSAGE field; compiled when the policy loads."""
+    unit: str = "containerd.service"
+    """The unit whose lines (and systemd's lines about it) are searched."""
+
+
+class UnitTrigger(Strict):
+    """Fires when a watched unit enters one of the given states (D-Bus PropertiesChanged)."""
+
+    source: Literal["unit"]
+    unit: str
+    active_state: list[str] = Field(default_factory=list)
+    """ActiveState values that fire, e.g. ["failed"]; empty means any."""
+    sub_state: list[str] = Field(default_factory=list)
+    """SubState values that fire, e.g. ["auto-restart"]; empty means any."""
+
+
+Trigger = Annotated[PathTrigger | JournalTrigger | UnitTrigger, Field(discriminator="source")]
+
+
+class PathConfirm(Strict):
+    """Act only if, at decision time, one of ``paths`` is of ``kind`` (lstat, symlinks not followed)."""
+
+    paths: list[str] = Field(min_length=1)
+    kind: PathKind
+
+
+class Backoff(Strict):
+    """Delay before the next attempt after a failed repair: initial * factor^n, at most max."""
+
+    initial: Duration = 5.0
+    factor: float = Field(default=2.0, ge=1.0)
+    max: Duration = 300.0
+
+
+class Rule(Strict):
+    """A diagnosis and its repair."""
+
+    name: Annotated[str, Field(pattern=RULE_NAME)]
+    """Lower-case letters, digits and dashes; appears as NODEMEDIC_RULE in every record."""
+    description: str = ""
+    """One sentence for the operator: what fault this rule repairs."""
+    mode: Mode | None = None
+    """Overrides ``[daemon].mode`` for this rule."""
+    trigger: list[Trigger] = Field(min_length=1)
+    """When to look: any trigger firing starts a decision."""
+    confirm: PathConfirm | None = None
+    """Whether to act: re-checked against the real state before acting, so one incident reported by
+    several sources leads to one repair, and a stale event leads to none."""
+    action: list[ActionSpec] = Field(min_length=1)
+    """What to do, in order; the first failure stops the sequence."""
+    backoff: Backoff = Backoff()
+    """How long to wait before trying again after a failed repair."""
+
+
+class Policy(Strict):
+    """A whole policy file."""
+
+    daemon: DaemonSettings = DaemonSettings()
+    rule: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Policy:
+        names = [r.name for r in self.rule]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def mode_of(self, rule: Rule) -> Mode:
+        return rule.mode or self.daemon.mode
+
+    def watched_paths(self) -> list[str]:
+        paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]
+        return list(dict.fromkeys(paths))

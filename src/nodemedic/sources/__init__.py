@@ -1,0 +1,1 @@
+"""Event sources: turn the world into events. No policy logic lives here."""

@@ -1,0 +1,258 @@
+"""systemd over D-Bus (dbus-fast): follow watched units' state, and start/stop units for repairs.
+
+``SystemdBus`` owns the connection. It subscribes to systemd, adds match rules for the watched
+units' PropertiesChanged and for JobRemoved, reads every unit's state at (re)connection and emits it,
+then merges each PropertiesChanged into that state and emits the new snapshot. When the bus drops it
+reconnects with backoff and resynchronises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from nodemedic.actions.base import UnitState
+from nodemedic.clock import Clock
+from nodemedic.engine.backoff import Backoff
+from nodemedic.errors import UnitControlError
+from nodemedic.events import Event, UnitChanged
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SERVICE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+# D-Bus property -> UnitChanged field
+FIELDS = {
+    "LoadState": "load_state",
+    "ActiveState": "active_state",
+    "SubState": "sub_state",
+    "Result": "result",
+    "ExecMainCode": "exec_main_code",
+    "ExecMainStatus": "exec_main_status",
+    "NRestarts": "n_restarts",
+    "MainPID": "main_pid",
+}
+
+
+@dataclass(slots=True)
+class _Watched:
+    unit: str
+    path: str
+    props: dict[str, Any]
+
+
+class SystemdBus:
+    """The connection to systemd; also the daemon's ``UnitControl``."""
+
+    def __init__(
+        self,
+        units: list[str],
+        emit: Callable[[Event], None],
+        clock: Clock,
+        *,
+        bus_address: str | None = None,
+        on_state: Callable[[str], None] | None = None,
+        reconnect: Backoff | None = None,
+    ) -> None:
+        self.units = list(units)
+        self._emit = emit
+        self._clock = clock
+        self._address = bus_address
+        self._on_state = on_state or (lambda _msg: None)
+        self._backoff = reconnect or Backoff(initial=0.2, factor=2.0, maximum=10.0, jitter=0.2)
+        self._bus: MessageBus | None = None
+        self._watched: dict[str, _Watched] = {}  # object path -> unit
+        self._jobs: dict[str, asyncio.Queue[tuple[str, str]]] = {}  # unit -> (job, result)
+        self.connected = asyncio.Event()
+
+    # ---- connection lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._connect()
+            except (OSError, UnitControlError, EOFError) as exc:
+                wait = self._backoff.failed(self._clock.monotonic())
+                self._on_state(f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s")
+                await asyncio.sleep(wait)
+                continue
+            self._backoff.succeeded()
+            await self._require_bus().wait_for_disconnect()  # type: ignore[no-untyped-call]
+            self.connected.clear()
+            self._on_state("D-Bus connection lost; reconnecting")
+
+    async def _connect(self) -> None:
+        bus = MessageBus(bus_address=self._address) if self._address else MessageBus(bus_type=BusType.SYSTEM)
+        await bus.connect()
+        self._bus = bus
+        bus.add_message_handler(self._on_message)
+        try:
+            await self._call(MANAGER_PATH, MANAGER, "Subscribe")
+            await self._add_match(f"type='signal',interface='{MANAGER}',member='JobRemoved'")
+            self._watched = {}
+            for unit in self.units:
+                path = await self._unit_path(unit)
+                await self._add_match(
+                    f"type='signal',interface='{PROPERTIES}',member='PropertiesChanged',path='{path}'"
+                )
+                self._watched[path] = _Watched(unit, path, await self._read_props(path))
+        except BaseException:
+            bus.disconnect()
+            raise
+        self.connected.set()
+        for watched in self._watched.values():
+            self._emit_state(watched)
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            self._bus.disconnect()
+
+    # ---- watching ----------------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL:
+            return
+        if msg.member == "PropertiesChanged" and msg.path in self._watched:
+            self._on_properties(self._watched[msg.path], msg.body)
+        elif msg.member == "JobRemoved" and msg.interface == MANAGER:
+            _id, job, unit, result = msg.body
+            queue = self._jobs.get(unit)
+            if queue is not None:
+                queue.put_nowait((job, result))
+
+    def _on_properties(self, watched: _Watched, body: list[Any]) -> None:
+        _iface, changed, invalidated = body
+        relevant = {k: v.value for k, v in changed.items() if k in FIELDS}
+        if relevant and any(watched.props.get(k) != v for k, v in relevant.items()):
+            watched.props.update(relevant)
+            self._emit_state(watched)
+        if any(k in FIELDS for k in invalidated):
+            asyncio.get_running_loop().create_task(self._refresh(watched))
+
+    async def _refresh(self, watched: _Watched) -> None:
+        try:
+            watched.props = await self._read_props(watched.path)
+        except (OSError, UnitControlError, EOFError):
+            return  # the reconnection resynchronises
+        self._emit_state(watched)
+
+    def _emit_state(self, watched: _Watched) -> None:
+        values = {FIELDS[k]: v for k, v in watched.props.items() if k in FIELDS}
+        self._emit(UnitChanged(unit=watched.unit, at=self._clock.monotonic(), **values))
+
+    async def _read_props(self, path: str) -> dict[str, Any]:
+        props: dict[str, Any] = {}
+        for iface in (UNIT, SERVICE):
+            try:
+                reply = await self._call(path, PROPERTIES, "GetAll", "s", [iface])
+            except UnitControlError:
+                continue  # not a service (or not loaded): Unit properties are enough
+            props.update({k: v.value for k, v in reply[0].items() if k in FIELDS})
+        return props
+
+    # ---- UnitControl ---------------------------------------------------------------------------
+
+    async def state(self, unit: str) -> UnitState:
+        path = await self._unit_path(unit)
+        props = await self._read_props(path)
+        return UnitState(
+            load_state=str(props.get("LoadState", "")),
+            active_state=str(props.get("ActiveState", "")),
+            sub_state=str(props.get("SubState", "")),
+        )
+
+    async def stop(self, unit: str, timeout: float) -> None:
+        await self._job("StopUnit", unit, timeout)
+
+    async def start(self, unit: str, timeout: float) -> None:
+        await self._job("StartUnit", unit, timeout)
+
+    async def restart(self, unit: str, timeout: float) -> None:
+        await self._job("RestartUnit", unit, timeout)
+
+    async def _job(self, method: str, unit: str, timeout: float) -> None:
+        """Queue a systemd job and wait for its JobRemoved: the job's result, not only its start."""
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._jobs[unit] = queue  # before the call: JobRemoved may come right after the reply
+        try:
+            reply = await self._call(MANAGER_PATH, MANAGER, method, "ss", [unit, "replace"])
+            result = await asyncio.wait_for(_job_result(queue, reply[0]), timeout)
+        except asyncio.TimeoutError as exc:
+            raise UnitControlError(f"{method} {unit}: no result within {timeout:g}s") from exc
+        finally:
+            self._jobs.pop(unit, None)
+        if result != "done":
+            raise UnitControlError(f"{method} {unit}: systemd job result {result!r}")
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    async def _unit_path(self, unit: str) -> str:
+        reply = await self._call(MANAGER_PATH, MANAGER, "LoadUnit", "s", [unit])
+        return str(reply[0])
+
+    async def _add_match(self, rule: str) -> None:
+        bus = self._require_bus()
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
+        _check(reply, "AddMatch")
+
+    async def _call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+    ) -> list[Any]:
+        bus = self._require_bus()
+        reply = await bus.call(
+            Message(
+                destination=SYSTEMD,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        )
+        return _check(reply, f"{interface}.{member}")
+
+    def _require_bus(self) -> MessageBus:
+        if self._bus is None or not self._bus.connected:
+            raise UnitControlError("not connected to the D-Bus system bus")
+        return self._bus
+
+
+async def _job_result(queue: asyncio.Queue[tuple[str, str]], job: str) -> str:
+    while True:
+        done, result = await queue.get()
+        if done == job:
+            return result
+
+
+def _check(reply: Message | None, what: str) -> list[Any]:
+    if reply is None:
+        raise UnitControlError(f"{what}: no reply")
+    if reply.message_type is MessageType.ERROR:
+        detail = reply.body[0] if reply.body else ""
+        raise UnitControlError(f"{what}: {reply.error_name}: {detail}")
+    return list(reply.body)

@@ -31,6 +31,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NODE_ENV = {"PATH": NODE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "SYSTEMD_PAGER": "cat",
             "SYSTEMD_COLORS": "0"}  # fmt: skip
+TRACEFS = Path("/sys/kernel/tracing")
 KEEP_LOGS = 50
 STOP_TIMEOUT = 20.0
 _counter = itertools.count()
@@ -54,13 +55,17 @@ class Node:
 
     leader: int
     root: Path
+    cgroups: tuple[Path, ...]
+    copy: Path | None
 
     def __init__(self, image: Path, name: str, nspawn_args: list[str]) -> None:
-        self.image = image
+        self.image = image.resolve()  # nspawn puts the ephemeral copy next to the real tree
         self.name = name
         self.log_path = LOGS / f"node-{name}.log"
         self.leader = 0
         self.root = Path("/nonexistent")
+        self.cgroups = ()
+        self.copy = None
         self.boot_seconds = 0.0
         self.teardown_seconds = 0.0
         self._started_at = 0.0
@@ -68,7 +73,6 @@ class Node:
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._leader_start = ""
-        self._cgroups: list[Path] = []
         self._closed = False
 
     # ---- boot ------------------------------------------------------------------------------
@@ -85,11 +89,14 @@ class Node:
         """Boot a fresh node and wait until systemd is up and containerd answers.
 
         tracefs: bind the host's /sys/kernel/tracing into the node (read-write).
-        containers: allow `ctr run` inside (keyring/bpf syscalls, private network).
+        containers: allow `ctr run` inside (keyring/bpf syscalls, CAP_NET_ADMIN; lab.md).
         """
-        extra = ["--bind=/sys/kernel/tracing"] if tracefs else []
+        extra = []
+        if tracefs:
+            _ensure_tracefs()
+            extra.append(f"--bind={TRACEFS}")
         if containers:
-            extra += ["--system-call-filter=@keyring bpf", "--private-network"]
+            extra += ["--system-call-filter=@keyring bpf", "--capability=CAP_NET_ADMIN"]
         name = f"lab-{os.getpid()}-{next(_counter)}-{secrets.token_hex(2)}"
         node = cls(image or ensure_image(), name, extra)
         try:
@@ -112,7 +119,7 @@ class Node:
         self.shutdown()
 
     def _start(self) -> None:
-        self._cgroups = _make_cgroups(self.name)
+        self.cgroups = tuple(_make_cgroups(self.name))
         LOGS.mkdir(parents=True, exist_ok=True)
         _prune_logs()
         self._log = self.log_path.open("wb")
@@ -122,7 +129,7 @@ class Node:
                 f"--bind-ro={REPO / 'units'}:/opt/nodemedic/units", *self._nspawn_args]  # fmt: skip
         # The shell moves itself into the node's own cgroups, then becomes nspawn (same PID).
         join = "".join(f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))} || exit 1; "
-                       for cg in self._cgroups)  # fmt: skip
+                       for cg in self.cgroups)  # fmt: skip
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         self._started_at = time.monotonic()
         self._nspawn = subprocess.Popen(
@@ -135,6 +142,7 @@ class Node:
         deadline = self._started_at + timeout
         self.leader = self._wait(self._find_leader, deadline, "the node's PID 1 to appear")
         self._leader_start = _start_time(self.leader)
+        self.copy = self._copy_path()
         self.root = Path(f"/proc/{self.leader}/root")
         bus = self.root / "run/dbus/system_bus_socket"
         self._wait(bus.exists, deadline, "the D-Bus system bus socket")
@@ -285,36 +293,42 @@ class Node:
         if self._leader_alive():  # nspawn is gone but PID 1 is not: kill the PID namespace
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.leader, signal.SIGKILL)
-        for cg in self._cgroups:
+        for cg in self.cgroups:
             _kill_cgroup(cg)
 
     def _clean_up(self) -> None:
         try:
-            for cg in self._cgroups:
+            for cg in self.cgroups:
                 _remove_cgroup(cg)
             self._remove_ephemeral_copy()
         finally:
             if self._log is not None:
                 self._log.close()
 
-    def _remove_ephemeral_copy(self) -> None:
-        """Remove this node's own `.#machine.*` copy, if nspawn left it (named in its log)."""
+    def _copy_path(self) -> Path | None:
+        """The `.#machine.*` copy nspawn made for this node, as named in this node's own log."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
-            return
+            return None
         match = re.search(r"^Spawning container \S+ on (.+)\.$", text, re.MULTILINE)
         if not match:
-            return
+            return None
         copy = Path(match.group(1))
         if copy.parent != self.image.parent or not copy.name.startswith(".#machine."):
+            return None
+        return copy
+
+    def _remove_ephemeral_copy(self) -> None:
+        """Remove this node's own copy if nspawn left it (it does not when killed)."""
+        copy = self.copy or self._copy_path()
+        if copy is None:
             return
-        lock = copy.with_name(f".#{copy.name}.lck")
         if copy.is_dir():
             log(f"node {self.name}: removing the ephemeral copy nspawn left: {copy}")
             subprocess.run(["rm", "-rf", "--one-file-system", "--", str(copy)],
                            check=False, timeout=120)  # fmt: skip
-        lock.unlink(missing_ok=True)
+        copy.with_name(f".#{copy.name}.lck").unlink(missing_ok=True)
 
 
 # ---- host helpers --------------------------------------------------------------------------
@@ -328,6 +342,14 @@ def _cgroup_hierarchies() -> list[Path]:
     if not found and (CGROUP_ROOT / "cgroup.procs").exists():
         found = [CGROUP_ROOT]
     return found
+
+
+def _ensure_tracefs() -> None:
+    """Mount the host's tracefs if nothing is mounted there yet (it stays mounted)."""
+    if (TRACEFS / "trace").exists():
+        return
+    log(f"mounting tracefs at {TRACEFS} on the host")
+    subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)], check=True, timeout=10)
 
 
 def _make_cgroups(name: str) -> list[Path]:

@@ -54,8 +54,16 @@ class Runner:
         self.idle.set()
 
     def handle(self, event: Event) -> None:
+        self._close_cleared()
         for m in match(self.policy.rule, event):
             self._decide(m)
+
+    def _close_cleared(self) -> None:
+        """An observed incident ends when its condition no longer holds, whatever event says so."""
+        for rule in self.policy.rule:
+            state = self.states[rule.name]
+            if state.observed and (rule.confirm is None or not _holds(rule.confirm)):
+                state.observed = False
 
     def _decide(self, m: Match) -> None:
         rule, state = m.rule, self.states[m.rule.name]
@@ -63,7 +71,6 @@ class Runner:
             state.coalesced += 1
             return
         if rule.confirm is not None and not _holds(rule.confirm):
-            state.observed = False
             log.debug("rule %s: condition no longer holds (%s)", rule.name, m.trigger)
             return
         mode = self.policy.mode_of(rule)

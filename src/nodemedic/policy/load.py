@@ -17,6 +17,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_POLICY = Path("/etc/nodemedic/policy.toml")
+_TAG_NAMES = {"do": "action", "source": "trigger source"}
 
 
 def load_policy(path: Path) -> Policy:
@@ -39,39 +40,33 @@ def parse_policy(data: dict[str, object], origin: str = "<policy>") -> Policy:
 
 
 def _describe(err: Any, data: dict[str, object]) -> str:
-    loc = [part for part in err["loc"] if not _is_union_tag(part)]
-    where = _key_path(loc, data)
+    where = _key_path(list(err["loc"]), data)
     msg = str(err["msg"])
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
-        msg = (
-            f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')}; known: {ctx.get('expected_tags')}"
-        )
+        kind = _TAG_NAMES.get(str(ctx.get("discriminator", "")).strip("'"), "kind")
+        msg = f"unknown {kind} {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
     elif err["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{where}: {msg}" if where else msg
 
 
-def _is_union_tag(part: object) -> bool:
-    # pydantic puts the discriminator's value into the location ("remove-socket-dir"); the
-    # TOML key path does not have it.
-    return isinstance(part, str) and "-" in part
-
-
 def _key_path(loc: list[object], data: dict[str, object]) -> str:
+    """pydantic's error location as a TOML key path: rule[0] ('socket-dir').action[2].timeout"""
     parts: list[str] = []
     node: object = data
     for part in loc:
-        if isinstance(part, int):
-            label = parts.pop() if parts else ""
-            name = (
-                node[part].get("name")
-                if isinstance(node, list) and part < len(node) and isinstance(node[part], dict)
-                else None
-            )
-            parts.append(f"{label}[{part}]" + (f" ({name!r})" if name else ""))
-            node = node[part] if isinstance(node, list) and part < len(node) else None
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+            name = node.get("name") if isinstance(node, dict) else None
+            label = f"{parts.pop() if parts else ''}[{part}]"
+            parts.append(label + (f" ({name!r})" if isinstance(name, str) else ""))
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+            parts.append(str(part))
+        elif isinstance(node, dict) and part in (node.get("do"), node.get("source")):
+            continue  # pydantic names the union member chosen by its tag; TOML has no such key
         else:
             parts.append(str(part))
-            node = node.get(part) if isinstance(node, dict) else None
+            node = None
     return ".".join(parts)

@@ -1,0 +1,223 @@
+"""The runner with real files in a temporary directory; systemd and containerd faked at the edges."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodemedic.actions.base import ActionContext
+from nodemedic.engine.runner import Runner
+from nodemedic.events import JournalLine, PathChanged, PathKind
+from nodemedic.policy.load import parse_policy
+from nodemedic.policy.model import Policy
+from nodemedic.report import MemorySink, RecordKind, Reporter
+
+from .fakes import FakeClock, FakeProbe, FakeUnits
+
+pytestmark = pytest.mark.unit
+
+
+def make_policy(root: Path, mode: str = "enforce") -> Policy:
+    sock, ttrpc = str(root / "containerd.sock"), str(root / "containerd.sock.ttrpc")
+    return parse_policy(
+        {
+            "daemon": {"mode": mode, "state_dir": str(root.parent / "state")},
+            "rule": [
+                {
+                    "name": "socket-path-is-directory",
+                    "trigger": [
+                        {"source": "path", "paths": [sock, ttrpc], "kind": "directory"},
+                        {
+                            "source": "journal",
+                            "pattern": "failed to get listener for main (ttrpc )?endpoint: is a directory",
+                        },
+                    ],
+                    "confirm": {"paths": [sock, ttrpc], "kind": "directory"},
+                    "action": [
+                        {"do": "stop-unit", "unit": "containerd.service"},
+                        {"do": "remove-socket-dir", "paths": [sock, ttrpc], "root": str(root)},
+                        {"do": "start-unit", "unit": "containerd.service"},
+                        {"do": "verify-containerd", "socket": sock, "timeout": "1s"},
+                        {"do": "restart-unit", "unit": "kubelet.service"},
+                    ],
+                }
+            ],
+        }
+    )
+
+
+class Harness:
+    def __init__(
+        self,
+        tmp_path: Path,
+        mode: str = "enforce",
+        units: FakeUnits | None = None,
+        probe: FakeProbe | None = None,
+    ) -> None:
+        self.root = tmp_path / "run" / "containerd"
+        self.root.mkdir(parents=True)
+        self.sock = self.root / "containerd.sock"
+        self.clock = FakeClock()
+        self.units = units or FakeUnits()
+        self.probe = probe or FakeProbe()
+        self.sink = MemorySink()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.sockets: list[socket.socket] = []
+        self.quarantine = tmp_path / "state" / "quarantine"
+        # containerd coming back after a start: its socket path becomes a socket
+        self.units.on_start = lambda unit: unit == "containerd.service" and self.serve_socket()
+        ctx = ActionContext(self.units, self.probe, self.clock, self.quarantine)
+        self.runner = Runner(make_policy(self.root, mode), ctx, Reporter(self.sink), self._spawn)
+
+    def _spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def settle(self) -> None:
+        while self.tasks:
+            await self.tasks.pop(0)
+
+    def outcomes(self, kind: RecordKind = RecordKind.ACTION) -> list[tuple[str, str]]:
+        return [(r.fields["ACTION"], r.fields["OUTCOME"]) for r in self.sink.of(kind)]
+
+    def serve_socket(self) -> socket.socket:
+        """containerd coming back: its socket path is a socket again."""
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(self.sock))
+        self.sockets.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(**kwargs: Any) -> Harness:
+        made.append(Harness(tmp_path, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+async def test_enforce_removes_the_directory_and_restarts(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.sock.mkdir()
+
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY, at=h.clock.now))
+    await h.settle()
+    assert h.units.calls == [
+        ("stop", "containerd.service"),
+        ("start", "containerd.service"),
+        ("restart", "kubelet.service"),
+    ]
+    assert h.outcomes() == [
+        ("stop-unit", "done"),
+        ("remove-socket-dir", "done"),
+        ("start-unit", "done"),
+        ("verify-containerd", "done"),
+        ("restart-unit", "done"),
+    ]
+    assert h.sock.is_socket()
+    [outcome] = h.sink.of(RecordKind.OUTCOME)
+    assert outcome.fields["OUTCOME"] == "repaired"
+    incidents = {r.fields.get("INCIDENT") for r in h.sink.records}
+    assert len(incidents) == 1, "every record of one incident carries the same id"
+    [detected] = h.sink.of(RecordKind.DETECTED)
+    assert detected.fields["PATH"] == str(h.sock)
+    assert detected.fields["SOURCE"] == "inotify"
+
+
+async def test_observe_mode_touches_nothing(harness: Callable[..., Harness]) -> None:
+    h = harness(mode="observe")
+    h.sock.mkdir()
+    (h.sock / "keep").write_text("x")
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert h.units.calls == []
+    assert (h.sock / "keep").read_text() == "x"
+    outcomes = dict(h.outcomes())
+    assert outcomes["stop-unit"] == outcomes["remove-socket-dir"] == "would-do"
+    assert all(r.fields["MODE"] == "observe" for r in h.sink.records)
+    assert h.sink.of(RecordKind.OUTCOME)[0].fields["OUTCOME"] == "observed"
+    # the same incident seen again (journald, D-Bus) is not reported again...
+    h.runner.handle(
+        JournalLine(
+            "containerd.service", "containerd: failed to get listener for main endpoint: is a directory"
+        )
+    )
+    await h.settle()
+    assert len(h.sink.of(RecordKind.DETECTED)) == 1
+    # ...until it has cleared and comes back
+    (h.sock / "keep").unlink()
+    h.sock.rmdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.MISSING))
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert len(h.sink.of(RecordKind.DETECTED)) == 2
+
+
+async def test_one_incident_from_three_sources_is_repaired_once(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    line = "containerd: failed to get listener for main endpoint: is a directory"
+    h.runner.handle(JournalLine("containerd.service", line))  # while the repair runs: coalesced
+    await h.settle()
+    h.runner.handle(JournalLine("containerd.service", line))  # stale: the directory is gone
+    await h.settle()
+    assert h.units.calls.count(("stop", "containerd.service")) == 1
+    assert len(h.sink.of(RecordKind.DETECTED)) == 1
+
+
+async def test_stale_event_does_nothing(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))  # already gone when we look
+    await h.settle()
+    assert h.sink.records == []
+    assert h.units.calls == []
+
+
+async def test_failed_repair_backs_off(harness: Callable[..., Harness]) -> None:
+    units = FakeUnits()
+    units.fail.add(("start", "containerd.service"))
+    h = harness(units=units)
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert h.outcomes()[-1] == ("start-unit", "failed")
+    assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "not-repaired"
+    # the fault comes back at once: within the backoff nothing is tried, and that is said once
+    h.sock.mkdir()
+    for _ in range(3):
+        h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert units.calls.count(("start", "containerd.service")) == 1
+    deferred = [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") == "deferred"]
+    assert len(deferred) == 1
+    h.clock.advance(5.0)
+    units.fail.clear()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert units.calls.count(("start", "containerd.service")) == 2
+
+
+async def test_verify_fails_when_containerd_never_answers(harness: Callable[..., Harness]) -> None:
+    h = harness(probe=FakeProbe(answers=False))
+    h.clock.tick = 0.1
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert ("verify-containerd", "failed") in h.outcomes()
+    assert "restart-unit" not in dict(h.outcomes()), "the sequence stops at the first failure"
+    assert h.probe.calls > 1

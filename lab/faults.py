@@ -71,17 +71,32 @@ def make_directory_at(
     where the path is missing (domain.md). With ``symlink_to`` a symlink is made instead, with
     ``content`` a file is put inside the directory. Returns the node's wall-clock time of the fault.
     """
-    script = f"rm -f {path} && "
+    # The time is read just before the fault: latencies measured from it are upper bounds.
+    script = f"rm -f {path} && date +%s.%N && "
     if symlink_to:
         script += f"mkdir -p {symlink_to} && echo precious > {symlink_to}/file && ln -s {symlink_to} {path}"
     else:
         script += f"mkdir -p {path}"
         if content is not None:
             script += f" && printf %s '{content}' > {path}/data"
-    script += " && date +%s.%N"
-    return float(node.sh(script).stdout.strip())
+    return float(node.sh(script).stdout.split()[0])
 
 
 def realtime(record: dict[str, str]) -> float:
     """A journal entry's wall-clock time in seconds."""
     return int(record["__REALTIME_TIMESTAMP"]) / 1e6
+
+
+def directory_until_serving(node: Node, path: str, timeout: float) -> tuple[float, float | None]:
+    """Make the directory at ``path`` and, in the same script inside the node, time how long until
+    containerd answers ``ctr version`` again (polled every 10 ms, each try ~20-40 ms). The fault time
+    is read just before the mkdir, so latencies measured from it are upper bounds. Returns the
+    node's wall-clock times (fault, serving again); serving is None if it never did within ``timeout``."""
+    script = (
+        f"rm -f {path} && t0=$(date +%s.%N) && mkdir -p {path}; end=$(( $(date +%s) + {int(timeout)} )); "
+        f"until ctr --timeout 1s version >/dev/null 2>&1 && test -S {SOCKET}; do "
+        f'  if [ "$(date +%s)" -ge "$end" ]; then echo "$t0 never"; exit 0; fi; sleep 0.01; '
+        f'done; echo "$t0 $(date +%s.%N)"'
+    )
+    fault, serving = node.sh(script, timeout=timeout + 30).stdout.split()
+    return float(fault), None if serving == "never" else float(serving)

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.system
 RULE = "socket-path-is-directory"
 
 
+def containerd_said(node: Node, text: str) -> bool:
+    grep = node.run("journalctl", "-q", "-u", "containerd.service", "--grep", text, check=False)
+    return grep.returncode == 0
+
+
 def repaired(node: Node) -> list[dict[str, str]]:
     return records(node, rule=RULE, outcome="repaired")
 
@@ -65,8 +70,7 @@ def test_observe_mode_reports_and_touches_nothing(node: Node) -> None:
              "systemd to retry containerd")  # fmt: skip
     assert node.sh(f"test -d {SOCKET} && ! test -L {SOCKET}", check=False).returncode == 0
     assert not containerd_serving(node)
-    failed = node.journal("-u", "containerd.service", "--grep", "is a directory")
-    assert failed, "containerd itself reports the directory"
+    assert containerd_said(node, "is a directory"), "containerd itself reports the directory"
 
 
 def test_symlink_at_socket_path_is_never_followed(node: Node) -> None:
@@ -96,3 +100,29 @@ def test_non_empty_directory_is_quarantined_intact(node: Node) -> None:
     assert kept[0] in removal["NODEMEDIC_DETAIL"]
     leftovers = node.sh("ls -A /run/containerd").stdout.split()
     assert not [n for n in leftovers if "nodemedic" in n], "the aside copy is gone once quarantined"
+
+
+def test_directory_present_before_nodemedic_starts(node: Node) -> None:
+    sighup_containerd(node)
+    make_directory_at(node, SOCKET)
+    wait_for(lambda: containerd_said(node, "is a directory"), 20, "containerd to fail on the directory")
+    start_nodemedic(node)  # its start-up scan finds what is already broken
+
+    wait_for(lambda: repaired(node), 30, "nodemedic's 'repaired' record")
+    assert containerd_serving(node)
+
+
+def test_restart_of_nodemedic_neither_replays_nor_repeats(node: Node) -> None:
+    start_nodemedic(node)
+    sighup_containerd(node)
+    make_directory_at(node, SOCKET)
+    wait_for(lambda: repaired(node), 30, "nodemedic's 'repaired' record")
+    # journald wakes its readers on a coalescing timer (250 ms), so the journal source lags a little.
+    cursor = "test -s /var/lib/nodemedic/journal.cursor"
+    wait_for(lambda: node.sh(cursor, check=False).returncode == 0, 5, "the saved journal cursor")
+
+    node.run("systemctl", "restart", "nodemedic.service", timeout=60)
+    wait_for(lambda: len(records(node, kind="daemon", outcome="started")) == 2, 10, "the second start")
+    # containerd's "is a directory" lines are behind the saved cursor: not read again, no new incident
+    assert len(records(node, rule=RULE, kind="detected")) == 1
+    assert node.unit_property("nodemedic.service", "ActiveState") == "active"

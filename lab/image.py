@@ -1,9 +1,10 @@
 """Build and cache the Debian 12 root filesystem that every lab node boots from.
 
-`ensure_image()` returns `lab/.cache/node-<key>/`, a ready rootfs. The key hashes this file's
+`ensure_image()` returns `lab/.cache/node-<key>`, a ready rootfs. The key hashes this file's
 source and the project's runtime dependencies, so editing either makes a fresh image. The first
-build runs debootstrap (about a minute) and saves `node-<key>.tar.zst`; later checkouts with the
-tarball but no directory only unpack it (seconds). Safe for concurrent callers (flock) and atomic
+build runs debootstrap (about a minute) and saves `node-<key>.tar.zst`; after that the tree is
+only unpacked from the tarball (about a second), into RAM where the host has room (every boot
+copies the whole tree, see ensure_image). Safe for concurrent callers (flock) and atomic
 (everything is built in a temporary directory and renamed into place).
 """
 
@@ -126,7 +127,30 @@ def ensure_image() -> Path:
         if not tarball.is_file():
             _build(deps, tarball)
         _unpack(tarball, final)
+        _prune_stale(key)
     return final
+
+
+def _prune_stale(key: str) -> None:
+    """Remove this checkout's images of other keys (left by edits of image.py or the deps)."""
+    locks = (re.fullmatch(r"node-([0-9a-f]{12})\.lock", entry.name) for entry in CACHE.iterdir())
+    for old in sorted({m.group(1) for m in locks if m} - {key}):
+        lock = CACHE / f"node-{old}.lock"
+        with lock.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a process running the old lab code is preparing it: leave it
+            log(f"removing the stale image node-{old}")
+            tree = CACHE / f"node-{old}"
+            if tree.is_symlink():
+                target = Path(os.readlink(tree))
+                tree.unlink()
+                tree = target
+            if tree.parent in (CACHE, RAM_HOME) and tree.is_dir():
+                shutil.rmtree(tree, ignore_errors=True)
+            (CACHE / f"node-{old}.tar.zst").unlink(missing_ok=True)
+            lock.unlink()
 
 
 @contextmanager

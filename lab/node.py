@@ -33,7 +33,10 @@ NODE_ENV = {"PATH": NODE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "SYSTEMD_PAGE
             "SYSTEMD_COLORS": "0"}  # fmt: skip
 TRACEFS = Path("/sys/kernel/tracing")
 KEEP_LOGS = 50
-STOP_TIMEOUT = 20.0
+# ctr's own --timeout does not bound the dial: with no socket it retries for 10 s.
+CTR = ("ctr", "--connect-timeout", "1s", "--timeout", "2s")
+STOP_TIMEOUT = 20.0  # seconds for a poweroff before nspawn is signalled
+COPY_TIMEOUT = 30.0  # seconds nspawn may take to copy the image (0.6 s in RAM, 4-13 s on disk)
 _counter = itertools.count()
 T = TypeVar("T")
 
@@ -103,7 +106,10 @@ class Node:
             node._start()
             node._wait_ready(ready_timeout)
         except BaseException:
-            node.shutdown()
+            try:
+                node.shutdown()
+            except Exception as err:  # keep the boot failure as the error that is raised
+                log(f"node {name}: teardown after the failed boot failed too: {err!r}")
             raise
         return node
 
@@ -179,7 +185,7 @@ class Node:
         return 0
 
     def _containerd_answers(self) -> bool:
-        probe = self.run("ctr", "--timeout", "2s", "version", check=False, timeout=5)
+        probe = self.run(*CTR, "version", check=False, timeout=5)
         return probe.returncode == 0 and "Server:" in probe.stdout
 
     def _log_tail(self, lines: int = 40) -> str:
@@ -198,13 +204,30 @@ class Node:
         timeout: float = 30,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in all of the node's namespaces (it stays in the host's cgroup)."""
+        """Run a command in all of the node's namespaces (it stays in the host's cgroup).
+
+        On timeout the whole command is killed (nsenter and what it forked in the node's PID
+        namespace: they share a process group) and subprocess.TimeoutExpired is raised.
+        """
         cmd = ["nsenter", "-t", str(self.leader), "-a", "--", *argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True, input=input, env=NODE_ENV,
-                              timeout=timeout, check=False)  # fmt: skip
+        stdin = subprocess.DEVNULL if input is None else subprocess.PIPE
+        with subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=NODE_ENV, start_new_session=True) as proc:  # fmt: skip
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except BaseException as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    out, err = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:  # a process that left the group holds the pipes
+                    out, err = "", ""
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise subprocess.TimeoutExpired(list(argv), timeout, out, err) from None
+                raise
         if check and proc.returncode != 0:
-            raise NodeCommandError(proc.returncode, list(argv), proc.stdout, proc.stderr)
-        return proc
+            raise NodeCommandError(proc.returncode, list(argv), out, err)
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
     def sh(
         self,
@@ -266,12 +289,11 @@ class Node:
 
     def _kill_tasks(self) -> None:
         """A running runc task ignores SIGTERM and stalls the halt: kill every task first."""
-        ctr = ("ctr", "--timeout", "2s")
-        namespaces = self.run(*ctr, "namespaces", "ls", "-q", check=False, timeout=5)
+        namespaces = self.run(*CTR, "namespaces", "ls", "-q", check=False, timeout=5)
         for ns in namespaces.stdout.split() if namespaces.returncode == 0 else []:
-            tasks = self.run(*ctr, "-n", ns, "task", "ls", "-q", check=False, timeout=5)
+            tasks = self.run(*CTR, "-n", ns, "task", "ls", "-q", check=False, timeout=5)
             for task in tasks.stdout.split() if tasks.returncode == 0 else []:
-                self.run(*ctr, "-n", ns, "task", "kill", "-s", "KILL", task,
+                self.run(*CTR, "-n", ns, "task", "kill", "-s", "KILL", task,
                          check=False, timeout=5)  # fmt: skip
 
     def _wait_nspawn(self, timeout: float) -> bool:
@@ -285,7 +307,12 @@ class Node:
 
     def _stop_hard(self) -> None:
         if self._nspawn is not None and self._nspawn.poll() is None:
-            log(f"node {self.name}: did not power off in time, signalling systemd-nspawn")
+            # Stopped while copying the image, nspawn leaves a partial copy that nothing names:
+            # let it finish the copy (and say its name) first.
+            deadline = time.monotonic() + COPY_TIMEOUT
+            while self._copy_path() is None and self._nspawn_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            log(f"node {self.name}: stopping systemd-nspawn with SIGTERM")
             self._nspawn.send_signal(signal.SIGTERM)
             if not self._wait_nspawn(5):
                 self._nspawn.kill()
@@ -399,10 +426,13 @@ def _read_pids(procs: Path) -> list[int]:
 
 
 def _children(pid: int) -> list[int]:
+    if pid <= 0:
+        return []
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
+    except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN: scan /proc
+        return [int(p.name) for p in Path("/proc").iterdir()
+                if p.name.isdigit() and _status_field(int(p.name), "PPid") == str(pid)]  # fmt: skip
 
 
 def _status_field(pid: int, field: str) -> str:
@@ -425,9 +455,17 @@ def _start_time(pid: int) -> str:
 
 
 def _prune_logs() -> None:
-    logs = sorted(LOGS.glob("node-lab-*.log"), key=lambda p: p.stat().st_mtime)
+    """Keep the newest node logs (a live node's log is among them: it is being written)."""
+    logs = sorted(LOGS.glob("node-lab-*.log"), key=_mtime)
     for old in logs[:-KEEP_LOGS]:
         old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned by a concurrent boot
+        return 0.0
 
 
 def _journal_entry(line: str) -> dict[str, str]:

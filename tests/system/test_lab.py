@@ -90,15 +90,16 @@ def test_two_nodes_at_once_and_teardown_is_isolated(node: Node, lab_image: Path)
 def test_containers_and_tracefs_when_asked(node_factory: Callable[..., Node]) -> None:
     boxed = node_factory(containers=True, tracefs=True)
     assert boxed.run("test", "-d", "/sys/kernel/tracing/events/signal").returncode == 0
-    ctr_run = ("ctr", "run", "--rootfs", "/opt/bbroot", "--cpu-shares", "0")
-    hello = boxed.run(*ctr_run, "--rm", "hello", "/bin/echo", "hello")
+    ctr_run = ("ctr", "run", "--cpu-shares", "0")  # flags first; --rootfs takes the image's place
+    hello = boxed.run(*ctr_run, "--rm", "--rootfs", "/opt/bbroot", "hello", "/bin/echo", "hello")
     assert hello.stdout.strip() == "hello"
-    boxed.run(*ctr_run, "-d", "sleeper", "/bin/sleep", "1000")
+    boxed.run(*ctr_run, "-d", "--rootfs", "/opt/bbroot", "sleeper", "/bin/sleep", "1000")
     assert "sleeper" in boxed.run("ctr", "task", "ls", "-q").stdout.split()
     boxed.shutdown()  # a running task must not stall the halt (lab.md: up to 90 s)
     assert boxed.teardown_seconds < 15
 
 
+@pytest.mark.usefixtures("lab_host")
 def test_failed_boot_says_why_and_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(NodeError, match="tail of"):
         Node.boot(image=tmp_path, ready_timeout=10)

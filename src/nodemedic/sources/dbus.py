@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType
+from dbus_fast import AuthError, BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from nodemedic.actions.base import UnitState
@@ -81,18 +81,21 @@ class SystemdBus:
     async def run(self) -> None:
         while True:
             try:
-                await self._connect()
-            except (OSError, UnitControlError, EOFError) as exc:
+                bus = await self._connect()
+            except (OSError, UnitControlError, EOFError, AuthError) as exc:
                 wait = self._backoff.failed(self._clock.monotonic())
                 self._on_state(f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s")
                 await asyncio.sleep(wait)
                 continue
             self._backoff.succeeded()
-            await self._require_bus().wait_for_disconnect()  # type: ignore[no-untyped-call]
+            try:
+                await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            except Exception as exc:  # what ended the connection, e.g. EOFError when the bus daemon died
+                log.debug("D-Bus connection ended: %r", exc)
             self.connected.clear()
             self._on_state("D-Bus connection lost; reconnecting")
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> MessageBus:
         bus = MessageBus(bus_address=self._address) if self._address else MessageBus(bus_type=BusType.SYSTEM)
         await bus.connect()
         self._bus = bus
@@ -113,6 +116,7 @@ class SystemdBus:
         self.connected.set()
         for watched in self._watched.values():
             self._emit_state(watched)
+        return bus
 
     async def close(self) -> None:
         if self._bus is not None:

@@ -72,6 +72,13 @@ class PathWatcher:
                 self._rescan()
 
     def _rearm(self, inotify: Inotify) -> None:
+        # A subdirectory created before its parent's watch existed sent no event: after adding a
+        # watch, look again until nothing new is found.
+        while self._arm_once(inotify):
+            pass
+
+    def _arm_once(self, inotify: Inotify) -> bool:
+        added = False
         for directory in {_nearest_existing(os.path.dirname(p)) for p in self.paths}:
             try:
                 inode = os.stat(directory).st_ino
@@ -84,7 +91,9 @@ class PathWatcher:
                 self._watches[directory] = (inotify.add_watch(directory, DIR_MASK), inode)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            added = True
             log.debug("watching %s", directory)
+        return added
 
     def _forget(self, watch: Watch) -> None:
         for directory, (w, _) in list(self._watches.items()):

@@ -38,6 +38,7 @@ class JournalFollower:
         self._cursor_file = cursor_file
         self._journal_dir = journal_dir
         self._cursor = ""
+        self._saved = ""
 
     async def run(self) -> None:
         if not self.units:
@@ -66,10 +67,13 @@ class JournalFollower:
         if saved:
             try:
                 reader.seek_cursor(saved)
-                reader.get_next()  # the entry at the cursor was handled before the restart
-                self._cursor = saved
+                # the entry at the cursor was handled before the restart: step over it; but if it
+                # is gone (vacuumed, rotated away) the entry found instead is new: read it again
+                if reader.get_next() and not reader.test_cursor(saved):
+                    reader.seek_cursor(saved)
+                self._cursor = self._saved = saved
                 return reader
-            except OSError:
+            except (OSError, ValueError):  # ValueError: not a cursor at all (a damaged file)
                 log.warning("journal cursor %r not usable; starting at the end", saved)
         reader.seek_tail()
         reader.get_previous()
@@ -114,10 +118,12 @@ class JournalFollower:
             return ""
 
     def _save_cursor(self) -> None:
-        if self._cursor_file is None or not self._cursor:
+        # The fd wakes on every write by any unit: write (and fsync) only when we moved on.
+        if self._cursor_file is None or not self._cursor or self._cursor == self._saved:
             return
         try:
             atomic_write(self._cursor_file, self._cursor + "\n")
+            self._saved = self._cursor
         except OSError:
             log.warning("cannot save the journal cursor to %s", self._cursor_file, exc_info=True)
 

@@ -1,0 +1,206 @@
+"""JournalFollower on real journal files written by systemd-journal-remote."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from nodemedic.clock import MonotonicClock
+from nodemedic.events import JournalLine
+from nodemedic.sources.journal import JournalFollower
+
+from .helpers import Recorder, running
+from .journal_writer import CONTAINERD, JournalWriter, containerd_says, kubelet_says, systemd_says
+
+pytestmark = pytest.mark.component
+
+# Exact texts (domain.md): what containerd 1.6.20 and systemd logged in the lab.
+IS_A_DIRECTORY = "containerd: failed to get listener for main endpoint: is a directory"
+MAIN_EXITED = "containerd.service: Main process exited, code=exited, status=1/FAILURE"
+SCHEDULED = "containerd.service: Scheduled restart job, restart counter is at 3."
+BAD_TOML = (
+    "containerd: failed to load TOML: /etc/containerd/config.toml: (242, 2): "
+    "unexpected token unclosed table key, was expecting a table key"
+)
+LEFT_OVER = "Found left-over process 68 (containerd-shim) in control group while starting unit. Ignoring."
+TTRPC_CLOSED = "ttrpc: closed"
+
+
+@pytest.fixture
+def journal_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def cursor_file(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "journal.cursor"
+
+
+@pytest.fixture
+async def journal(journal_dir: Path) -> JournalWriter:
+    """A journal with history: containerd had been logging before nodemedic started."""
+    writer = JournalWriter(journal_dir)
+    await writer.write(containerd_says("old: starting containerd"), systemd_says("old: Started containerd"))
+    return writer
+
+
+@asynccontextmanager
+async def following(journal_dir: Path, cursor_file: Path | None) -> AsyncIterator[Recorder]:
+    events = Recorder()
+    follower = JournalFollower(
+        [CONTAINERD], events.emit, MonotonicClock(), cursor_file=cursor_file, journal_dir=str(journal_dir)
+    )
+    async with running(events, follower.run()):
+        # run() opens the journal, seeks and adds its reader in its first step, before it first
+        # awaits: one turn of the loop and the follower is in place.
+        await asyncio.sleep(0)
+        yield events
+
+
+async def line(events: Recorder) -> JournalLine:
+    event = await events.next()
+    assert isinstance(event, JournalLine), event
+    return event
+
+
+async def test_starts_at_the_end_without_a_cursor(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says(IS_A_DIRECTORY))
+
+        first = await line(events)
+
+    assert first.message == IS_A_DIRECTORY  # not "old: ..."
+    assert events.pending() == []
+
+
+async def test_new_entries_of_the_unit_are_emitted(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says(IS_A_DIRECTORY, pid=2345))
+        own = await line(events)
+        await journal.write(
+            systemd_says(MAIN_EXITED),
+            kubelet_says('"Error getting node" err="node not found"'),
+            systemd_says("kubelet.service: Deactivated successfully.", "kubelet.service"),
+            systemd_says(SCHEDULED),
+        )
+        about = await line(events)
+        scheduled = await line(events)
+        await journal.write(containerd_says(TTRPC_CLOSED))
+        last = await line(events)
+
+    assert (own.unit, own.message, own.identifier) == (CONTAINERD, IS_A_DIRECTORY, "containerd")
+    assert own.pid == 2345
+    assert own.source == "journal"
+    assert own.cursor
+    assert (about.unit, about.message, about.identifier, about.pid) == (CONTAINERD, MAIN_EXITED, "systemd", 1)
+    assert scheduled.message == SCHEDULED
+    assert last.message == TTRPC_CLOSED
+    assert len({own.cursor, about.cursor, scheduled.cursor, last.cursor}) == 4
+    assert events.pending() == []
+
+
+async def test_entries_in_a_new_journal_file_are_emitted(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """journald rotates: the active file is archived under a new name and a new one started."""
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says(BAD_TOML))
+        assert (await line(events)).message == BAD_TOML
+
+        (journal_dir / "remote.journal").rename(journal_dir / "remote@archived.journal")
+        await journal.write(systemd_says(LEFT_OVER))
+        assert (await line(events)).message == LEFT_OVER
+
+        await journal.write(containerd_says(TTRPC_CLOSED), name="other.journal")
+        assert (await line(events)).message == TTRPC_CLOSED
+
+
+async def test_a_restart_resumes_after_the_saved_cursor(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says("before 1"), systemd_says("before 2"))
+        await line(events)
+        handled = await line(events)
+    assert cursor_file.read_text(encoding="utf-8").strip() == handled.cursor
+
+    # nodemedic is down while containerd goes on logging
+    await journal.write(containerd_says(IS_A_DIRECTORY), systemd_says(MAIN_EXITED))
+
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(systemd_says(SCHEDULED))
+        got = [(await line(events)).message for _ in range(3)]
+
+    assert got == [IS_A_DIRECTORY, MAIN_EXITED, SCHEDULED]  # no replay of "before 2", nothing missed
+    assert events.pending() == []
+
+
+async def test_a_cursor_whose_entry_was_vacuumed(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """The file holding the cursor's entry is gone (vacuumed) when nodemedic starts again."""
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says("before"))
+        await line(events)
+
+    (journal_dir / "remote.journal").unlink()
+    await journal.write(containerd_says(IS_A_DIRECTORY), systemd_says(MAIN_EXITED), name="new.journal")
+
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(systemd_says(SCHEDULED), name="new.journal")
+        got = [(await line(events)).message for _ in range(3)]
+
+    assert got == [IS_A_DIRECTORY, MAIN_EXITED, SCHEDULED]
+
+
+async def test_an_unusable_cursor_starts_at_the_end(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    cursor_file.parent.mkdir()
+    cursor_file.write_text("not a cursor\n", encoding="utf-8")
+
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says(IS_A_DIRECTORY))
+        assert (await line(events)).message == IS_A_DIRECTORY
+    assert events.pending() == []
+
+
+async def test_strange_entries_do_not_stop_it(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(
+            containerd_says(b"level=error msg=\xff\xfe\x00 not text"),
+            {"_SYSTEMD_UNIT": CONTAINERD, "_PID": "2345"},  # no MESSAGE at all
+            {**containerd_says("first"), "MESSAGE": ["first", "second"]},  # a repeated field
+            {**containerd_says("no pid"), "_PID": "not-a-pid"},
+            containerd_says("multi\nline"),
+            containerd_says(IS_A_DIRECTORY),
+        )
+        got = [await line(events) for _ in range(6)]
+
+    assert got[0].message == "level=error msg=\ufffd\ufffd\x00 not text"
+    assert (got[1].message, got[1].unit, got[1].identifier) == ("", CONTAINERD, "")
+    assert got[2].message == "first\nsecond"
+    assert got[3].pid == 0
+    assert got[4].message == "multi\nline"
+    assert got[5].message == IS_A_DIRECTORY
+
+
+async def test_a_journal_without_entries_of_the_unit_yet(journal_dir: Path, cursor_file: Path) -> None:
+    """A fresh node: no journal file at start, then only other units' lines, then containerd's."""
+    writer = JournalWriter(journal_dir)
+    async with following(journal_dir, cursor_file) as events:
+        await writer.write(kubelet_says("kubelet started"))
+        await writer.write(containerd_says(IS_A_DIRECTORY))
+        assert (await line(events)).message == IS_A_DIRECTORY

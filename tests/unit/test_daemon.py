@@ -1,0 +1,103 @@
+"""The daemon's lifecycle with its sources and systemd faked: sd_notify, watchdog, reload, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodemedic.actions.base import ActionContext
+from nodemedic.app import App
+from nodemedic.daemon import Daemon
+from nodemedic.engine.runner import Runner
+from nodemedic.events import Event
+from nodemedic.policy.load import load_policy
+from nodemedic.report import MemorySink, RecordKind, Reporter
+
+from .fakes import FakeClock, FakeProbe, FakeUnits
+
+pytestmark = pytest.mark.unit
+SHIPPED = Path(__file__).parents[2] / "policy" / "policy.toml"
+
+
+class FakeSystemd:
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.closed = False
+
+    async def run(self) -> None:
+        self.connected.set()
+        await asyncio.Future()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def make_app(policy_path: Path, sink: MemorySink) -> App:
+    policy = load_policy(policy_path)
+    report = Reporter(sink)
+    systemd = FakeSystemd()
+    ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), policy_path.parent / "q")
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    return App(policy=policy, policy_path=policy_path, report=report, events=events,
+               sources={"dbus": systemd.run}, systemd=systemd,  # type: ignore[arg-type]
+               runner=Runner(policy, ctx, report, lambda coro: None), repairs=set())  # fmt: skip
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # pings every 50 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SHIPPED.read_text())
+    sink, notes = MemorySink(), []
+    app = make_app(policy, sink)
+    shutdown, reload = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
+
+    await until(lambda: notes.count("WATCHDOG=1") >= 3)
+    assert any(n.startswith("READY=1") for n in notes)
+    assert sink.of(RecordKind.DAEMON)[0].fields["OUTCOME"] == "started"
+
+    policy.write_text(SHIPPED.read_text().replace('do = "stop-unit"', 'do = "remove-dir"'))
+    reload.set()
+    await until(lambda: sink.of(RecordKind.ERROR))
+    assert "unknown action 'remove-dir'" in sink.of(RecordKind.ERROR)[0].message
+    old_runner = app.runner
+
+    policy.write_text(SHIPPED.read_text().replace('name = "socket-path-is-directory"', 'name = "renamed"'))
+    reload.set()
+    await until(lambda: app.runner is not old_runner)
+    assert [r.name for r in app.runner.policy.rule] == ["renamed"]
+    assert "RELOADING=1" in notes
+
+    shutdown.set()
+    await asyncio.wait_for(task, 5)
+    assert "STOPPING=1" in notes
+    assert app.systemd.closed
+    assert sink.records[-1].fields["OUTCOME"] == "stopped"
+
+
+async def test_a_dead_source_stops_the_daemon(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SHIPPED.read_text())
+    sink = MemorySink()
+    app = make_app(policy, sink)
+
+    async def broken() -> None:
+        raise OSError("inotify: too many watches")
+
+    app.sources["inotify"] = broken
+    with pytest.raises(SystemExit):
+        await Daemon(app, asyncio.Event(), asyncio.Event(), notify=lambda s: None).run()
+    [error] = sink.of(RecordKind.ERROR)
+    assert "inotify stopped" in error.message

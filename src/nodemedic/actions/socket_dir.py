@@ -33,7 +33,7 @@ DEFAULT_PATHS = ["/run/containerd/containerd.sock", "/run/containerd/containerd.
 class RemoveSocketDirParams(BaseModel):
     """Remove directories found at containerd's socket paths (moved to the quarantine if not empty)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     do: Literal["remove-socket-dir"]
     paths: list[str] = Field(default_factory=lambda: list(DEFAULT_PATHS))

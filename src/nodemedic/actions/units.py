@@ -12,7 +12,7 @@ from nodemedic.policy.duration import Duration
 
 
 class _UnitParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     unit: str
     """The systemd unit, e.g. ``containerd.service``."""

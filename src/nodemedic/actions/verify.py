@@ -19,7 +19,7 @@ RETRY_INTERVAL = 0.05
 class VerifyContainerdParams(BaseModel):
     """Wait until containerd's socket is a socket and its Version API answers, within ``timeout``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     do: Literal["verify-containerd"]
     socket: str = "/run/containerd/containerd.sock"

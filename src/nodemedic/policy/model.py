@@ -22,7 +22,16 @@ RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RepairBudget(Strict):
+    """A ceiling on repairs across all rules, whatever each rule's own backoff and breaker allow."""
+
+    repairs: int = Field(default=10, ge=1)
+    """At most this many repairs (enforce mode, all rules together)..."""
+    window: Duration = 3600.0
+    """...within this sliding window. Beyond it nodemedic only reports, and says so."""
 
 
 class DaemonSettings(Strict):
@@ -42,6 +51,9 @@ class DaemonSettings(Strict):
 
     journal_units: list[str] = Field(default=["containerd.service"])
     """Units whose own journal lines, and systemd's lines about them, are followed."""
+
+    budget: RepairBudget = RepairBudget()
+    """The global repair budget."""
 
     @property
     def quarantine(self) -> Path:
@@ -101,8 +113,30 @@ class Backoff(Strict):
     """Delay before the next attempt after a failed repair: initial * factor^n, at most max."""
 
     initial: Duration = 5.0
+    """Delay after the first failure."""
     factor: float = Field(default=2.0, ge=1.0)
+    """Growth of the delay with each further failure."""
     max: Duration = 300.0
+    """Longest delay."""
+    jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Each delay is shortened by a random fraction up to this, so a fleet does not retry in step."""
+
+
+class Breaker(Strict):
+    """Stops a rule that keeps failing, and hands over to a human.
+
+    After ``failures`` failed repairs within ``window`` the breaker opens: nodemedic stops acting on the
+    rule (it still observes and reports) and writes a record with the history of attempts. After
+    ``cooldown`` one trial repair is allowed (half-open): success closes the breaker, failure opens it
+    again. ``nodemedic reset RULE`` closes it by hand. The state survives a restart of nodemedic.
+    """
+
+    failures: int = Field(default=3, ge=1)
+    """Failed repairs that open the breaker..."""
+    window: Duration = 900.0
+    """...when they fall within this window."""
+    cooldown: Duration = 3600.0
+    """How long the breaker stays open before one trial repair."""
 
 
 class Rule(Strict):
@@ -123,6 +157,8 @@ class Rule(Strict):
     """What to do, in order; the first failure stops the sequence."""
     backoff: Backoff = Backoff()
     """How long to wait before trying again after a failed repair."""
+    breaker: Breaker = Breaker()
+    """When to stop trying and ask for a human."""
 
 
 class Policy(Strict):

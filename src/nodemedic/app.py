@@ -11,6 +11,7 @@ from typing import Any
 from nodemedic.actions.base import ActionContext, UnitControl, VersionProbe
 from nodemedic.clock import Clock, MonotonicClock
 from nodemedic.engine.runner import Runner
+from nodemedic.engine.store import StateStore
 from nodemedic.events import Event
 from nodemedic.policy.model import Policy
 from nodemedic.report import RecordKind, Reporter
@@ -82,6 +83,6 @@ def build_app(
         events=events,
         sources={"dbus": systemd.run, "journal": journal.run, "inotify": paths.run},
         systemd=systemd,
-        runner=Runner(policy, ctx, report, spawn),
+        runner=Runner(policy, ctx, report, spawn, StateStore(settings.state_dir)),
         repairs=repairs,
     )

@@ -14,7 +14,6 @@ from typing import Protocol
 
 from nodemedic import __version__
 from nodemedic.app import App
-from nodemedic.engine.runner import Runner
 from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
 from nodemedic.report import RecordKind
@@ -129,22 +128,17 @@ class Daemon:
                 PATH=str(path),
             )
         else:
-            old = self.app.runner
-            if policy.watched_paths() != old.policy.watched_paths() or policy.daemon != old.policy.daemon:
-                self.app.report(
-                    RecordKind.DAEMON,
-                    "reloaded; changes to [daemon] or to watched paths take effect at the next restart",
-                    PATH=str(path),
-                )
-            runner = Runner(policy, old.ctx, old.report, old._spawn)
-            runner.states.update({k: v for k, v in old.states.items() if k in runner.states})
-            self.app.runner = runner
-            self.app.report(
-                RecordKind.DAEMON,
-                f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
-                OUTCOME="reloaded",
-                PATH=str(path),
-            )
+            runner = self.app.runner
+            if (
+                policy.watched_paths() != runner.policy.watched_paths()
+                or policy.daemon != runner.policy.daemon
+            ):
+                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] or to watched "
+                                "paths take effect at the next restart", PATH=str(path))  # fmt: skip
+            runner.replace_policy(policy)
+            self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
+                            OUTCOME="reloaded", PATH=str(path))  # fmt: skip
+        self.app.runner.take_resets()
         self.notify("READY=1")
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:

@@ -26,6 +26,7 @@ class RecordKind(enum.Enum):
     ACTION = ("9ff711fedf1b4e4bb1cea138ab3617f4", 5)
     OUTCOME = ("8161e9abc08440a59afdb9eed7a98099", 5)
     ERROR = ("f434314036604420962625f6258b221f", 3)
+    ESCALATED = ("94f70fd0a0194f4e9b9e62a12a384752", 2)  # a breaker opened: a human is needed
 
     @property
     def message_id(self) -> str:

@@ -72,11 +72,10 @@ async def test_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     reload.set()
     await until(lambda: sink.of(RecordKind.ERROR))
     assert "unknown action 'remove-dir'" in sink.of(RecordKind.ERROR)[0].message
-    old_runner = app.runner
 
     policy.write_text(SHIPPED.read_text().replace('name = "socket-path-is-directory"', 'name = "renamed"'))
     reload.set()
-    await until(lambda: app.runner is not old_runner)
+    await until(lambda: [r.name for r in app.runner.policy.rule] == ["renamed"])
     assert [r.name for r in app.runner.policy.rule] == ["renamed"]
     assert "RELOADING=1" in notes
 

@@ -221,3 +221,51 @@ async def test_verify_fails_when_containerd_never_answers(harness: Callable[...,
     assert ("verify-containerd", "failed") in h.outcomes()
     assert "restart-unit" not in dict(h.outcomes()), "the sequence stops at the first failure"
     assert h.probe.calls > 1
+
+
+async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    from nodemedic.engine.store import StateStore
+
+    units = FakeUnits()
+    units.fail.add(("start", "containerd.service"))
+    h = harness(units=units)
+    store = StateStore(tmp_path / "state")
+    h.runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, store)
+    for _ in range(3):  # default breaker: 3 failures within 15 min
+        h.sock.mkdir(exist_ok=True)
+        h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+        await h.settle()
+        h.clock.advance(400)  # past the backoff
+    [escalated] = h.sink.of(RecordKind.ESCALATED)
+    assert escalated.fields["OUTCOME"] == "breaker-open"
+    assert escalated.fields["DETAIL"].count("failed: start-unit") == 3
+    # open: it keeps observing (reports what it would do) and does not act
+    h.sock.mkdir(exist_ok=True)
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert units.calls.count(("start", "containerd.service")) == 3
+    held = [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") == "held"]
+    assert len(held) == 1
+    assert h.outcomes()[-1][1] == "would-do"
+    # a restarted daemon finds the breaker still open
+    again = Runner(h.runner.policy, h.runner.ctx, Reporter(MemorySink()), h._spawn, store)
+    assert again.states["socket-path-is-directory"].breaker.state == "open"
+    # the operator's reset closes it
+    store.request_reset("socket-path-is-directory")
+    again.take_resets()
+    assert again.states["socket-path-is-directory"].breaker.state == "closed"
+
+
+async def test_global_budget_holds_repairs(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.runner.budget.repairs = 1
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    h.sock.unlink()
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert h.units.calls.count(("stop", "containerd.service")) == 1
+    held = [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") == "held"]
+    assert "budget" in held[0].message

@@ -4,24 +4,32 @@ One incident reported by several sources (inotify, D-Bus, journald) leads to one
 rule's repair runs, further matches are coalesced, and afterwards the rule's ``confirm`` condition,
 checked against the real state, no longer holds, so stale events lead to nothing. In observe mode an
 incident is reported once, and again only after its condition has cleared.
+
+Before acting in enforce mode the rule must be allowed by its backoff (after a failure), its circuit
+breaker (after repeated failures: then a human is needed) and the global repair budget. A rule held
+by its breaker or the budget keeps observing: it reports what it would do, once per incident.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nodemedic.actions.base import ActionContext, Skip
 from nodemedic.actions.registry import build_action
 from nodemedic.engine.backoff import Backoff
+from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
+from nodemedic.engine.budget import RepairBudget
+from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError
 from nodemedic.events import Event, JournalLine, PathChanged, UnitChanged
 from nodemedic.policy.match import Match, match
-from nodemedic.policy.model import PathConfirm, Policy, Rule
+from nodemedic.policy.model import Mode, PathConfirm, Policy, Rule
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
 
@@ -33,25 +41,52 @@ Spawn = Callable[[Coroutine[Any, Any, None]], object]
 @dataclass(slots=True)
 class RuleState:
     backoff: Backoff
+    breaker: CircuitBreaker
     running: bool = False
     observed: bool = False  # an observe-mode incident is open (already reported)
     coalesced: int = 0
     deferred_reported: bool = False
-    incidents: int = field(default=0)
+    held_reported: bool = False
+
+    def configure(self, rule: Rule) -> None:
+        """Take the rule's (possibly reloaded) settings, keeping the counters."""
+        b, k = rule.backoff, rule.breaker
+        self.backoff.initial, self.backoff.factor, self.backoff.maximum = b.initial, b.factor, b.max
+        self.backoff.jitter = b.jitter
+        self.breaker.failures, self.breaker.window, self.breaker.cooldown = k.failures, k.window, k.cooldown
+
+
+def _new_state(rule: Rule) -> RuleState:
+    state = RuleState(Backoff(rule.backoff.initial), CircuitBreaker(1, 0.0, 0.0))
+    state.configure(rule)
+    return state
 
 
 class Runner:
-    def __init__(self, policy: Policy, ctx: ActionContext, report: Reporter, spawn: Spawn) -> None:
-        self.policy = policy
+    def __init__(self, policy: Policy, ctx: ActionContext, report: Reporter, spawn: Spawn,
+                 store: StateStore | None = None) -> None:  # fmt: skip
         self.ctx = ctx
         self.report = report
         self._spawn = spawn
-        self.states = {
-            r.name: RuleState(Backoff(r.backoff.initial, r.backoff.factor, r.backoff.max))
-            for r in policy.rule
-        }
+        self._store = store
+        self.policy = policy
+        self.states: dict[str, RuleState] = {}
+        self.budget = RepairBudget(policy.daemon.budget.repairs, policy.daemon.budget.window)
         self.idle = asyncio.Event()
         self.idle.set()
+        self.replace_policy(policy)
+        self._restore()
+        self.take_resets()
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Apply a (re)loaded policy; state of rules that stay, and repairs under way, are kept."""
+        self.policy = policy
+        self.budget.repairs, self.budget.window = policy.daemon.budget.repairs, policy.daemon.budget.window
+        states = {}
+        for rule in policy.rule:
+            states[rule.name] = self.states.get(rule.name) or _new_state(rule)
+            states[rule.name].configure(rule)
+        self.states = states
 
     def handle(self, event: Event) -> None:
         self._close_cleared()
@@ -74,157 +109,185 @@ class Runner:
             log.debug("rule %s: condition no longer holds (%s)", rule.name, m.trigger)
             return
         mode = self.policy.mode_of(rule)
+        now = self.ctx.clock.wall()
+        if mode == "enforce":
+            if not state.backoff.ready(now):
+                self._defer(rule, state, now, m.trigger)
+                return
+            mode = self._held(rule, state, now) or mode
         if mode == "observe" and state.observed:
             state.coalesced += 1
-            return
-        now = self.ctx.clock.monotonic()
-        if not state.backoff.ready(now):
-            if not state.deferred_reported:
-                state.deferred_reported = True
-                self.report(
-                    RecordKind.DECIDED,
-                    f"{rule.name}: backing off {state.backoff.remaining(now):.0f}s "
-                    f"after {state.backoff.failures} failed repair(s)",
-                    RULE=rule.name,
-                    MODE=mode,
-                    OUTCOME="deferred",
-                    TRIGGER=m.trigger,
-                )
             return
         state.running = True
         self.idle.clear()
         self._spawn(self._run(m, mode, state))
+
+    def _defer(self, rule: Rule, state: RuleState, now: float, trigger: str) -> None:
+        if not state.deferred_reported:
+            state.deferred_reported = True
+            self.report(RecordKind.DECIDED,
+                        f"{rule.name}: backing off {state.backoff.remaining(now):.0f}s "
+                        f"after {state.backoff.failures} failed repair(s)",
+                        RULE=rule.name, MODE="enforce", OUTCOME="deferred", TRIGGER=trigger)  # fmt: skip
+
+    def _held(self, rule: Rule, state: RuleState, now: float) -> Mode | None:
+        """'observe' when the breaker or the budget forbids acting (said once), else None."""
+        was = state.breaker.state
+        if not state.breaker.allow(now):
+            why = (f"circuit breaker open since {_when(state.breaker.opened_at)} after repeated failed "
+                   f"repairs; observing only until {_when(state.breaker.reopens_at())} or "
+                   f"`nodemedic reset {rule.name}`")  # fmt: skip
+        elif not self.budget.allow(now):
+            why = (f"global repair budget spent ({self.budget.repairs} repairs within "
+                   f"{self.budget.window:g}s); observing only")  # fmt: skip
+        else:
+            if was == OPEN and state.breaker.state == HALF_OPEN:
+                self.report(RecordKind.DECIDED, f"{rule.name}: breaker half-open: one trial repair",
+                            RULE=rule.name, MODE="enforce", OUTCOME="trial")  # fmt: skip
+            state.held_reported = False
+            return None
+        if not state.held_reported:
+            state.held_reported = True
+            self.report(RecordKind.DECIDED, f"{rule.name}: {why}", RULE=rule.name, MODE="observe",
+                        OUTCOME="held", DETAIL=why)  # fmt: skip
+        return "observe"
 
     async def _run(self, m: Match, mode: str, state: RuleState) -> None:
         rule = m.rule
         incident = uuid.uuid4().hex[:12]
         started = _event_time(m.event, self.ctx.clock.monotonic())
         common = {"RULE": rule.name, "MODE": mode, "INCIDENT": incident}
-        self.report(
-            RecordKind.DETECTED,
-            f"{rule.name}: {m.trigger}",
-            **common,
-            SOURCE=m.event.source,
-            TRIGGER=m.trigger,
-            PATH=_event_path(m.event),
-            UNIT=_event_unit(m.event),
-            ELAPSED_MS=self._ms(started),
-        )
+        self.report(RecordKind.DETECTED, f"{rule.name}: {m.trigger}", **common,
+                    SOURCE=m.event.source, TRIGGER=m.trigger, PATH=_event_path(m.event),
+                    UNIT=_event_unit(m.event), ELAPSED_MS=self._ms(started))  # fmt: skip
         verb = "repairing" if mode == "enforce" else "observe mode: reporting what would be done"
-        self.report(
-            RecordKind.DECIDED,
-            f"{rule.name}: {verb}",
-            **common,
-            OUTCOME="repair" if mode == "enforce" else "observe",
-        )
+        self.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **common,
+                    OUTCOME="repair" if mode == "enforce" else "observe")  # fmt: skip
         try:
-            ok = await self._actions(rule, mode, common, started)
+            failure = await self._actions(rule, mode, common, started)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             log.exception("rule %s crashed", rule.name)
-            self.report(
-                RecordKind.ERROR,
-                f"{rule.name}: internal error: {exc}",
-                **common,
-                OUTCOME="failed",
-                DETAIL=repr(exc),
-            )
-            ok = False
+            self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
+                        OUTCOME="failed", DETAIL=repr(exc))  # fmt: skip
+            failure = f"internal error: {exc!r}"
         finally:
             state.running = False
             self.idle.set()
-        self._conclude(rule, mode, state, ok, common, started)
+        self._conclude(rule, mode, state, failure, common, started)
 
-    async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> bool:
+    async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> str | None:
+        """Run the rule's actions in order; the first failure's message, or None."""
         for params in rule.action:
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
             try:
                 step = await action.check(self.ctx)
                 if isinstance(step, Skip):
-                    self.report(
-                        RecordKind.ACTION,
-                        f"{action.name}: nothing to do: {step.reason}",
-                        **fields,
-                        OUTCOME="skipped",
-                        DETAIL=step.reason,
-                        ELAPSED_MS=self._ms(started),
-                    )
+                    self.report(RecordKind.ACTION, f"{action.name}: nothing to do: {step.reason}",
+                                **fields, OUTCOME="skipped", DETAIL=step.reason,
+                                ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
                 where = {"UNIT": step.unit, "PATH": " ".join(step.paths)}
                 if mode == "observe":
-                    self.report(
-                        RecordKind.ACTION,
-                        f"would {step.summary}",
-                        **fields,
-                        **where,
-                        OUTCOME="would-do",
-                        ELAPSED_MS=self._ms(started),
-                    )
+                    self.report(RecordKind.ACTION, f"would {step.summary}", **fields, **where,
+                                OUTCOME="would-do", ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
                 done = await action.apply(self.ctx, step)
                 checked = await action.verify(self.ctx, step)
             except NodemedicError as exc:
-                self.report(
-                    RecordKind.ACTION,
-                    f"{action.name} failed: {exc}",
-                    **fields,
-                    OUTCOME="failed",
-                    DETAIL=str(exc),
-                    ELAPSED_MS=self._ms(started),
-                )
-                return False
+                self.report(RecordKind.ACTION, f"{action.name} failed: {exc}", **fields,
+                            OUTCOME="failed", DETAIL=str(exc), ELAPSED_MS=self._ms(started))  # fmt: skip
+                return f"{action.name}: {exc}"
             detail = "; ".join(d for d in (done, checked) if d)
-            self.report(
-                RecordKind.ACTION,
-                f"{step.summary}: done" + (f" ({detail})" if detail else ""),
-                **fields,
-                **where,
-                OUTCOME="done",
-                DETAIL=detail,
-                ELAPSED_MS=self._ms(started),
-            )
-        return True
+            self.report(RecordKind.ACTION, f"{step.summary}: done" + (f" ({detail})" if detail else ""),
+                        **fields, **where, OUTCOME="done", DETAIL=detail,
+                        ELAPSED_MS=self._ms(started))  # fmt: skip
+        return None
 
-    def _conclude(
-        self,
-        rule: Rule,
-        mode: str,
-        state: RuleState,
-        ok: bool,
-        common: dict[str, str],
-        started: float,
-    ) -> None:
-        state.incidents += 1
+    def _conclude(self, rule: Rule, mode: str, state: RuleState, failure: str | None,
+                  common: dict[str, str], started: float) -> None:  # fmt: skip
         state.coalesced = 0
         state.deferred_reported = False
         elapsed = self._ms(started)
+        now = self.ctx.clock.wall()
         if mode == "observe":
             state.observed = True
-            self.report(
-                RecordKind.OUTCOME,
-                f"{rule.name}: observed, nothing changed (observe mode)",
-                **common,
-                OUTCOME="observed",
-                ELAPSED_MS=elapsed,
-            )
-        elif ok:
+            self.report(RecordKind.OUTCOME, f"{rule.name}: observed, nothing changed (observe mode)",
+                        **common, OUTCOME="observed", ELAPSED_MS=elapsed)  # fmt: skip
+            return
+        self.budget.spend(now)
+        if failure is None:
             state.backoff.succeeded()
-            self.report(
-                RecordKind.OUTCOME,
-                f"{rule.name}: repaired in {elapsed:.0f} ms",
-                **common,
-                OUTCOME="repaired",
-                ELAPSED_MS=elapsed,
-            )
+            state.breaker.succeeded(now, "repaired")
+            self.report(RecordKind.OUTCOME, f"{rule.name}: repaired in {elapsed:.0f} ms",
+                        **common, OUTCOME="repaired", ELAPSED_MS=elapsed)  # fmt: skip
         else:
-            wait = state.backoff.failed(self.ctx.clock.monotonic())
-            self.report(
-                RecordKind.OUTCOME,
-                f"{rule.name}: not repaired; next attempt in {wait:.0f}s at the earliest",
-                **common,
-                OUTCOME="not-repaired",
-                ELAPSED_MS=elapsed,
-            )
+            wait = state.backoff.failed(now)
+            opened = state.breaker.failed(now, failure)
+            self.report(RecordKind.OUTCOME,
+                        f"{rule.name}: not repaired; next attempt in {wait:.0f}s at the earliest",
+                        **common, OUTCOME="not-repaired", DETAIL=failure, ELAPSED_MS=elapsed)  # fmt: skip
+            if opened:
+                self._escalate(rule, state, common)
+        self._persist()
+
+    def _escalate(self, rule: Rule, state: RuleState, common: dict[str, str]) -> None:
+        history = "\n".join(f"{_when(a.at)} {'repaired' if a.ok else 'failed'}: {a.detail}"
+                            for a in state.breaker.history)  # fmt: skip
+        self.report(RecordKind.ESCALATED,
+                    f"{rule.name}: circuit breaker OPEN after {len(state.breaker.recent_failures)} failed "
+                    f"repairs within {state.breaker.window:g}s; a human is needed. nodemedic stops acting "
+                    f"on this rule and keeps observing; `nodemedic reset {rule.name}` closes the breaker",
+                    **common, OUTCOME="breaker-open", DETAIL=history)  # fmt: skip
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def take_resets(self) -> None:
+        """Close the breakers an operator asked to reset (`nodemedic reset RULE`)."""
+        if self._store is None:
+            return
+        for name in self._store.take_resets():
+            state = self.states.get(name)
+            if state is None:
+                self.report(RecordKind.ERROR, f"reset requested for unknown rule {name!r}",
+                            RULE=name, OUTCOME="refused")  # fmt: skip
+                continue
+            state.breaker.reset()
+            state.backoff.succeeded()
+            state.held_reported = False
+            self.report(RecordKind.DECIDED, f"{name}: breaker closed by the operator (nodemedic reset)",
+                        RULE=name, OUTCOME="reset")  # fmt: skip
+        self._persist()
+
+    def _restore(self) -> None:
+        if self._store is None:
+            return
+        data = self._store.load()
+        if self._store.corrupt:
+            self.report(RecordKind.ERROR, f"state file unusable, moved to {self._store.corrupt}; "
+                        "starting with closed breakers",
+                        OUTCOME="state-reset", PATH=self._store.corrupt)  # fmt: skip
+        self.budget.spent = [float(t) for t in data.get("budget", {}).get("spent", [])]
+        for name, saved in data.get("rules", {}).items():
+            state = self.states.get(name)
+            if state is None:
+                continue
+            state.breaker.restore(saved.get("breaker", {}))
+            state.backoff.failures = int(saved.get("backoff", {}).get("failures", 0))
+            state.backoff.not_before = float(saved.get("backoff", {}).get("not_before", 0.0))
+
+    def _persist(self) -> None:
+        if self._store is None:
+            return
+        rules = {
+            name: {"breaker": s.breaker.to_dict(),
+                   "backoff": {"failures": s.backoff.failures, "not_before": s.backoff.not_before}}
+            for name, s in self.states.items()
+        }  # fmt: skip
+        try:
+            self._store.save({"rules": rules, "budget": {"spent": self.budget.spent}})
+        except OSError as exc:
+            self.report(RecordKind.ERROR, f"cannot save state: {exc}", OUTCOME="failed", DETAIL=str(exc))
 
     def _ms(self, started: float) -> float:
         return (self.ctx.clock.monotonic() - started) * 1000.0
@@ -232,6 +295,10 @@ class Runner:
 
 def _holds(confirm: PathConfirm) -> bool:
     return any(path_kind(p) == confirm.kind for p in confirm.paths)
+
+
+def _when(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 def _event_time(event: Event, now: float) -> float:

@@ -1,0 +1,23 @@
+"""The global repair budget: at most N repairs within a sliding window, across all rules. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RepairBudget:
+    repairs: int
+    window: float
+    spent: list[float] = field(default_factory=list)
+
+    def allow(self, now: float) -> bool:
+        self._forget(now)
+        return len(self.spent) < self.repairs
+
+    def spend(self, now: float) -> None:
+        self._forget(now)
+        self.spent.append(now)
+
+    def _forget(self, now: float) -> None:
+        self.spent = [t for t in self.spent if t > now - self.window]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -249,3 +250,22 @@ async def test_reconnects_and_resyncs_after_the_bus_restarts(setup: Setup) -> No
     # and it follows changes on the new connection
     setup.systemd.set(CONTAINERD, ActiveState="active", SubState="running", MainPID=6161)
     await setup.events.until(unit_changed(CONTAINERD, main_pid=6161, active_state="active"))
+
+
+async def test_unit_control_waits_for_the_connection(dbus_daemon: DbusDaemon) -> None:
+    """At start-up a repair may come before the bus is up: it waits, it does not fail."""
+    systemd = FakeSystemd([FakeUnit.service(CONTAINERD, pid=4242)])
+    events = Recorder()
+    bus = SystemdBus([CONTAINERD], events.emit, MonotonicClock(), bus_address=dbus_daemon.address,
+                     reconnect=Backoff(initial=0.05, factor=2.0, maximum=0.2))  # fmt: skip
+    asked = asyncio.ensure_future(bus.state(CONTAINERD))  # before run(): not connected yet
+    await asyncio.sleep(0.1)
+    assert not asked.done()
+    await systemd.attach(dbus_daemon.address)
+    try:
+        async with running(events, bus.run()):
+            state = await asyncio.wait_for(asked, WAIT)
+            assert state.active_state == "active"
+    finally:
+        await bus.close()
+        systemd.detach()

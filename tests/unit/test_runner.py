@@ -269,3 +269,24 @@ async def test_global_budget_holds_repairs(harness: Callable[..., Harness]) -> N
     assert h.units.calls.count(("stop", "containerd.service")) == 1
     held = [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") == "held"]
     assert "budget" in held[0].message
+
+
+async def test_failed_repair_is_retried_without_a_new_event(harness: Callable[..., Harness]) -> None:
+    units = FakeUnits()
+    units.fail.add(("stop", "containerd.service"))  # fails first: the directory stays
+    h = harness(units=units)
+    backoff = h.runner.states["socket-path-is-directory"].backoff
+    backoff.initial, backoff.jitter = 0.05, 0.0
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert units.calls == [("stop", "containerd.service")]
+    units.fail.clear()
+    h.clock.advance(1.0)  # the backoff has passed on the wall clock too
+    for _ in range(100):  # only the runner's own timer can start the retry: no event is sent
+        await asyncio.sleep(0.01)
+        if h.tasks:
+            break
+    await h.settle()
+    assert units.calls.count(("stop", "containerd.service")) == 2
+    assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "repaired"

@@ -36,6 +36,9 @@ from nodemedic.sources.inotify import path_kind
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+# The retry timer runs on the loop's monotonic clock, readiness is judged on the wall clock: a
+# small margin keeps a retry from landing a hair early and deferring itself for good.
+RETRY_MARGIN = 0.1
 
 
 @dataclass(slots=True)
@@ -111,10 +114,10 @@ class Runner:
         mode = self.policy.mode_of(rule)
         now = self.ctx.clock.wall()
         if mode == "enforce":
-            if not state.backoff.ready(now):
-                self._defer(rule, state, now, m.trigger)
-                return
             mode = self._held(rule, state, now) or mode
+        if mode == "enforce" and not state.backoff.ready(now):
+            self._defer(m, state, now)
+            return
         if mode == "observe" and state.observed:
             state.coalesced += 1
             return
@@ -122,13 +125,16 @@ class Runner:
         self.idle.clear()
         self._spawn(self._run(m, mode, state))
 
-    def _defer(self, rule: Rule, state: RuleState, now: float, trigger: str) -> None:
-        if not state.deferred_reported:
-            state.deferred_reported = True
-            self.report(RecordKind.DECIDED,
-                        f"{rule.name}: backing off {state.backoff.remaining(now):.0f}s "
-                        f"after {state.backoff.failures} failed repair(s)",
-                        RULE=rule.name, MODE="enforce", OUTCOME="deferred", TRIGGER=trigger)  # fmt: skip
+    def _defer(self, m: Match, state: RuleState, now: float) -> None:
+        """Within the backoff after a failure: say so once, and look again when it has passed."""
+        if state.deferred_reported:
+            return
+        state.deferred_reported = True
+        wait = state.backoff.remaining(now)
+        self.report(RecordKind.DECIDED,
+                    f"{m.rule.name}: backing off {wait:.0f}s after {state.backoff.failures} failed repair(s)",
+                    RULE=m.rule.name, MODE="enforce", OUTCOME="deferred", TRIGGER=m.trigger)  # fmt: skip
+        self._retry_later(m, wait + RETRY_MARGIN)
 
     def _held(self, rule: Rule, state: RuleState, now: float) -> Mode | None:
         """'observe' when the breaker or the budget forbids acting (said once), else None."""
@@ -173,7 +179,7 @@ class Runner:
         finally:
             state.running = False
             self.idle.set()
-        self._conclude(rule, mode, state, failure, common, started)
+        self._conclude(m, mode, state, failure, common, started)
 
     async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> str | None:
         """Run the rule's actions in order; the first failure's message, or None."""
@@ -204,8 +210,9 @@ class Runner:
                         ELAPSED_MS=self._ms(started))  # fmt: skip
         return None
 
-    def _conclude(self, rule: Rule, mode: str, state: RuleState, failure: str | None,
+    def _conclude(self, m: Match, mode: str, state: RuleState, failure: str | None,
                   common: dict[str, str], started: float) -> None:  # fmt: skip
+        rule = m.rule
         state.coalesced = 0
         state.deferred_reported = False
         elapsed = self._ms(started)
@@ -229,7 +236,21 @@ class Runner:
                         **common, OUTCOME="not-repaired", DETAIL=failure, ELAPSED_MS=elapsed)  # fmt: skip
             if opened:
                 self._escalate(rule, state, common)
+            # A failed repair may leave nothing that raises a new event (containerd stopped, the
+            # directory unchanged): look again by ourselves when the rule may act again.
+            retry_at = state.breaker.reopens_at() if opened else state.backoff.not_before
+            self._retry_later(m, max(0.0, retry_at - now) + RETRY_MARGIN)
         self._persist()
+
+    def _retry_later(self, m: Match, delay: float) -> None:
+        def retry() -> None:
+            rule = next((r for r in self.policy.rule if r.name == m.rule.name), None)
+            if rule is None:  # gone after a reload: nothing to retry
+                return
+            self.states[rule.name].deferred_reported = False
+            self._decide(Match(rule, m.event, f"retry: {m.trigger}"))
+
+        asyncio.get_running_loop().call_later(delay, retry)
 
     def _escalate(self, rule: Rule, state: RuleState, common: dict[str, str]) -> None:
         history = "\n".join(f"{_when(a.at)} {'repaired' if a.ok else 'failed'}: {a.detail}"

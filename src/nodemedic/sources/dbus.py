@@ -31,6 +31,7 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+CONNECT_WAIT = 15.0  # how long unit control waits for a (re)connection
 
 # D-Bus property -> UnitChanged field
 FIELDS = {
@@ -167,7 +168,17 @@ class SystemdBus:
 
     # ---- UnitControl ---------------------------------------------------------------------------
 
+    async def _wait_connected(self) -> None:
+        """At start-up and while reconnecting, a repair waits for the bus rather than fail at once."""
+        if self.connected.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)
+        except asyncio.TimeoutError as exc:
+            raise UnitControlError(f"not connected to the D-Bus system bus after {CONNECT_WAIT:g}s") from exc
+
     async def state(self, unit: str) -> UnitState:
+        await self._wait_connected()
         path = await self._unit_path(unit)
         props = await self._read_props(path)
         return UnitState(
@@ -187,6 +198,7 @@ class SystemdBus:
 
     async def _job(self, method: str, unit: str, timeout: float) -> None:
         """Queue a systemd job and wait for its JobRemoved: the job's result, not only its start."""
+        await self._wait_connected()
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._jobs[unit] = queue  # before the call: JobRemoved may come right after the reply
         try:

@@ -126,3 +126,17 @@ def test_restart_of_nodemedic_neither_replays_nor_repeats(node: Node) -> None:
     # containerd's "is a directory" lines are behind the saved cursor: not read again, no new incident
     assert len(records(node, rule=RULE, kind="detected")) == 1
     assert node.unit_property("nodemedic.service", "ActiveState") == "active"
+
+
+def test_an_operators_stop_is_respected(node: Node) -> None:
+    start_nodemedic(node)
+    node.run("systemctl", "stop", "containerd.service")  # maintenance: the operator stopped it
+    make_directory_at(node, SOCKET)
+    wait_for(lambda: records(node, rule=RULE, outcome="operator-stop"), 10, "the operator-stop record")
+    assert records(node, rule=RULE, kind="action") == []
+    assert node.unit_property("containerd.service", "ActiveState") == "inactive"
+
+    # the operator starts containerd: it fails on the directory, and nodemedic repairs it now
+    node.run("systemctl", "start", "--no-block", "containerd.service")
+    wait_for(lambda: repaired(node), 30, "nodemedic's 'repaired' record")
+    assert containerd_serving(node)

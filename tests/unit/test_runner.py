@@ -37,7 +37,7 @@ def make_policy(root: Path, mode: str = "enforce") -> Policy:
                             "pattern": "failed to get listener for main (ttrpc )?endpoint: is a directory",
                         },
                     ],
-                    "confirm": {"paths": [sock, ttrpc], "kind": "directory"},
+                    "confirm": {"paths": [sock, ttrpc], "kind": "directory", "unit": "containerd.service"},
                     "action": [
                         {"do": "stop-unit", "unit": "containerd.service"},
                         {"do": "remove-socket-dir", "paths": [sock, ttrpc], "root": str(root)},
@@ -290,3 +290,39 @@ async def test_failed_repair_is_retried_without_a_new_event(harness: Callable[..
     await h.settle()
     assert units.calls.count(("stop", "containerd.service")) == 2
     assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "repaired"
+
+
+async def test_an_operators_stop_is_respected(harness: Callable[..., Harness]) -> None:
+    from nodemedic.events import UnitChanged
+
+    h = harness()
+    h.runner.handle(UnitChanged("containerd.service", "inactive", "dead"))  # systemctl stop containerd
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert h.units.calls == []
+    [respected] = [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") == "operator-stop"]
+    assert "stopped by someone else" in respected.message
+    # the operator starts it again; it fails on the directory and says so: now nodemedic acts
+    h.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
+    h.runner.handle(
+        JournalLine(
+            "containerd.service", "containerd: failed to get listener for main endpoint: is a directory"
+        )
+    )
+    await h.settle()
+    assert ("stop", "containerd.service") in h.units.calls
+    assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "repaired"
+
+
+async def test_its_own_stop_is_not_taken_for_an_operators(harness: Callable[..., Harness]) -> None:
+    from nodemedic.events import UnitChanged
+
+    units = FakeUnits()
+    units.fail.add(("start", "containerd.service"))
+    h = harness(units=units)
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()  # stopped containerd, then failed to start it
+    h.runner.handle(UnitChanged("containerd.service", "inactive", "dead"))  # the event of our own stop
+    assert "containerd.service" not in h.runner.stopped_by_others

@@ -50,6 +50,7 @@ class RuleState:
     coalesced: int = 0
     deferred_reported: bool = False
     held_reported: bool = False
+    respected_stop: bool = False
 
     def configure(self, rule: Rule) -> None:
         """Take the rule's (possibly reloaded) settings, keeping the counters."""
@@ -77,6 +78,8 @@ class Runner:
         self.budget = RepairBudget(policy.daemon.budget.repairs, policy.daemon.budget.window)
         self.idle = asyncio.Event()
         self.idle.set()
+        self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
+        self.stopped_by_others: set[str] = set()  # units an operator stopped
         self.replace_policy(policy)
         self._restore()
         self.take_resets()
@@ -92,9 +95,21 @@ class Runner:
         self.states = states
 
     def handle(self, event: Event) -> None:
+        if isinstance(event, UnitChanged):
+            self._track_stops(event)
         self._close_cleared()
         for m in match(self.policy.rule, event):
             self._decide(m)
+
+    def _track_stops(self, event: UnitChanged) -> None:
+        """With Restart=, only a stop job leaves a unit inactive: if no repair of ours stopped it,
+        someone else did (an operator's systemctl stop), and it is theirs until it runs again."""
+        if event.active_state == "inactive":
+            if event.unit not in self.stopped_by_us:
+                self.stopped_by_others.add(event.unit)
+        elif event.active_state in ("active", "activating", "reloading"):
+            self.stopped_by_us.discard(event.unit)
+            self.stopped_by_others.discard(event.unit)
 
     def _close_cleared(self) -> None:
         """An observed incident ends when its condition no longer holds, whatever event says so."""
@@ -111,6 +126,10 @@ class Runner:
         if rule.confirm is not None and not _holds(rule.confirm):
             log.debug("rule %s: condition no longer holds (%s)", rule.name, m.trigger)
             return
+        if rule.confirm is not None and rule.confirm.unit in self.stopped_by_others:
+            self._respect_stop(rule, state, rule.confirm.unit)
+            return
+        state.respected_stop = False
         mode = self.policy.mode_of(rule)
         now = self.ctx.clock.wall()
         if mode == "enforce":
@@ -124,6 +143,14 @@ class Runner:
         state.running = True
         self.idle.clear()
         self._spawn(self._run(m, mode, state))
+
+    def _respect_stop(self, rule: Rule, state: RuleState, unit: str) -> None:
+        if not state.respected_stop:
+            state.respected_stop = True
+            self.report(RecordKind.DECIDED,
+                        f"{rule.name}: {unit} was stopped by someone else (systemctl stop); "
+                        "not acting until it is started again",
+                        RULE=rule.name, UNIT=unit, OUTCOME="operator-stop")  # fmt: skip
 
     def _defer(self, m: Match, state: RuleState, now: float) -> None:
         """Within the backoff after a failure: say so once, and look again when it has passed."""
@@ -198,6 +225,8 @@ class Runner:
                     self.report(RecordKind.ACTION, f"would {step.summary}", **fields, **where,
                                 OUTCOME="would-do", ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
+                if action.name == "stop-unit":
+                    self.stopped_by_us.add(step.unit)  # before the stop: its events follow at once
                 done = await action.apply(self.ctx, step)
                 checked = await action.verify(self.ctx, step)
             except NodemedicError as exc:

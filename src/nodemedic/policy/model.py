@@ -93,6 +93,7 @@ class UnitTrigger(Strict):
 
     source: Literal["unit"]
     unit: str
+    """The unit whose state changes fire; only units listed in ``[daemon].watch_units`` are followed."""
     active_state: list[str] = Field(default_factory=list)
     """ActiveState values that fire, e.g. ["failed"]; empty means any."""
     sub_state: list[str] = Field(default_factory=list)
@@ -106,7 +107,13 @@ class PathConfirm(Strict):
     """Act only if, at decision time, one of ``paths`` is of ``kind`` (lstat, symlinks not followed)."""
 
     paths: list[str] = Field(min_length=1)
+    """Paths to check; the condition holds if any one of them is of ``kind``."""
     kind: PathKind
+    """What one of ``paths`` must be found to be (the path itself, never a symlink's target)."""
+    unit: str | None = None
+    """A unit that must not have been stopped by someone else: after an operator's ``systemctl stop``
+    (the unit is inactive and nodemedic did not stop it) the rule does not act, because nodemedic
+    does not start what a human stopped. It acts again once the unit has been started."""
 
 
 class Backoff(Strict):
@@ -165,7 +172,9 @@ class Policy(Strict):
     """A whole policy file."""
 
     daemon: DaemonSettings = DaemonSettings()
+    """Settings of the daemon as a whole."""
     rule: list[Rule] = Field(default_factory=list)
+    """The rules, each a diagnosis and its repair."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:

@@ -7,7 +7,7 @@ APT_PACKAGES := debootstrap systemd-container zstd libsystemd-dev pkg-config gcc
                 dbus-daemon systemd-journal-remote iproute2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit component system bench lab-image lab-shell deps apt clean
+.PHONY: demo test lint unit component system bench docs lab-image lab-shell deps apt clean
 
 deps: apt $(STAMP)
 
@@ -45,6 +45,10 @@ demo: deps
 
 bench: deps
 	$(PY) bench/socket_dir.py
+
+# docs/policy.md is generated from the policy models' docstrings (a unit test checks it is current).
+docs: deps
+	$(PY) -m nodemedic.policy.reference --write docs/policy.md
 
 lab-image: deps
 	$(PY) -m lab build

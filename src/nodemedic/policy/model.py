@@ -67,7 +67,7 @@ class PathTrigger(Strict):
     paths: list[str] = Field(min_length=1)
     """Absolute paths to watch; their parent directories may be missing or recreated."""
     kind: PathKind
-    """directory | socket | symlink | file | other | missing"""
+    """The kind that fires, as found by lstat (a symlink is ``symlink``, never its target's kind)."""
 
     @field_validator("paths")
     @classmethod
@@ -182,6 +182,22 @@ class Policy(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"rule names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _triggers_are_watched(self) -> Policy:
+        """A trigger on a unit nodemedic does not follow would silently never fire."""
+        problems = []
+        for rule in self.rule:
+            for trig in rule.trigger:
+                if isinstance(trig, UnitTrigger) and trig.unit not in self.daemon.watch_units:
+                    problems.append(f"rule {rule.name!r}: unit trigger on {trig.unit}, which is not in "
+                                    f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
+                if isinstance(trig, JournalTrigger) and trig.unit not in self.daemon.journal_units:
+                    problems.append(f"rule {rule.name!r}: journal trigger on {trig.unit}, which is not in "
+                                    f"[daemon].journal_units {self.daemon.journal_units}")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def mode_of(self, rule: Rule) -> Mode:

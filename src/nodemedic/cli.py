@@ -6,16 +6,26 @@ import argparse
 import asyncio
 import logging
 import os
+import re
+import shutil
 import signal
+import stat
+import subprocess
 import sys
 from pathlib import Path
 
 from nodemedic import __version__
-from nodemedic.errors import NodemedicError, PolicyError
-from nodemedic.policy.load import DEFAULT_POLICY, load_policy
+from nodemedic.engine.store import StateStore
+from nodemedic.errors import NodemedicError, PolicyError, UnitControlError, UnknownRuleError
+from nodemedic.policy.edit import set_mode
+from nodemedic.policy.load import DEFAULT_POLICY, load_policy, parse_policy_text, read_policy_text
+from nodemedic.policy.model import Mode, Policy
+from nodemedic.state import atomic_write
 
 log = logging.getLogger("nodemedic")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SERVICE = "nodemedic.service"
+_LINE = re.compile(r"^\d+: ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PolicyError as exc:
-        print(exc, file=sys.stderr)
+        # file:line: problem, the form editors and grep understand
+        print(f"invalid policy {exc.path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"{exc.path}:{'' if _LINE.match(problem) else ' '}{problem}", file=sys.stderr)
         return 1
-    except NodemedicError as exc:
+    except (NodemedicError, OSError) as exc:
         log.error("%s", exc)
         log.debug("details", exc_info=True)
         return 1
@@ -44,12 +57,28 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     check = sub.add_parser("check", help="validate a policy file; exit 0 if valid, 1 with every error")
     check.add_argument("policy", type=Path, nargs="?", default=DEFAULT_POLICY)
+    check.add_argument(
+        "--ignore-owner",
+        action="store_true",
+        help="skip the check that only root can write the file (for a draft not yet installed)",
+    )
     check.set_defaults(func=_check)
+    mode = sub.add_parser("mode", help="set observe or enforce mode in the policy, and reload nodemedic")
+    mode.add_argument("mode", choices=["observe", "enforce"])
+    mode.add_argument("--rule", metavar="NAME", help="set the mode of this rule only, not of [daemon]")
+    mode.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
+    mode.add_argument("--no-reload", action="store_true", help="only edit the file; do not reload nodemedic")
+    mode.set_defaults(func=_mode)
+    reset = sub.add_parser("reset", help="close a rule's circuit breaker, once the cause is fixed")
+    reset.add_argument("rule", metavar="RULE")
+    reset.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
+    reset.add_argument("--no-reload", action="store_true", help="only file the request; do not reload")
+    reset.set_defaults(func=_reset)
     return parser
 
 
 def _check(args: argparse.Namespace) -> int:
-    policy = load_policy(args.policy)
+    policy = load_policy(args.policy, check_owner=not args.ignore_owner)
     print(f"{args.policy}: valid, {len(policy.rule)} rule(s), mode {policy.daemon.mode}")
     return 0
 
@@ -74,3 +103,85 @@ def _run(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _mode(args: argparse.Namespace) -> int:
+    path: Path = args.policy
+    rule: str | None = args.rule
+    text = read_policy_text(path)
+    before = parse_policy_text(text, str(path))
+    edited = set_mode(text, args.mode, rule)
+    what = "[daemon]" if rule is None else f"rule {rule!r}"
+    if _mode_in(before, rule) == args.mode:
+        print(f"{path.name}: {what} mode is already {args.mode}; nothing changed")
+        return 0
+    after = parse_policy_text(edited, str(path))  # never write a policy that would not load
+    if _mode_in(after, rule) != args.mode:
+        raise NodemedicError(f"{path}: setting the mode of {what} did not take; edit the file by hand")
+    _write_keeping_owner(path, edited)
+    print(f"{path.name}: {what} mode {_mode_in(before, rule)} -> {args.mode}")
+    if rule is None:
+        for r in after.rule:
+            if r.mode is not None and r.mode != args.mode:
+                print(f"{path.name}: rule {r.name!r} keeps its own mode {r.mode}")
+    if not args.no_reload:
+        _reload_nodemedic()
+    return 0
+
+
+def _reset(args: argparse.Namespace) -> int:
+    """The request is a file the daemon takes at its next reload or start, running or not."""
+    policy = load_policy(args.policy)
+    names = [r.name for r in policy.rule]
+    if args.rule not in names:
+        raise UnknownRuleError(
+            f"no rule named {args.rule!r}; the policy's rules: {', '.join(map(repr, names))}"
+        )
+    request = StateStore(policy.daemon.state_dir).request_reset(args.rule)
+    print(f"reset of rule {args.rule!r} requested ({request})")
+    if not args.no_reload:
+        _reload_nodemedic()
+    return 0
+
+
+def _mode_in(policy: Policy, rule: str | None) -> str:
+    """The mode of [daemon], or of a rule: its own, or "(daemon's) enforce" where it has none."""
+    if rule is None:
+        return policy.daemon.mode
+    own: Mode | None = next(r.mode for r in policy.rule if r.name == rule)
+    return own or f"{policy.daemon.mode} (from [daemon])"
+
+
+def _write_keeping_owner(path: Path, text: str) -> None:
+    real = path.resolve()  # a symlinked policy stays a symlink; its target is replaced
+    st = real.stat()
+    try:
+        atomic_write(real, text)
+        os.chown(real, st.st_uid, st.st_gid)
+        os.chmod(real, stat.S_IMODE(st.st_mode))
+    except PermissionError as exc:
+        raise PermissionError(f"cannot write {real} ({exc.strerror}): run this as root") from exc
+
+
+def _reload_nodemedic() -> None:
+    if systemctl("is-active", "--quiet", SERVICE)[0] != 0:
+        print(f"{SERVICE} is not running; the change applies at its next start")
+        return
+    status, why = systemctl("reload", SERVICE)
+    if status != 0:
+        raise UnitControlError(
+            f"the policy was written but `systemctl reload {SERVICE}` failed (exit {status}: {why or '?'}):"
+            f" see `journalctl -u {SERVICE}`, then run `systemctl reload {SERVICE}`"
+        )
+    print(f"reloaded {SERVICE}; see `journalctl -u {SERVICE}` for whether it took the new policy")
+
+
+def systemctl(*args: str) -> tuple[int, str]:
+    """Run ``systemctl ARGS``: its exit status (127 where it is not installed) and its stderr."""
+    exe = shutil.which("systemctl")
+    if exe is None:
+        return 127, "systemctl not found"
+    done = subprocess.run(  # noqa: S603 (a fixed program, our own arguments)
+        [exe, *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    return done.returncode, " ".join(done.stderr.split())

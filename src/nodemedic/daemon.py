@@ -16,6 +16,7 @@ from nodemedic import __version__
 from nodemedic.app import App
 from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
+from nodemedic.policy.model import DaemonSettings
 from nodemedic.report import RecordKind
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,12 @@ class Daemon:
             )
         else:
             runner = self.app.runner
-            if (
-                policy.watched_paths() != runner.policy.watched_paths()
-                or policy.daemon != runner.policy.daemon
+            if policy.watched_paths() != runner.policy.watched_paths() or _needs_restart(
+                policy.daemon, runner.policy.daemon
             ):
-                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] or to watched "
-                                "paths take effect at the next restart", PATH=str(path))  # fmt: skip
+                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] (but mode and budget) "
+                                "or to watched paths take effect at the next restart",
+                                PATH=str(path))  # fmt: skip
             runner.replace_policy(policy)
             self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
                             OUTCOME="reloaded", PATH=str(path))  # fmt: skip
@@ -152,6 +153,12 @@ class Daemon:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.app.systemd.close()
         self.app.report(RecordKind.DAEMON, "nodemedic stopped", OUTCOME="stopped")
+
+
+def _needs_restart(new: DaemonSettings, old: DaemonSettings) -> bool:
+    """[daemon] settings other than mode and budget are read once, at start-up."""
+    live = {"mode", "budget"}
+    return new.model_dump(exclude=live) != old.model_dump(exclude=live)
 
 
 def _watchdog_interval() -> float:

@@ -31,3 +31,7 @@ class UnitControlError(NodemedicError, RuntimeError):
 
 class ProbeError(NodemedicError, ConnectionError):
     """containerd did not answer a real request in time."""
+
+
+class UnknownRuleError(NodemedicError, LookupError):
+    """No ``[[rule]]`` has the name given on the command line."""

@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import difflib
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from nodemedic.errors import PolicyError
 from nodemedic.policy.duration import parse_duration
-from nodemedic.policy.load import load_policy
+from nodemedic.policy.edit import UnknownRuleError, set_mode
+from nodemedic.policy.load import check_permissions, key_lines, load_policy, parse_policy_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 pytestmark = pytest.mark.unit
 SHIPPED = Path(__file__).parents[2] / "policy" / "policy.toml"
@@ -30,8 +39,14 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def line_of(text: str, fragment: str) -> int:
+    [line] = [n for n, ln in enumerate(text.splitlines(), 1) if fragment in ln]
+    return line
+
+
 def test_shipped_policy_loads() -> None:
-    policy = load_policy(SHIPPED)
+    # The checkout's owner and umask are CI's business; the permission check has its own tests.
+    policy = load_policy(SHIPPED, check_owner=False)
     assert policy.daemon.mode == "enforce"
     assert [r.name for r in policy.rule] == ["socket-path-is-directory"]
     actions = [a.do for a in policy.rule[0].action]
@@ -49,7 +64,7 @@ def test_minimal_policy_defaults(tmp_path: Path) -> None:
     [
         (
             ('do = "start-unit"', 'do = "remove-dir"'),
-            "rule[0] ('r').action[0]: unknown action 'remove-dir'; known: 'stop-unit'",
+            "rule[0] ('r').action[0].do: unknown action 'remove-dir'; known: 'stop-unit'",
         ),
         (('kind = "directory"', 'kind = "folder"'), "rule[0] ('r').trigger[0].kind"),
         (('name = "r"', 'name = "r"\ncolour = "red"'), "rule[0] ('r').colour: unknown key"),
@@ -60,12 +75,18 @@ def test_minimal_policy_defaults(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_invalid_policy_names_the_key(tmp_path: Path, edit: tuple[str, str], expected: str) -> None:
-    path = write(tmp_path, MINIMAL_RULE.replace(*edit))
+def test_invalid_policy_names_the_key_and_its_line(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
+    text = MINIMAL_RULE.replace(*edit)
+    path = write(tmp_path, text)
     with pytest.raises(PolicyError) as err:
         load_policy(path)
     assert str(path) in str(err.value)
-    assert any(expected in p for p in err.value.problems), err.value.problems
+    [problem] = err.value.problems
+    assert expected in problem
+    # the line of the edit's last line: the key that is wrong
+    assert problem.startswith(f"{line_of(text, edit[1].splitlines()[-1])}: "), problem
 
 
 def test_bad_regex_is_refused_at_load(tmp_path: Path) -> None:
@@ -84,8 +105,10 @@ def test_duplicate_rule_names(tmp_path: Path) -> None:
 
 
 def test_broken_toml_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="not valid TOML"):
-        load_policy(write(tmp_path, "[daemon\n"))
+    with pytest.raises(PolicyError, match="not valid TOML") as err:
+        load_policy(write(tmp_path, '[daemon]\nmode = "observe"\n[daemon\n'))
+    assert err.value.problems[0].startswith("3: not valid TOML:")
+    assert "(at line 3, column" in err.value.problems[0]
     with pytest.raises(PolicyError, match="file not found"):
         load_policy(tmp_path / "absent.toml")
 
@@ -101,3 +124,253 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+# ---- lines in problems ---------------------------------------------------------------------------
+
+
+def test_every_problem_of_a_broken_shipped_policy_has_its_line(tmp_path: Path) -> None:
+    shipped = SHIPPED.read_text()
+    text = (
+        shipped.replace('do = "remove-socket-dir"', 'do = "remove-dir"')
+        .replace('source = "journal"', 'source = "jornal"')
+        .replace("factor = 2.0", "factor = 0.5")
+    )
+    with pytest.raises(PolicyError) as err:
+        load_policy(write(tmp_path, text))
+    problems = err.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        str(line_of(text, 'source = "jornal"')),
+        str(line_of(text, 'do = "remove-dir"')),
+        str(line_of(text, "factor = 0.5")),
+    ]
+    assert ".action[1].do: unknown action 'remove-dir'" in problems[1]
+    assert ".trigger[1].source: unknown trigger source 'jornal'" in problems[0]
+    assert ".backoff.factor: Input should be greater than or equal to 1" in problems[2]
+
+
+def test_a_missing_key_points_at_its_table() -> None:
+    text = MINIMAL_RULE.replace('do = "start-unit"\n', "")
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(text)
+    [problem] = err.value.problems
+    line = line_of(text, "[[rule.action]]")
+    assert problem == f"{line}: rule[0] ('r').action[0]: missing key 'do', which names the action"
+
+
+def test_one_line_tables_and_arrays_point_at_their_key() -> None:
+    text = (
+        '[daemon]\nbudget = { repairs = 0 }\nwatch_units = ["a.service",\n  7]\n'
+        "daemon_colour = 1\n"
+        '[[rule]]\nname = "r"\naction = [{ do = "start-unit", unit = "c.service" }]\n'
+        'trigger = [{ source = "path", paths = ["/x"], kind = "folder" }]\n'
+    )
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(text)
+    assert err.value.problems == [
+        "2: daemon.budget.repairs: Input should be greater than or equal to 1",
+        "4: daemon.watch_units[1]: Input should be a valid string",
+        "5: daemon.daemon_colour: unknown key",
+        "9: rule[0] ('r').trigger[0].kind: Input should be 'directory', 'socket', 'symlink', 'file', "
+        "'other' or 'missing'",
+    ]
+
+
+TRICKY = '''\
+# [not.a.table] and key = "not a key"
+"quoted.key" = 1
+dotted . "and quoted" = { inner = [1, 2], "x y" = 'z' }
+str = """
+[fake]
+fake = "still the string" \\"""
+"""
+lit = \'\'\'
+[[also.fake]] \'\'\'
+arr = [ # a comment [ ] {
+  "one", # and another
+  { a = 1 },
+  [ "nested", ']' ],
+]
+after = 1979-05-27T07:32:00Z # a date
+
+[[t]]
+a = "x\\"y"
+[t.sub]
+b = 2
+[[t.many]]
+[[t.many]]
+c = """a "quoted" word"""""
+[[t]]
+[[t.many]]
+d = 4
+[ "spaced" . table ]
+e = 5
+'''
+
+
+def test_key_lines_of_tricky_toml() -> None:
+    lines = key_lines(TRICKY)
+    text = TRICKY.splitlines()
+    expected = {
+        ("quoted.key",): 2,
+        ("dotted", "and quoted", "inner", 1): 3,
+        ("dotted", "and quoted", "x y"): 3,
+        ("str",): 4,
+        ("lit",): 8,
+        ("arr", 0): 11,
+        ("arr", 1, "a"): 12,
+        ("arr", 2, 1): 13,
+        ("after",): 15,
+        ("t", 0, "a"): 18,
+        ("t", 0, "sub", "b"): 20,
+        ("t", 0, "many", 1, "c"): 23,
+        ("t", 1): 24,
+        ("t", 1, "many", 0, "d"): 26,
+        ("spaced", "table", "e"): 28,
+    }
+    assert {k: lines.get(k) for k in expected} == expected
+    assert not any("fake" in str(k) for k in lines)
+    # every key tomllib sees is found on a line that names it
+    data = tomllib.loads(TRICKY)
+    for key in leaf_keys(data):
+        assert str(key[-1]).split(" ")[0] in text[lines[key] - 1] or isinstance(key[-1], int), key
+
+
+def leaf_keys(node: object, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    if isinstance(node, dict):
+        return [k for name, v in node.items() for k in leaf_keys(v, (*prefix, name))]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in leaf_keys(v, (*prefix, i))]
+    return [prefix]
+
+
+def test_key_lines_never_fail_on_bad_text() -> None:
+    for text in ['a = "unterminated', "a = [1, 2", "[[t", 'a = """x', "a = {b = ]"]:
+        key_lines(text)  # partial lines at most, never an error or a hang
+
+
+# ---- who may write the policy ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_dir(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    d = tmp_path / "etc"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    return d
+
+
+def test_root_owned_0644_in_0755_is_fine(root_dir: Path) -> None:
+    path = write(root_dir, MINIMAL_RULE)
+    path.chmod(0o644)
+    check_permissions(path)
+    assert load_policy(path).rule[0].name == "r"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda p: p.chmod(0o666), "writable by group or others (mode 0666): run `chmod go-w {file}`"),
+        (lambda p: p.chmod(0o664), "writable by group or others (mode 0664): run `chmod go-w {file}`"),
+        (lambda p: os.chown(p, 1000, 1000), "owned by uid 1000, not root: run `chown root {file}`"),
+        (
+            lambda p: p.parent.chmod(0o777),
+            "directory {dir} is writable by group or others (mode 0777): run `chmod go-w {dir}`",
+        ),
+        (
+            lambda p: os.chown(p.parent, 1000, 0),
+            "directory {dir} is owned by uid 1000, not root: run `chown root {dir}`",
+        ),
+    ],
+)
+def test_a_policy_others_could_write_is_refused(root_dir: Path, spoil: object, expected: str) -> None:
+    path = write(root_dir, MINIMAL_RULE)
+    path.chmod(0o644)
+    spoil(path)  # type: ignore[operator]
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    [problem] = err.value.problems
+    assert problem == expected.format(file=path, dir=root_dir)
+    assert load_policy(path, check_owner=False).rule[0].name == "r"
+
+
+def test_a_symlinked_policy_checks_its_target_directory(root_dir: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir(mode=0o777)
+    elsewhere.chmod(0o777)
+    target = write(elsewhere, MINIMAL_RULE)
+    (root_dir / "policy.toml").symlink_to(target)
+    with pytest.raises(PolicyError, match=f"run `chmod go-w {elsewhere}`"):
+        load_policy(root_dir / "policy.toml")
+
+
+# ---- editing the mode ------------------------------------------------------------------------------
+
+
+def changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
+    diff = list(difflib.ndiff(before.splitlines(), after.splitlines()))
+    return [d[2:] for d in diff if d.startswith("- ")], [d[2:] for d in diff if d.startswith("+ ")]
+
+
+def test_daemon_mode_changes_one_line_and_keeps_every_comment() -> None:
+    text = SHIPPED.read_text()
+    old = parse_policy_text(text).daemon.mode
+    new = "observe" if old == "enforce" else "enforce"
+    edited = set_mode(text, new)
+    assert changed_lines(text, edited) == ([f'mode = "{old}"'], [f'mode = "{new}"'])
+    assert line_of(text, f'mode = "{old}"') == line_of(edited, f'mode = "{new}"')
+    comments = [ln for ln in text.splitlines() if ln.lstrip().startswith("#")]
+    assert [ln for ln in edited.splitlines() if ln.lstrip().startswith("#")] == comments
+    assert parse_policy_text(edited).daemon.mode == new
+
+
+def test_rule_mode_is_inserted_after_name_and_description() -> None:
+    text = SHIPPED.read_text()
+    policy = parse_policy_text(text)
+    rule = policy.rule[0]
+    assert rule.mode is None, "the shipped rule has its own mode now: pick another text for this test"
+    edited = set_mode(text, "observe", rule.name)
+    assert changed_lines(text, edited) == ([], ['mode = "observe"'])
+    assert edited.splitlines()[line_of(text, "description = ")] == 'mode = "observe"'
+    after = parse_policy_text(edited)
+    assert after.rule[0].mode == "observe"
+    assert after.daemon == policy.daemon
+
+
+def test_rule_mode_is_replaced_in_place() -> None:
+    text = MINIMAL_RULE.replace('name = "r"', 'name = "r"\nmode = "observe"  # while we watch it\n\n# x')
+    edited = set_mode(text, "enforce", "r")
+    assert changed_lines(text, edited) == (
+        ['mode = "observe"  # while we watch it'],
+        ['mode = "enforce"  # while we watch it'],
+    )
+
+
+def test_rule_mode_without_description_goes_after_name() -> None:
+    edited = set_mode(MINIMAL_RULE, "observe", "r")
+    assert 'name = "r"\nmode = "observe"\n[[rule.trigger]]' in edited
+    assert parse_policy_text(edited).rule[0].mode == "observe"
+
+
+def test_daemon_mode_is_added_where_missing() -> None:
+    edited = set_mode(MINIMAL_RULE, "observe")
+    assert parse_policy_text(edited).daemon.mode == "observe"
+    assert edited.startswith(MINIMAL_RULE)
+
+
+def test_unknown_rule_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownRuleError, match="no rule named 'nope'; the policy's rules: 'r', 's'"):
+        set_mode(MINIMAL_RULE + MINIMAL_RULE.replace('"r"', '"s"'), "observe", "nope")
+
+
+def test_trigger_on_an_unwatched_unit_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL_RULE.replace(
+        'source = "path"\npaths = ["/run/containerd/containerd.sock"]\nkind = "directory"',
+        'source = "journal"\nunit = "docker.service"\npattern = "x"',
+    )
+    with pytest.raises(
+        PolicyError, match=r"journal trigger on docker.service, which is not in \[daemon\].journal_units"
+    ):
+        load_policy(write(tmp_path, text))

@@ -43,3 +43,8 @@ def test_unrepairable_fault_opens_the_breaker_which_survives_a_restart(node: Nod
              "the held record after the restart")  # fmt: skip
     wait_for(lambda: records(node, rule=RULE, outcome="would-do"), 10, "it to keep observing")
     assert attempts(node) == 3, "no repair is attempted while the breaker is open"
+
+    # the operator has looked; `nodemedic reset` closes the breaker in the running daemon
+    out = node.run("nodemedic", "reset", RULE).stdout
+    assert "reloaded nodemedic.service" in out
+    wait_for(lambda: records(node, rule=RULE, outcome="reset"), 10, "the reset record")

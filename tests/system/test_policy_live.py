@@ -34,3 +34,18 @@ def test_broken_policy_reload_keeps_the_old_one(node: Node) -> None:
     make_directory_at(node, SOCKET)
     wait_for(lambda: records(node, rule=RULE, outcome="repaired"), 30, "the repair under the old policy")
     assert containerd_serving(node)
+
+
+def test_mode_observe_on_a_running_node(node: Node) -> None:
+    start_nodemedic(node)
+    out = node.run("nodemedic", "mode", "observe").stdout
+    assert "[daemon] mode enforce -> observe" in out
+    assert "reloaded nodemedic.service" in out
+    assert "# nodemedic policy" in node.sh(f"head -1 {POLICY_PATH}").stdout, "comments are kept"
+    wait_for(lambda: records(node, kind="daemon", outcome="reloaded"), 10, "the reload")
+
+    sighup_containerd(node)
+    make_directory_at(node, SOCKET)
+    wait_for(lambda: records(node, rule=RULE, outcome="observed"), 30, "the observed record")
+    assert records(node, outcome="done") == []
+    assert node.sh(f"test -d {SOCKET}", check=False).returncode == 0, "the directory stays"

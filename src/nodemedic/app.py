@@ -18,7 +18,7 @@ from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.dbus import SystemdBus
 from nodemedic.sources.inotify import PathWatcher
 from nodemedic.sources.journal import JournalFollower
-from nodemedic.sources.probe import ContainerdProbe
+from nodemedic.sources.probe import ContainerdProbe, ProbeLoop
 
 CURSOR_FILE = "journal.cursor"
 
@@ -63,13 +63,13 @@ def build_app(
         journal_dir=journal_dir,
     )
     paths = PathWatcher(policy.watched_paths(), emit, clock)
-    ctx = ActionContext(
-        units=units or systemd,
-        probe=probe or ContainerdProbe(),
-        clock=clock,
-        quarantine_dir=settings.quarantine,
-    )
+    prober = probe or ContainerdProbe()
+    ctx = ActionContext(units=units or systemd, probe=prober, clock=clock, quarantine_dir=settings.quarantine)
     repairs: set[asyncio.Task[None]] = set()
+    sources = {"dbus": systemd.run, "journal": journal.run, "inotify": paths.run}
+    if policy.uses_probe():
+        p = settings.probe
+        sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -81,7 +81,7 @@ def build_app(
         policy_path=policy_path,
         report=report,
         events=events,
-        sources={"dbus": systemd.run, "journal": journal.run, "inotify": paths.run},
+        sources=sources,
         systemd=systemd,
         runner=Runner(policy, ctx, report, spawn, StateStore(settings.state_dir)),
         repairs=repairs,

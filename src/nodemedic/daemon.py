@@ -76,16 +76,19 @@ class Daemon:
         self.notify(f"READY=1\nSTATUS=watching {len(policy.rule)} rule(s)")
 
     async def _main_loop(self, tasks: list[asyncio.Task[None]]) -> None:
+        running = list(tasks)
         while not self.shutdown.is_set():
             stop = asyncio.ensure_future(self.shutdown.wait())
             reload = asyncio.ensure_future(self.reload.wait())
-            done, _ = await asyncio.wait([stop, reload, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([stop, reload, *running], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             reload.cancel()
-            for task in tasks:
-                if task in done:
+            for task in [t for t in running if t in done]:
+                if task.exception() is not None:
                     self._source_ended(task)
-                    return
+                # a source with nothing to watch (e.g. no paths in the policy) ends at once: fine
+                log.debug("%s has nothing to do", task.get_name())
+                running.remove(task)
             if self.reload.is_set():
                 self.reload.clear()
                 self._reload()

@@ -63,6 +63,7 @@ class ProbeFailed:
 
     target: str
     error: str
+    consecutive: int = 1
     at: float = 0.0
     source: str = "probe"
 
@@ -73,6 +74,7 @@ class SignalSeen:
 
     signal: int
     target_pid: int
+    unit: str = ""
     sender_pid: int = 0
     sender_comm: str = ""
     at: float = 0.0

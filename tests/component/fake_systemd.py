@@ -31,7 +31,15 @@ AFTER_JOB = {
     "StopUnit": ("inactive", "dead"),
 }
 UNIT_PROPS = ("LoadState", "ActiveState", "SubState")
-SERVICE_PROPS = ("Result", "ExecMainCode", "ExecMainStatus", "NRestarts", "MainPID")
+SERVICE_PROPS = (
+    "Result",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "NRestarts",
+    "MainPID",
+    "ExecMainPID",
+    "ExecMainExitTimestampMonotonic",
+)
 
 
 def unit_path(name: str) -> str:
@@ -58,6 +66,8 @@ class FakeUnit:
                 "ExecMainStatus": 0,
                 "NRestarts": 0,
                 "MainPID": pid,
+                "ExecMainPID": pid,
+                "ExecMainExitTimestampMonotonic": 0,
             },
         )
 
@@ -116,6 +126,14 @@ class ServiceUnitInterface(ServiceInterface):
     @dbus_property(access=READ)
     def MainPID(self) -> DBusUInt32:
         return int(self.unit.props["MainPID"])
+
+    @dbus_property(access=READ)
+    def ExecMainPID(self) -> DBusUInt32:
+        return int(self.unit.props["ExecMainPID"])
+
+    @dbus_property(access=READ)
+    def ExecMainExitTimestampMonotonic(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        return int(self.unit.props["ExecMainExitTimestampMonotonic"])
 
 
 class ManagerInterface(ServiceInterface):

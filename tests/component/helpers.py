@@ -19,8 +19,10 @@ class Recorder:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.source: asyncio.Task[Any] | None = None
+        self.seen: list[Event] = []  # everything emitted, consumed or not
 
     def emit(self, event: Event) -> None:
+        self.seen.append(event)
         self.queue.put_nowait(event)
 
     async def next(self, timeout: float = WAIT) -> Event:

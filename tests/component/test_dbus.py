@@ -11,7 +11,7 @@ import pytest
 from nodemedic.clock import MonotonicClock
 from nodemedic.engine.backoff import Backoff
 from nodemedic.errors import UnitControlError
-from nodemedic.events import Event, UnitChanged
+from nodemedic.events import Event, SignalSeen, UnitChanged
 from nodemedic.sources.dbus import SystemdBus
 
 from .conftest import DbusDaemon
@@ -269,3 +269,17 @@ async def test_unit_control_waits_for_the_connection(dbus_daemon: DbusDaemon) ->
     finally:
         await bus.close()
         systemd.detach()
+
+
+async def test_a_death_by_signal_is_a_signal_seen_once(setup: Setup) -> None:
+    await resynced(setup.events)
+    setup.systemd.set(CONTAINERD, ExecMainCode=2, ExecMainStatus=1, ExecMainPID=4242,
+                      ExecMainExitTimestampMonotonic=123_456_789, MainPID=0,
+                      ActiveState="activating", SubState="auto-restart")  # fmt: skip
+    seen = await setup.events.until(lambda e: isinstance(e, SignalSeen))
+    assert isinstance(seen, SignalSeen)
+    assert (seen.unit, seen.signal, seen.target_pid, seen.source) == (CONTAINERD, 1, 4242, "dbus")
+    # later changes of the same unit (the restart) are not a second death
+    setup.systemd.set(CONTAINERD, NRestarts=1, MainPID=5151, ActiveState="active", SubState="running")
+    await setup.events.until(unit_changed(CONTAINERD, sub_state="running"))
+    assert [e for e in setup.events.seen if isinstance(e, SignalSeen)] == [seen]

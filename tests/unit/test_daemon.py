@@ -100,3 +100,23 @@ async def test_a_dead_source_stops_the_daemon(tmp_path: Path) -> None:
         await Daemon(app, asyncio.Event(), asyncio.Event(), notify=lambda s: None).run()
     [error] = sink.of(RecordKind.ERROR)
     assert "inotify stopped" in error.message
+
+
+async def test_a_source_with_nothing_to_watch_ends_quietly(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SHIPPED.read_text())
+    sink, notes = MemorySink(), []
+    app = make_app(policy, sink)
+
+    async def idle() -> None:
+        return  # e.g. inotify with no paths in the policy
+
+    app.sources["inotify"] = idle
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(Daemon(app, shutdown, asyncio.Event(), notify=notes.append).run())
+    await until(lambda: any(n.startswith("READY=1") for n in notes))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    shutdown.set()
+    await asyncio.wait_for(task, 5)
+    assert sink.of(RecordKind.ERROR) == []

@@ -80,6 +80,8 @@ class Runner:
         self.idle.set()
         self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
         self.stopped_by_others: set[str] = set()  # units an operator stopped
+        self.unit_states: dict[str, UnitChanged] = {}  # the last state D-Bus reported, per unit
+        self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
         self.replace_policy(policy)
         self._restore()
         self.take_resets()
@@ -96,6 +98,7 @@ class Runner:
 
     def handle(self, event: Event) -> None:
         if isinstance(event, UnitChanged):
+            self.unit_states[event.unit] = event
             self._track_stops(event)
         self._close_cleared()
         for m in match(self.policy.rule, event):
@@ -118,10 +121,12 @@ class Runner:
             if state.observed and (rule.confirm is None or not _holds(rule.confirm)):
                 state.observed = False
 
-    def _decide(self, m: Match) -> None:
+    def _decide(self, m: Match, retry: bool = False) -> None:
         rule, state = m.rule, self.states[m.rule.name]
         if state.running:
             state.coalesced += 1
+            return
+        if not self._conditions_met(rule, count=not retry):
             return
         if rule.confirm is not None and not _holds(rule.confirm):
             log.debug("rule %s: condition no longer holds (%s)", rule.name, m.trigger)
@@ -141,8 +146,28 @@ class Runner:
             state.coalesced += 1
             return
         state.running = True
+        self._fired.pop(rule.name, None)
         self.idle.clear()
         self._spawn(self._run(m, mode, state))
+
+    def _conditions_met(self, rule: Rule, count: bool) -> bool:
+        """``[rule.when]``: enough firings within the window, and the unit in the wanted state."""
+        when = rule.when
+        if count:
+            now = self.ctx.clock.monotonic()
+            fired = [t for t in self._fired.get(rule.name, []) if t > now - when.within] + [now]
+            self._fired[rule.name] = fired
+            if len(fired) < when.occurrences:
+                log.debug("rule %s: %d of %d firings", rule.name, len(fired), when.occurrences)
+                return False
+        if when.unit is None:
+            return True
+        seen = self.unit_states.get(when.unit)
+        return (
+            seen is not None
+            and (not when.active_state or seen.active_state in when.active_state)
+            and (not when.sub_state or seen.sub_state in when.sub_state)
+        )
 
     def _respect_stop(self, rule: Rule, state: RuleState, unit: str) -> None:
         if not state.respected_stop:
@@ -277,7 +302,7 @@ class Runner:
             if rule is None:  # gone after a reload: nothing to retry
                 return
             self.states[rule.name].deferred_reported = False
-            self._decide(Match(rule, m.event, f"retry: {m.trigger}"))
+            self._decide(Match(rule, m.event, f"retry: {m.trigger}"), retry=True)
 
         asyncio.get_running_loop().call_later(delay, retry)
 

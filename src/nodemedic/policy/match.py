@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodemedic.events import Event, JournalLine, PathChanged, UnitChanged
-from nodemedic.policy.model import JournalTrigger, PathTrigger, Rule, UnitTrigger
+from nodemedic.events import Event, JournalLine, PathChanged, ProbeFailed, SignalSeen, UnitChanged
+from nodemedic.policy.model import (
+    JournalTrigger,
+    PathTrigger,
+    ProbeTrigger,
+    Rule,
+    SignalTrigger,
+    Trigger,
+    UnitTrigger,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,21 +36,49 @@ def match(rules: list[Rule], event: Event) -> list[Match]:
     return out
 
 
-def _fires(trig: PathTrigger | JournalTrigger | UnitTrigger, event: Event) -> str | None:
+def _fires(trig: Trigger, event: Event) -> str | None:
     if isinstance(trig, PathTrigger) and isinstance(event, PathChanged):
-        if event.path in trig.paths and event.kind == trig.kind:
-            return f"{event.path} is a {event.kind.value}"
-    elif isinstance(trig, JournalTrigger) and isinstance(event, JournalLine):
-        if event.unit == trig.unit and trig.pattern.search(event.message):
-            return f"journal: {event.message}"
-    elif (
-        isinstance(trig, UnitTrigger)
-        and isinstance(event, UnitChanged)
-        and (
-            event.unit == trig.unit
-            and (not trig.active_state or event.active_state in trig.active_state)
-            and (not trig.sub_state or event.sub_state in trig.sub_state)
-        )
+        return _path(trig, event)
+    if isinstance(trig, JournalTrigger) and isinstance(event, JournalLine):
+        return _journal(trig, event)
+    if isinstance(trig, UnitTrigger) and isinstance(event, UnitChanged):
+        return _unit(trig, event)
+    if isinstance(trig, ProbeTrigger) and isinstance(event, ProbeFailed):
+        return _probe(trig, event)
+    if isinstance(trig, SignalTrigger) and isinstance(event, SignalSeen):
+        return _signal(trig, event)
+    return None
+
+
+def _path(trig: PathTrigger, event: PathChanged) -> str | None:
+    if event.path in trig.paths and event.kind == trig.kind:
+        return f"{event.path} is a {event.kind.value}"
+    return None
+
+
+def _journal(trig: JournalTrigger, event: JournalLine) -> str | None:
+    if event.unit == trig.unit and trig.pattern.search(event.message):
+        return f"journal: {event.message}"
+    return None
+
+
+def _unit(trig: UnitTrigger, event: UnitChanged) -> str | None:
+    if (
+        event.unit == trig.unit
+        and (not trig.active_state or event.active_state in trig.active_state)
+        and (not trig.sub_state or event.sub_state in trig.sub_state)
     ):
         return f"{event.unit} is {event.active_state}/{event.sub_state}"
+    return None
+
+
+def _probe(trig: ProbeTrigger, event: ProbeFailed) -> str | None:
+    if event.consecutive >= trig.failures:
+        return f"containerd did not answer {event.consecutive} requests in a row: {event.error}"
+    return None
+
+
+def _signal(trig: SignalTrigger, event: SignalSeen) -> str | None:
+    if event.unit == trig.unit and event.signal == trig.signal:
+        return f"{event.unit}'s main process {event.target_pid} was killed by signal {event.signal}"
     return None

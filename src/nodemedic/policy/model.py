@@ -8,10 +8,11 @@ whether to act (its confirm condition, checked against the real state at decisio
 from __future__ import annotations
 
 import re
+import signal as signals
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
@@ -23,6 +24,28 @@ RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def signal_number(value: object) -> int:
+    """A signal given by name ("SIGHUP", "HUP") or number."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65:
+        return value
+    if isinstance(value, str):
+        name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+        if name in signals.Signals.__members__:
+            return int(signals.Signals[name])
+    raise ValueError(f'{value!r} is not a signal; write e.g. "SIGHUP" or 1')
+
+
+class ProbeSettings(Strict):
+    """containerd's liveness probe: a real request (its Version API) over its socket."""
+
+    socket: str = "/run/containerd/containerd.sock"
+    """containerd's main gRPC socket."""
+    interval: Duration = 5.0
+    """Time between two requests."""
+    timeout: Duration = 2.0
+    """How long one request may take before it counts as failed."""
 
 
 class RepairBudget(Strict):
@@ -54,6 +77,9 @@ class DaemonSettings(Strict):
 
     budget: RepairBudget = RepairBudget()
     """The global repair budget."""
+
+    probe: ProbeSettings = ProbeSettings()
+    """The containerd probe used by ``source = "probe"`` triggers."""
 
     @property
     def quarantine(self) -> Path:
@@ -100,7 +126,30 @@ class UnitTrigger(Strict):
     """SubState values that fire, e.g. ["auto-restart"]; empty means any."""
 
 
-Trigger = Annotated[PathTrigger | JournalTrigger | UnitTrigger, Field(discriminator="source")]
+class ProbeTrigger(Strict):
+    """Fires when containerd has not answered a real request (its Version API over the socket)
+    ``failures`` times in a row. The probe runs every ``[daemon.probe].interval``, and only while
+    some rule has a probe trigger."""
+
+    source: Literal["probe"]
+    failures: int = Field(default=3, ge=1)
+    """Consecutive failed requests that fire (and each further one, while it lasts)."""
+
+
+class SignalTrigger(Strict):
+    """Fires when a unit's main process was killed by ``signal``: systemd reports over D-Bus
+    ExecMainCode CLD_KILLED (or CLD_DUMPED) with that signal as ExecMainStatus."""
+
+    source: Literal["signal"]
+    unit: str = "containerd.service"
+    """The unit whose main process is watched; it must be in ``[daemon].watch_units``."""
+    signal: Annotated[int, BeforeValidator(signal_number)] = int(signals.SIGHUP)
+    """The signal, by name ("SIGHUP", "HUP") or number."""
+
+
+Trigger = Annotated[
+    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger, Field(discriminator="source")
+]
 
 
 class PathConfirm(Strict):
@@ -114,6 +163,23 @@ class PathConfirm(Strict):
     """A unit that must not have been stopped by someone else: after an operator's ``systemctl stop``
     (the unit is inactive and nodemedic did not stop it) the rule does not act, because nodemedic
     does not start what a human stopped. It acts again once the unit has been started."""
+
+
+class Conditions(Strict):
+    """Further conditions, checked each time a trigger fires, before anything else is decided."""
+
+    occurrences: int = Field(default=1, ge=1)
+    """The rule's triggers must have fired this many times... (each source's report counts once:
+    inotify, the journal and D-Bus may each report the same incident)"""
+    within: Duration = 60.0
+    """...within this window."""
+    unit: str | None = None
+    """A unit whose current state, as last reported over D-Bus, must match ``active_state`` and
+    ``sub_state``; it must be in ``[daemon].watch_units``."""
+    active_state: list[str] = Field(default_factory=list)
+    """ActiveState values ``unit`` must be in, e.g. ["activating", "failed"]; empty means any."""
+    sub_state: list[str] = Field(default_factory=list)
+    """SubState values ``unit`` must be in, e.g. ["auto-restart"]; empty means any."""
 
 
 class Backoff(Strict):
@@ -157,6 +223,8 @@ class Rule(Strict):
     """Overrides ``[daemon].mode`` for this rule."""
     trigger: list[Trigger] = Field(min_length=1)
     """When to look: any trigger firing starts a decision."""
+    when: Conditions = Conditions()
+    """Further conditions on the triggers: how often, and in which state of a unit."""
     confirm: PathConfirm | None = None
     """Whether to act: re-checked against the real state before acting, so one incident reported by
     several sources leads to one repair, and a stale event leads to none."""
@@ -193,15 +261,24 @@ class Policy(Strict):
                 if isinstance(trig, UnitTrigger) and trig.unit not in self.daemon.watch_units:
                     problems.append(f"rule {rule.name!r}: unit trigger on {trig.unit}, which is not in "
                                     f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
+                if isinstance(trig, SignalTrigger) and trig.unit not in self.daemon.watch_units:
+                    problems.append(f"rule {rule.name!r}: {trig.source} trigger on {trig.unit}, which is not "
+                                    f"in [daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
                 if isinstance(trig, JournalTrigger) and trig.unit not in self.daemon.journal_units:
                     problems.append(f"rule {rule.name!r}: journal trigger on {trig.unit}, which is not in "
                                     f"[daemon].journal_units {self.daemon.journal_units}")  # fmt: skip
+            if rule.when.unit is not None and rule.when.unit not in self.daemon.watch_units:
+                problems.append(f"rule {rule.name!r}: when.unit {rule.when.unit} is not in "
+                                f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def mode_of(self, rule: Rule) -> Mode:
         return rule.mode or self.daemon.mode
+
+    def uses_probe(self) -> bool:
+        return any(isinstance(t, ProbeTrigger) for r in self.rule for t in r.trigger)
 
     def watched_paths(self) -> list[str]:
         paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]

@@ -32,8 +32,10 @@ from nodemedic.policy.load import DEFAULT_POLICY
 SECTIONS: tuple[tuple[str, Any], ...] = (
     ("[daemon]", model.DaemonSettings),
     ("[daemon.budget]", model.RepairBudget),
+    ("[daemon.probe]", model.ProbeSettings),
     ("[[rule]]", model.Rule),
     ("[[rule.trigger]]", model.Trigger),
+    ("[rule.when]", model.Conditions),
     ("[rule.confirm]", model.PathConfirm),
     ("[[rule.action]]", ActionSpec),
     ("[rule.backoff]", model.Backoff),

@@ -21,7 +21,7 @@ from nodemedic.actions.base import UnitState
 from nodemedic.clock import Clock
 from nodemedic.engine.backoff import Backoff
 from nodemedic.errors import UnitControlError
-from nodemedic.events import Event, UnitChanged
+from nodemedic.events import Event, SignalSeen, UnitChanged
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ FIELDS = {
     "NRestarts": "n_restarts",
     "MainPID": "main_pid",
 }
+# Also read, to tell each death of the main process apart (ExecMain* stay until the next one).
+DEATH_PROPS = ("ExecMainPID", "ExecMainExitTimestampMonotonic")
+WATCHED_PROPS = frozenset(FIELDS) | frozenset(DEATH_PROPS)
+CLD_KILLED, CLD_DUMPED = 2, 3  # ExecMainCode: killed by a signal, or killed and dumped core
 
 
 @dataclass(slots=True)
@@ -51,6 +55,7 @@ class _Watched:
     unit: str
     path: str
     props: dict[str, Any]
+    last_death: int = 0  # ExecMainExitTimestampMonotonic of the last death seen
 
 
 class SystemdBus:
@@ -110,7 +115,9 @@ class SystemdBus:
                 await self._add_match(
                     f"type='signal',interface='{PROPERTIES}',member='PropertiesChanged',path='{path}'"
                 )
-                self._watched[path] = _Watched(unit, path, await self._read_props(path))
+                props = await self._read_props(path)
+                # a death from before we connected is history, not an event
+                self._watched[path] = _Watched(unit, path, props, _died_at(props))
         except BaseException:
             bus.disconnect()
             raise
@@ -138,11 +145,11 @@ class SystemdBus:
 
     def _on_properties(self, watched: _Watched, body: list[Any]) -> None:
         _iface, changed, invalidated = body
-        relevant = {k: v.value for k, v in changed.items() if k in FIELDS}
+        relevant = {k: v.value for k, v in changed.items() if k in WATCHED_PROPS}
         if relevant and any(watched.props.get(k) != v for k, v in relevant.items()):
             watched.props.update(relevant)
             self._emit_state(watched)
-        if any(k in FIELDS for k in invalidated):
+        if any(k in WATCHED_PROPS for k in invalidated):
             asyncio.get_running_loop().create_task(self._refresh(watched))
 
     async def _refresh(self, watched: _Watched) -> None:
@@ -155,6 +162,20 @@ class SystemdBus:
     def _emit_state(self, watched: _Watched) -> None:
         values = {FIELDS[k]: v for k, v in watched.props.items() if k in FIELDS}
         self._emit(UnitChanged(unit=watched.unit, at=self._clock.monotonic(), **values))
+        self._check_death(watched)
+
+    def _check_death(self, watched: _Watched) -> None:
+        """A new death of the main process by a signal is a SignalSeen (e.g. containerd's SIGHUP)."""
+        died_at = _died_at(watched.props)
+        if died_at == watched.last_death:
+            return
+        watched.last_death = died_at
+        if watched.props.get("ExecMainCode") in (CLD_KILLED, CLD_DUMPED):
+            self._emit(SignalSeen(
+                signal=int(watched.props.get("ExecMainStatus", 0)),
+                target_pid=int(watched.props.get("ExecMainPID", 0)),
+                unit=watched.unit, at=self._clock.monotonic(), source="dbus",
+            ))  # fmt: skip
 
     async def _read_props(self, path: str) -> dict[str, Any]:
         props: dict[str, Any] = {}
@@ -163,7 +184,7 @@ class SystemdBus:
                 reply = await self._call(path, PROPERTIES, "GetAll", "s", [iface])
             except UnitControlError:
                 continue  # not a service (or not loaded): Unit properties are enough
-            props.update({k: v.value for k, v in reply[0].items() if k in FIELDS})
+            props.update({k: v.value for k, v in reply[0].items() if k in WATCHED_PROPS})
         return props
 
     # ---- UnitControl ---------------------------------------------------------------------------
@@ -256,6 +277,10 @@ class SystemdBus:
         if self._bus is None or not self._bus.connected:
             raise UnitControlError("not connected to the D-Bus system bus")
         return self._bus
+
+
+def _died_at(props: dict[str, Any]) -> int:
+    return int(props.get("ExecMainExitTimestampMonotonic", 0) or 0)
 
 
 async def _job_result(queue: asyncio.Queue[tuple[str, str]], job: str) -> str:

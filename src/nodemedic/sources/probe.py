@@ -7,13 +7,18 @@ latter is built from its descriptor here, so no generated code is checked in.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 
+from nodemedic.actions.base import VersionProbe
+from nodemedic.clock import Clock
 from nodemedic.errors import ProbeError
+from nodemedic.events import Event, ProbeFailed
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 
@@ -57,3 +62,30 @@ class ContainerdProbe:
         except grpc.aio.AioRpcError as exc:
             raise ProbeError(f"containerd Version on {socket}: {exc.code().name}: {exc.details()}") from exc
         return str(response.version)
+
+
+class ProbeLoop:
+    """Asks containerd for its version every ``interval``; each failure is reported with the number
+    of failures in a row, so a rule can wait for N. A probe is periodic by nature: a hung containerd
+    sends no event (systemd still says active/running), only a real request shows it."""
+
+    def __init__(self, probe: VersionProbe, socket: str, interval: float, timeout: float,
+                 emit: Callable[[Event], None], clock: Clock) -> None:  # fmt: skip
+        self._probe = probe
+        self.socket = socket
+        self.interval = interval
+        self.timeout = timeout
+        self._emit = emit
+        self._clock = clock
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._probe.version(self.socket, self.timeout)
+            except ProbeError as exc:
+                failures += 1
+                self._emit(ProbeFailed(self.socket, str(exc), failures, at=self._clock.monotonic()))
+            else:
+                failures = 0
+            await asyncio.sleep(self.interval)

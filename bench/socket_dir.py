@@ -13,7 +13,6 @@ and the same fault with nodemedic absent (systemd's Restart= alone).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from lab.faults import (
 from lab.image import ensure_image
 from lab.node import Node
 
+from stats import summary
+
 RULE = "socket-path-is-directory"
 
 
@@ -45,14 +46,6 @@ def one_run(image: Path, with_nodemedic: bool, baseline_wait: float) -> tuple[fl
             detected = wait_for(lambda: records(node, rule=RULE, kind="detected"), 10, "the detection record")
             detection = realtime(detected[0]) - fault  # type: ignore[index]
         return detection, None if serving is None else serving - fault
-
-
-def summary(label: str, values: list[float], unit: str = "ms") -> str:
-    scale = 1000.0 if unit == "ms" else 1.0
-    ordered = sorted(v * scale for v in values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return (f"{label:<44} median {statistics.median(ordered):8.1f} {unit}   p95 {p95:8.1f} {unit}"
-            f"   min {ordered[0]:8.1f}   max {ordered[-1]:8.1f}   (n={len(ordered)})")  # fmt: skip
 
 
 def main() -> int:

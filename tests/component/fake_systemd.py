@@ -162,6 +162,10 @@ class ManagerInterface(ServiceInterface):
     def RestartUnit(self, name: DBusStr, mode: DBusStr) -> DBusObjectPath:
         return self.systemd.queue_job("RestartUnit", name, mode)
 
+    @dbus_method()
+    def KillUnit(self, name: DBusStr, whom: DBusStr, signal: DBusInt32) -> None:
+        self.systemd.calls.append((f"KillUnit {whom} {signal}", name))
+
     @dbus_signal()
     def JobRemoved(
         self, job_id: int, job: str, unit: str, result: str

@@ -283,3 +283,9 @@ async def test_a_death_by_signal_is_a_signal_seen_once(setup: Setup) -> None:
     setup.systemd.set(CONTAINERD, NRestarts=1, MainPID=5151, ActiveState="active", SubState="running")
     await setup.events.until(unit_changed(CONTAINERD, sub_state="running"))
     assert [e for e in setup.events.seen if isinstance(e, SignalSeen)] == [seen]
+
+
+async def test_kill_sends_the_signal_to_the_main_process(setup: Setup) -> None:
+    await resynced(setup.events)
+    await setup.bus.kill(CONTAINERD, 10)  # SIGUSR1: containerd dumps its goroutine stacks
+    assert ("KillUnit main 10", CONTAINERD) in setup.systemd.calls

@@ -53,6 +53,9 @@ class FakeUnits:
         await self._job("start", unit, "active")
         self.on_start(unit)
 
+    async def kill(self, unit: str, signal: int) -> None:
+        self.calls.append((f"kill -{signal}", unit))
+
     async def restart(self, unit: str, timeout: float) -> None:
         await self._job("restart", unit, "active")
 

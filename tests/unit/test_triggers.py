@@ -13,7 +13,8 @@ from nodemedic.errors import PolicyError
 from nodemedic.events import Event, ProbeFailed, SignalSeen, UnitChanged
 from nodemedic.policy.load import parse_policy
 from nodemedic.policy.match import match
-from nodemedic.policy.model import Policy, signal_number
+from nodemedic.policy.model import Policy
+from nodemedic.policy.signals import signal_number
 from nodemedic.report import MemorySink, RecordKind, Reporter
 from nodemedic.sources.probe import ProbeLoop
 

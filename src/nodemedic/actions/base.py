@@ -36,6 +36,10 @@ class UnitControl(Protocol):
 
     async def restart(self, unit: str, timeout: float) -> None: ...
 
+    async def kill(self, unit: str, signal: int) -> None:
+        """Send ``signal`` to the unit's main process (systemd's KillUnit, whom="main")."""
+        ...
+
 
 class VersionProbe(Protocol):
     """containerd's Version API over its socket."""

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from nodemedic.actions.base import Action
+from nodemedic.actions.signal import SignalUnit, SignalUnitParams
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
 from nodemedic.actions.units import (
     RestartUnit,
@@ -20,7 +21,12 @@ from nodemedic.actions.units import (
 from nodemedic.actions.verify import VerifyContainerd, VerifyContainerdParams
 
 ActionSpec = Annotated[
-    StopUnitParams | StartUnitParams | RestartUnitParams | RemoveSocketDirParams | VerifyContainerdParams,
+    StopUnitParams
+    | StartUnitParams
+    | RestartUnitParams
+    | RemoveSocketDirParams
+    | VerifyContainerdParams
+    | SignalUnitParams,
     Field(discriminator="do"),
 ]
 
@@ -30,6 +36,7 @@ ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     RestartUnitParams: RestartUnit,
     RemoveSocketDirParams: RemoveSocketDir,
     VerifyContainerdParams: VerifyContainerd,
+    SignalUnitParams: SignalUnit,
 }
 
 

@@ -26,10 +26,10 @@ from nodemedic.engine.backoff import Backoff
 from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.engine.budget import RepairBudget
 from nodemedic.engine.store import StateStore
-from nodemedic.errors import NodemedicError
+from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import Event, JournalLine, PathChanged, UnitChanged
 from nodemedic.policy.match import Match, match
-from nodemedic.policy.model import Mode, PathConfirm, Policy, Rule
+from nodemedic.policy.model import Confirm, Mode, Policy, Rule
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
 
@@ -211,6 +211,26 @@ class Runner:
         return "observe"
 
     async def _run(self, m: Match, mode: str, state: RuleState) -> None:
+        try:
+            if await self._still_unanswered(m.rule):
+                await self._handle_incident(m, mode, state)
+        finally:  # whatever happened, the rule may decide again
+            state.running = False
+            self.idle.set()
+
+    async def _still_unanswered(self, rule: Rule) -> bool:
+        """For ``confirm.probe``: ask containerd now; an answer means there is nothing to repair."""
+        if rule.confirm is None or not rule.confirm.probe:
+            return True
+        probe = self.policy.daemon.probe
+        try:
+            await self.ctx.probe.version(probe.socket, probe.timeout)
+        except ProbeError:
+            return True
+        log.debug("rule %s: containerd answers; nothing to do", rule.name)
+        return False
+
+    async def _handle_incident(self, m: Match, mode: str, state: RuleState) -> None:
         rule = m.rule
         incident = uuid.uuid4().hex[:12]
         started = _event_time(m.event, self.ctx.clock.monotonic())
@@ -368,8 +388,9 @@ class Runner:
         return (self.ctx.clock.monotonic() - started) * 1000.0
 
 
-def _holds(confirm: PathConfirm) -> bool:
-    return any(path_kind(p) == confirm.kind for p in confirm.paths)
+def _holds(confirm: Confirm) -> bool:
+    """The path part of the condition (the probe part is asked in ``_still_unanswered``)."""
+    return not confirm.paths or any(path_kind(p) == confirm.kind for p in confirm.paths)
 
 
 def _when(wall: float) -> str:

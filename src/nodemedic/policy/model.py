@@ -12,11 +12,12 @@ import signal as signals
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
 from nodemedic.policy.duration import Duration
+from nodemedic.policy.signals import Signal
 
 Mode = Literal["enforce", "observe"]
 RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -24,17 +25,6 @@ RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-def signal_number(value: object) -> int:
-    """A signal given by name ("SIGHUP", "HUP") or number."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65:
-        return value
-    if isinstance(value, str):
-        name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
-        if name in signals.Signals.__members__:
-            return int(signals.Signals[name])
-    raise ValueError(f'{value!r} is not a signal; write e.g. "SIGHUP" or 1')
 
 
 class ProbeSettings(Strict):
@@ -143,7 +133,7 @@ class SignalTrigger(Strict):
     source: Literal["signal"]
     unit: str = "containerd.service"
     """The unit whose main process is watched; it must be in ``[daemon].watch_units``."""
-    signal: Annotated[int, BeforeValidator(signal_number)] = int(signals.SIGHUP)
+    signal: Signal = int(signals.SIGHUP)
     """The signal, by name ("SIGHUP", "HUP") or number."""
 
 
@@ -152,17 +142,27 @@ Trigger = Annotated[
 ]
 
 
-class PathConfirm(Strict):
-    """Act only if, at decision time, one of ``paths`` is of ``kind`` (lstat, symlinks not followed)."""
+class Confirm(Strict):
+    """Whether to act, checked against the real state at decision time (not the event's word for it):
+    a path's kind, that a unit was not stopped by an operator, that containerd really does not answer."""
 
-    paths: list[str] = Field(min_length=1)
-    """Paths to check; the condition holds if any one of them is of ``kind``."""
-    kind: PathKind
+    paths: list[str] = Field(default_factory=list)
+    """Paths to check; the condition holds if any one of them is of ``kind``. Empty: no path check."""
+    kind: PathKind | None = None
     """What one of ``paths`` must be found to be (the path itself, never a symlink's target)."""
     unit: str | None = None
     """A unit that must not have been stopped by someone else: after an operator's ``systemctl stop``
     (the unit is inactive and nodemedic did not stop it) the rule does not act, because nodemedic
     does not start what a human stopped. It acts again once the unit has been started."""
+    probe: bool = False
+    """Act only if containerd does not answer a Version request right now (``[daemon.probe]``'s socket
+    and timeout): a stale journal line or a probe failure that has passed leads to nothing."""
+
+    @model_validator(mode="after")
+    def _paths_and_kind(self) -> Confirm:
+        if bool(self.paths) != (self.kind is not None):
+            raise ValueError("paths and kind go together: give both or neither")
+        return self
 
 
 class Conditions(Strict):
@@ -225,7 +225,7 @@ class Rule(Strict):
     """When to look: any trigger firing starts a decision."""
     when: Conditions = Conditions()
     """Further conditions on the triggers: how often, and in which state of a unit."""
-    confirm: PathConfirm | None = None
+    confirm: Confirm | None = None
     """Whether to act: re-checked against the real state before acting, so one incident reported by
     several sources leads to one repair, and a stale event leads to none."""
     action: list[ActionSpec] = Field(min_length=1)

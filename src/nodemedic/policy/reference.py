@@ -36,7 +36,7 @@ SECTIONS: tuple[tuple[str, Any], ...] = (
     ("[[rule]]", model.Rule),
     ("[[rule.trigger]]", model.Trigger),
     ("[rule.when]", model.Conditions),
-    ("[rule.confirm]", model.PathConfirm),
+    ("[rule.confirm]", model.Confirm),
     ("[[rule.action]]", ActionSpec),
     ("[rule.backoff]", model.Backoff),
     ("[rule.breaker]", model.Breaker),

@@ -217,6 +217,10 @@ class SystemdBus:
     async def restart(self, unit: str, timeout: float) -> None:
         await self._job("RestartUnit", unit, timeout)
 
+    async def kill(self, unit: str, signal: int) -> None:
+        await self._wait_connected()
+        await self._call(MANAGER_PATH, MANAGER, "KillUnit", "ssi", [unit, "main", signal])
+
     async def _job(self, method: str, unit: str, timeout: float) -> None:
         """Queue a systemd job and wait for its JobRemoved: the job's result, not only its start."""
         await self._wait_connected()

@@ -1,0 +1,50 @@
+"""Send a signal to a unit's main process through systemd, e.g. SIGUSR1 so containerd writes its
+goroutine stacks into the journal before a hung containerd is restarted (the post-mortem)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal as signals
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from nodemedic.actions.base import ActionContext, Skip, Step
+from nodemedic.policy.duration import Duration
+from nodemedic.policy.signals import Signal
+
+
+class SignalUnitParams(BaseModel):
+    """Send a signal to a unit's main process (systemd KillUnit), then wait a moment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    do: Literal["signal-unit"]
+    unit: str
+    """The systemd unit whose main process gets the signal."""
+    signal: Signal = int(signals.SIGUSR1)
+    """The signal, by name ("SIGUSR1") or number. containerd dumps its goroutine stacks on SIGUSR1."""
+    wait: Duration = 0.3
+    """Time given to the process to act on it (e.g. write its stack dump) before the next action."""
+
+
+class SignalUnit:
+    name = "signal-unit"
+
+    def __init__(self, params: SignalUnitParams) -> None:
+        self.params = params
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        state = await ctx.units.state(self.params.unit)
+        if state.active_state not in ("active", "reloading", "deactivating"):
+            return Skip(f"{self.params.unit} has no running main process ({state.active_state})")
+        name = signals.Signals(self.params.signal).name
+        return Step(f"send {name} to {self.params.unit}'s main process", unit=self.params.unit)
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        await ctx.units.kill(self.params.unit, self.params.signal)
+        await asyncio.sleep(self.params.wait)
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        return ""

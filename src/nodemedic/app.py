@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nodemedic.actions.base import ActionContext, UnitControl, VersionProbe
 from nodemedic.clock import Clock, MonotonicClock
+from nodemedic.configs import GoodConfigs
+from nodemedic.engine.lastgood import LastGoodKeeper
 from nodemedic.engine.runner import Runner
 from nodemedic.engine.store import StateStore
 from nodemedic.events import Event
@@ -21,6 +23,7 @@ from nodemedic.sources.journal import JournalFollower
 from nodemedic.sources.probe import ContainerdProbe, ProbeLoop
 
 CURSOR_FILE = "journal.cursor"
+GOOD_CONFIGS = "config-good"
 
 
 @dataclass
@@ -33,6 +36,7 @@ class App:
     systemd: SystemdBus
     runner: Runner
     repairs: set[asyncio.Task[None]]
+    observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
 
 
 def build_app(
@@ -64,9 +68,14 @@ def build_app(
     )
     paths = PathWatcher(policy.watched_paths(), emit, clock)
     prober = probe or ContainerdProbe()
-    ctx = ActionContext(units=units or systemd, probe=prober, clock=clock, quarantine_dir=settings.quarantine)
+    backup = settings.config_backup
+    good = GoodConfigs(settings.state_dir / GOOD_CONFIGS, backup.keep)
+    ctx = ActionContext(units=units or systemd, probe=prober, clock=clock,
+                        quarantine_dir=settings.quarantine, good_configs=good)  # fmt: skip
+    keeper = LastGoodKeeper(Path(backup.path), good, backup.unit, backup.settle, prober,
+                            settings.probe.socket, settings.probe.timeout, report)  # fmt: skip
     repairs: set[asyncio.Task[None]] = set()
-    sources = {"dbus": systemd.run, "journal": journal.run, "inotify": paths.run}
+    sources = {"dbus": systemd.run, "journal": journal.run, "inotify": paths.run, "lastgood": keeper.run}
     if policy.uses_probe():
         p = settings.probe
         sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
@@ -85,4 +94,5 @@ def build_app(
         systemd=systemd,
         runner=Runner(policy, ctx, report, spawn, StateStore(settings.state_dir)),
         repairs=repairs,
+        observers=[keeper.handle],
     )

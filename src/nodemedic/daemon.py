@@ -109,6 +109,8 @@ class Daemon:
             event = await self.app.events.get()
             log.debug("event %s", event)
             self.app.runner.handle(event)
+            for observe in self.app.observers:
+                observe(event)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -51,7 +51,7 @@ def changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
 
 def test_check_valid(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", str(policy)]) == 0
-    assert f"{policy}: valid, 2 rule(s)" in capsys.readouterr().out
+    assert f"{policy}: valid, 3 rule(s)" in capsys.readouterr().out
 
 
 def test_check_lists_every_problem_with_its_line(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:

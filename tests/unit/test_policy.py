@@ -48,7 +48,11 @@ def test_shipped_policy_loads() -> None:
     # The checkout's owner and umask are CI's business; the permission check has its own tests.
     policy = load_policy(SHIPPED, check_owner=False)
     assert policy.daemon.mode == "enforce"
-    assert [r.name for r in policy.rule] == ["socket-path-is-directory", "containerd-hung"]
+    assert [r.name for r in policy.rule] == [
+        "socket-path-is-directory",
+        "containerd-hung",
+        "containerd-config-broken",
+    ]
     actions = [a.do for a in policy.rule[0].action]
     assert actions == ["stop-unit", "remove-socket-dir", "start-unit", "verify-containerd", "restart-unit"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nodemedic.clock import Clock
+from nodemedic.configs import GoodConfigs
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class ActionContext:
     probe: VersionProbe
     clock: Clock
     quarantine_dir: Path
+    good_configs: GoodConfigs | None = None  # last-known-good copies of containerd's config
 
 
 @dataclass(frozen=True, slots=True)

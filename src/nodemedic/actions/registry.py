@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from nodemedic.actions.base import Action
+from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
 from nodemedic.actions.signal import SignalUnit, SignalUnitParams
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
 from nodemedic.actions.units import (
@@ -26,7 +27,8 @@ ActionSpec = Annotated[
     | RestartUnitParams
     | RemoveSocketDirParams
     | VerifyContainerdParams
-    | SignalUnitParams,
+    | SignalUnitParams
+    | RestoreConfigParams,
     Field(discriminator="do"),
 ]
 
@@ -37,6 +39,7 @@ ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     RemoveSocketDirParams: RemoveSocketDir,
     VerifyContainerdParams: VerifyContainerd,
     SignalUnitParams: SignalUnit,
+    RestoreConfigParams: RestoreConfig,
 }
 
 

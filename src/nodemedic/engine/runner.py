@@ -18,10 +18,12 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nodemedic.actions.base import ActionContext, Skip
 from nodemedic.actions.registry import build_action
+from nodemedic.configs import config_problem
 from nodemedic.engine.backoff import Backoff
 from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.engine.budget import RepairBudget
@@ -212,23 +214,29 @@ class Runner:
 
     async def _run(self, m: Match, mode: str, state: RuleState) -> None:
         try:
-            if await self._still_unanswered(m.rule):
+            if await self._confirmed_now(m.rule):
                 await self._handle_incident(m, mode, state)
         finally:  # whatever happened, the rule may decide again
             state.running = False
             self.idle.set()
 
-    async def _still_unanswered(self, rule: Rule) -> bool:
-        """For ``confirm.probe``: ask containerd now; an answer means there is nothing to repair."""
-        if rule.confirm is None or not rule.confirm.probe:
+    async def _confirmed_now(self, rule: Rule) -> bool:
+        """The parts of ``confirm`` that need asking: does containerd answer, does its config load?"""
+        confirm = rule.confirm
+        if confirm is None:
             return True
-        probe = self.policy.daemon.probe
-        try:
-            await self.ctx.probe.version(probe.socket, probe.timeout)
-        except ProbeError:
-            return True
-        log.debug("rule %s: containerd answers; nothing to do", rule.name)
-        return False
+        if confirm.config_broken and await config_problem(Path(confirm.config_broken)) is None:
+            log.debug("rule %s: %s loads; nothing to do", rule.name, confirm.config_broken)
+            return False
+        if confirm.probe:
+            probe = self.policy.daemon.probe
+            try:
+                await self.ctx.probe.version(probe.socket, probe.timeout)
+            except ProbeError:
+                return True
+            log.debug("rule %s: containerd answers; nothing to do", rule.name)
+            return False
+        return True
 
     async def _handle_incident(self, m: Match, mode: str, state: RuleState) -> None:
         rule = m.rule
@@ -274,7 +282,7 @@ class Runner:
                     self.stopped_by_us.add(step.unit)  # before the stop: its events follow at once
                 done = await action.apply(self.ctx, step)
                 checked = await action.verify(self.ctx, step)
-            except NodemedicError as exc:
+            except (NodemedicError, OSError) as exc:  # OSError: the file system said no
                 self.report(RecordKind.ACTION, f"{action.name} failed: {exc}", **fields,
                             OUTCOME="failed", DETAIL=str(exc), ELAPSED_MS=self._ms(started))  # fmt: skip
                 return f"{action.name}: {exc}"

@@ -38,6 +38,19 @@ class ProbeSettings(Strict):
     """How long one request may take before it counts as failed."""
 
 
+class ConfigBackup(Strict):
+    """Last-known-good copies of containerd's config, for ``restore-config``."""
+
+    path: str = "/etc/containerd/config.toml"
+    """containerd's config file."""
+    unit: str = "containerd.service"
+    """The unit that loads it; followed over D-Bus, so it must be in ``[daemon].watch_units``."""
+    settle: Duration = 60.0
+    """How long containerd must have run healthy with a content before a copy of it is kept."""
+    keep: int = Field(default=5, ge=1)
+    """How many copies are kept (content-addressed, under ``<state_dir>/config-good``)."""
+
+
 class RepairBudget(Strict):
     """A ceiling on repairs across all rules, whatever each rule's own backoff and breaker allow."""
 
@@ -70,6 +83,9 @@ class DaemonSettings(Strict):
 
     probe: ProbeSettings = ProbeSettings()
     """The containerd probe used by ``source = "probe"`` triggers."""
+
+    config_backup: ConfigBackup = ConfigBackup()
+    """Last-known-good copies of containerd's config."""
 
     @property
     def quarantine(self) -> Path:
@@ -154,6 +170,8 @@ class Confirm(Strict):
     """A unit that must not have been stopped by someone else: after an operator's ``systemctl stop``
     (the unit is inactive and nodemedic did not stop it) the rule does not act, because nodemedic
     does not start what a human stopped. It acts again once the unit has been started."""
+    config_broken: str | None = None
+    """Act only if containerd would refuse this config file right now (``containerd config dump``)."""
     probe: bool = False
     """Act only if containerd does not answer a Version request right now (``[daemon.probe]``'s socket
     and timeout): a stale journal line or a probe failure that has passed leads to nothing."""

@@ -33,6 +33,7 @@ SECTIONS: tuple[tuple[str, Any], ...] = (
     ("[daemon]", model.DaemonSettings),
     ("[daemon.budget]", model.RepairBudget),
     ("[daemon.probe]", model.ProbeSettings),
+    ("[daemon.config_backup]", model.ConfigBackup),
     ("[[rule]]", model.Rule),
     ("[[rule.trigger]]", model.Trigger),
     ("[rule.when]", model.Conditions),

@@ -1,0 +1,64 @@
+"""CASE C on a real node: containerd refuses its config.toml after a restart (the toolkit's SIGHUP).
+nodemedic keeps the broken file aside, restores the last-known-good copy byte for byte (or
+generates a default), and containerd serves again; running containers survive."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from lab.faults import SHIPPED_POLICY, containerd_serving, records, start_nodemedic, wait_for
+from lab.node import Node
+
+pytestmark = pytest.mark.system
+RULE = "containerd-config-broken"
+CONFIG = "/etc/containerd/config.toml"
+BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image = "pause"\\n'
+
+
+def policy(settle: str) -> str:
+    return SHIPPED_POLICY.read_text().replace('settle = "1m"', f'settle = "{settle}"')
+
+
+def break_config_and_restart(node: Node) -> None:
+    """A crashing toolkit leaves a partial section; its next SIGHUP makes containerd reload it."""
+    node.sh(f"printf '{BROKEN}' > {CONFIG}")
+    pid = node.unit_property("containerd.service", "MainPID")
+    node.run("kill", "-HUP", pid)
+
+
+def test_broken_config_is_restored_from_the_last_known_good_copy(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(containers=True)
+    node.run("ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", "app", "/bin/sleep", "3600")
+    good = node.run("sha256sum", CONFIG).stdout.split()[0]
+    start_nodemedic(node, policy=policy("1s"))
+    wait_for(lambda: records(node, outcome="config-kept"), 15, "a last-known-good copy")
+
+    break_config_and_restart(node)
+    wait_for(lambda: records(node, rule=RULE, outcome="repaired"), 40, "the repaired record")
+    assert containerd_serving(node)
+    assert node.run("sha256sum", CONFIG).stdout.split()[0] == good, "restored byte for byte"
+    [aside] = node.sh(f"ls {CONFIG}.broken-*").stdout.split()
+    assert node.sh(f"cat {aside}").stdout == BROKEN.replace("\\n", "\n"), "the broken file is kept"
+    assert "RUNNING" in node.run("ctr", "task", "ls").stdout, "the container survived"
+    said = node.run("journalctl", "-u", "containerd", "-q", "--grep", "failed to load TOML", check=False)
+    assert said.returncode == 0, "containerd did refuse the broken file"
+
+
+def test_without_a_good_copy_a_default_is_generated(node: Node) -> None:
+    start_nodemedic(node, policy=policy("1h"))  # no copy will have been taken
+    break_config_and_restart(node)
+    wait_for(lambda: records(node, rule=RULE, outcome="repaired"), 40, "the repaired record")
+    assert containerd_serving(node)
+    assert "SystemdCgroup = true" in node.sh(f"cat {CONFIG}").stdout
+    [restore] = records(node, rule=RULE, action="restore-config")
+    assert "generated default" in restore["NODEMEDIC_DETAIL"]
+
+
+def test_observe_mode_keeps_the_broken_config(node: Node) -> None:
+    start_nodemedic(node, mode="observe", policy=policy("1s"))
+    break_config_and_restart(node)
+    wait_for(lambda: records(node, rule=RULE, outcome="observed"), 40, "the observed record")
+    assert "restore-config" in {r["NODEMEDIC_ACTION"] for r in records(node, rule=RULE, outcome="would-do")}
+    assert node.sh(f"cat {CONFIG}").stdout == BROKEN.replace("\\n", "\n")
+    assert not containerd_serving(node)

@@ -135,8 +135,10 @@ class Daemon:
             )
         else:
             runner = self.app.runner
-            if policy.watched_paths() != runner.policy.watched_paths() or _needs_restart(
-                policy.daemon, runner.policy.daemon
+            if (
+                policy.watched_paths() != runner.policy.watched_paths()
+                or policy.uses_probe() != runner.policy.uses_probe()
+                or _needs_restart(policy.daemon, runner.policy.daemon)
             ):
                 self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] (but mode and budget) "
                                 "or to watched paths take effect at the next restart",
@@ -149,10 +151,12 @@ class Daemon:
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         self.notify("STOPPING=1")
-        if self.app.repairs:
-            # Cutting a repair off between "stop containerd" and "start containerd" would leave
-            # the node worse than before: let it finish.
-            await asyncio.wait(self.app.repairs, timeout=REPAIR_GRACE)
+        # Cutting a repair off between "stop containerd" and "start containerd" would leave the
+        # node worse than before: no new one starts, and those under way finish (bounded).
+        self.app.runner.closing = True
+        deadline = asyncio.get_running_loop().time() + REPAIR_GRACE
+        while self.app.repairs and asyncio.get_running_loop().time() < deadline:
+            await asyncio.wait(set(self.app.repairs), timeout=deadline - asyncio.get_running_loop().time())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,7 +12,7 @@ import pytest
 
 from nodemedic.actions.base import ActionContext
 from nodemedic.engine.runner import Runner
-from nodemedic.events import JournalLine, PathChanged, PathKind
+from nodemedic.events import JournalLine, PathChanged, PathKind, UnitChanged
 from nodemedic.policy.load import parse_policy
 from nodemedic.policy.model import Policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
@@ -70,9 +70,11 @@ class Harness:
         self.sockets: list[socket.socket] = []
         self.quarantine = tmp_path / "state" / "quarantine"
         # containerd coming back after a start: its socket path becomes a socket
-        self.units.on_start = lambda unit: unit == "containerd.service" and self.serve_socket()
+        self.units.on_start = lambda unit: unit == "containerd.service" and self.serve_socket_if_free()
         ctx = ActionContext(self.units, self.probe, self.clock, self.quarantine)
         self.runner = Runner(make_policy(self.root, mode), ctx, Reporter(self.sink), self._spawn)
+        # as at start-up: D-Bus resynchronises the units' state first (a crashed containerd)
+        self.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
 
     def _spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(coro))
@@ -83,6 +85,10 @@ class Harness:
 
     def outcomes(self, kind: RecordKind = RecordKind.ACTION) -> list[tuple[str, str]]:
         return [(r.fields["ACTION"], r.fields["OUTCOME"]) for r in self.sink.of(kind)]
+
+    def serve_socket_if_free(self) -> None:
+        if not self.sock.exists():  # a directory still there: containerd would fail to start
+            self.serve_socket()
 
     def serve_socket(self) -> socket.socket:
         """containerd coming back: its socket path is a socket again."""
@@ -231,6 +237,7 @@ async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harne
     h = harness(units=units)
     store = StateStore(tmp_path / "state")
     h.runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, store)
+    h.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     for _ in range(3):  # default breaker: 3 failures within 15 min
         h.sock.mkdir(exist_ok=True)
         h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
@@ -280,7 +287,8 @@ async def test_failed_repair_is_retried_without_a_new_event(harness: Callable[..
     h.sock.mkdir()
     h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
     await h.settle()
-    assert units.calls == [("stop", "containerd.service")]
+    # the failed stop is compensated: containerd is started again, systemd's Restart= in charge
+    assert units.calls == [("stop", "containerd.service"), ("start", "containerd.service")]
     units.fail.clear()
     h.clock.advance(1.0)  # the backoff has passed on the wall clock too
     for _ in range(100):  # only the runner's own timer can start the retry: no event is sent
@@ -290,6 +298,9 @@ async def test_failed_repair_is_retried_without_a_new_event(harness: Callable[..
     await h.settle()
     assert units.calls.count(("stop", "containerd.service")) == 2
     assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "repaired"
+    assert [
+        r.fields["OUTCOME"] for r in h.sink.of(RecordKind.ACTION) if r.fields["ACTION"] == "compensate"
+    ] == ["done"]
 
 
 async def test_an_operators_stop_is_respected(harness: Callable[..., Harness]) -> None:
@@ -326,3 +337,32 @@ async def test_its_own_stop_is_not_taken_for_an_operators(harness: Callable[...,
     await h.settle()  # stopped containerd, then failed to start it
     h.runner.handle(UnitChanged("containerd.service", "inactive", "dead"))  # the event of our own stop
     assert "containerd.service" not in h.runner.stopped_by_others
+
+
+async def test_at_start_up_it_waits_to_know_whether_an_operator_stopped_the_unit(tmp_path: Path) -> None:
+    root = tmp_path / "run" / "containerd"
+    (root / "containerd.sock").mkdir(parents=True)
+    units, sink, tasks = FakeUnits({"containerd.service": "inactive"}), MemorySink(), []
+    ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path / "q")
+    spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
+    runner = Runner(make_policy(root), ctx, Reporter(sink), spawn)
+    runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))  # inotify: first
+    assert tasks == [], "no decision before D-Bus has said how containerd is"
+    runner.handle(UnitChanged("containerd.service", "inactive", "dead"))  # an operator stopped it
+    await asyncio.gather(*tasks)
+    assert units.calls == []
+    assert [r.fields["OUTCOME"] for r in sink.of(RecordKind.DECIDED)] == ["operator-stop"]
+
+
+async def test_a_malformed_state_file_is_moved_aside(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    from nodemedic.engine.store import StateStore
+
+    h = harness()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "state.json").write_text(
+        '{"version": 1, "rules": {"socket-path-is-directory": {"breaker": 7}}}'
+    )
+    Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(state_dir))
+    assert list(state_dir.glob("state.json.corrupt-*"))
+    assert h.sink.of(RecordKind.ERROR)[-1].fields["OUTCOME"] == "state-reset"

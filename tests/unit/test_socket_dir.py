@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
-from nodemedic.errors import UnsafePathError
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 
@@ -85,8 +85,16 @@ async def test_symlinked_root_is_refused(tmp_path: Path) -> None:
     assert (real / "containerd.sock").is_dir()
 
 
-def test_paths_outside_root_are_refused(root: Path) -> None:
-    with pytest.raises(UnsafePathError, match="not directly inside"):
+def test_paths_outside_root_are_refused_when_the_policy_loads(root: Path) -> None:
+    with pytest.raises(ValidationError, match="directly inside root"):
         RemoveSocketDir(
             RemoveSocketDirParams(do="remove-socket-dir", paths=["/etc/containerd"], root=str(root))
         )
+
+
+@pytest.mark.parametrize(
+    "path", ["/run/containerd//containerd.sock", "/run/containerd/../etc/containerd.sock"]
+)
+def test_paths_must_be_normalised(path: str) -> None:
+    with pytest.raises(ValidationError, match="normalised"):
+        RemoveSocketDirParams(do="remove-socket-dir", paths=[path])

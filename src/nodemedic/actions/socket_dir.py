@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError, UnsafePathError
@@ -40,6 +40,16 @@ class RemoveSocketDirParams(BaseModel):
     """Socket paths to check; each must be directly inside ``root``."""
     root: str = "/run/containerd"
     """The only directory this action ever removes anything from."""
+
+    @model_validator(mode="after")
+    def _inside_root(self) -> RemoveSocketDirParams:
+        """Checked when the policy loads, not when containerd has already been stopped."""
+        if not os.path.isabs(self.root) or os.path.normpath(self.root) != self.root:
+            raise ValueError(f"root {self.root!r} must be an absolute, normalised path")
+        for p in self.paths:
+            if os.path.normpath(p) != p or os.path.dirname(p) != self.root:
+                raise ValueError(f"{p!r} must be a normalised path directly inside root {self.root!r}")
+        return self
 
 
 class RemoveSocketDir:
@@ -90,12 +100,13 @@ class RemoveSocketDir:
             os.close(root_fd)
 
     def _quarantine(self, ctx: ActionContext, root_fd: int, name: str) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ctx.clock.wall()))
-        stamp += f"-{int(ctx.clock.wall() * 1e6) % 1_000_000:06d}"
+        now = ctx.clock.wall()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{int(now * 1e6) % 1_000_000:06d}"
+        # first the quarantine (it may fail: read-only, full), and only then free the socket path
+        ctx.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         aside = f".{name}.nodemedic-{stamp}"
         os.rename(name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
         aside_path = os.path.join(self.params.root, aside)
-        ctx.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = ctx.quarantine_dir / f"{stamp}-{name}"
         try:
             shutil.copytree(aside_path, target, symlinks=True)

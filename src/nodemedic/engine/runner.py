@@ -38,6 +38,7 @@ from nodemedic.sources.inotify import path_kind
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+COMPENSATE_TIMEOUT = 30.0
 # The retry timer runs on the loop's monotonic clock, readiness is judged on the wall clock: a
 # small margin keeps a retry from landing a hair early and deferring itself for good.
 RETRY_MARGIN = 0.1
@@ -83,6 +84,9 @@ class Runner:
         self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
         self.stopped_by_others: set[str] = set()  # units an operator stopped
         self.unit_states: dict[str, UnitChanged] = {}  # the last state D-Bus reported, per unit
+        self._waiting: dict[str, Match] = {}  # rule -> match held until its unit's state is known
+        self._one_at_a_time = asyncio.Lock()  # repairs never overlap (two rules, one containerd)
+        self.closing = False  # set at shutdown: no new repair starts
         self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
         self.replace_policy(policy)
         self._restore()
@@ -102,6 +106,10 @@ class Runner:
         if isinstance(event, UnitChanged):
             self.unit_states[event.unit] = event
             self._track_stops(event)
+            for name, held in list(self._waiting.items()):
+                if held.rule.confirm is not None and held.rule.confirm.unit == event.unit:
+                    del self._waiting[name]
+                    self._decide(held)
         self._close_cleared()
         for m in match(self.policy.rule, event):
             self._decide(m)
@@ -125,6 +133,8 @@ class Runner:
 
     def _decide(self, m: Match, retry: bool = False) -> None:
         rule, state = m.rule, self.states[m.rule.name]
+        if self.closing:
+            return
         if state.running:
             state.coalesced += 1
             return
@@ -132,6 +142,10 @@ class Runner:
             return
         if rule.confirm is not None and not _holds(rule.confirm):
             log.debug("rule %s: condition no longer holds (%s)", rule.name, m.trigger)
+            return
+        if rule.confirm is not None and rule.confirm.unit and rule.confirm.unit not in self.unit_states:
+            # At start-up D-Bus may not have said yet whether an operator stopped the unit: wait.
+            self._waiting[rule.name] = m
             return
         if rule.confirm is not None and rule.confirm.unit in self.stopped_by_others:
             self._respect_stop(rule, state, rule.confirm.unit)
@@ -150,7 +164,7 @@ class Runner:
         state.running = True
         self._fired.pop(rule.name, None)
         self.idle.clear()
-        self._spawn(self._run(m, mode, state))
+        self._spawn(self._run(m, mode, state, retry))
 
     def _conditions_met(self, rule: Rule, count: bool) -> bool:
         """``[rule.when]``: enough firings within the window, and the unit in the wanted state."""
@@ -212,10 +226,10 @@ class Runner:
                         OUTCOME="held", DETAIL=why)  # fmt: skip
         return "observe"
 
-    async def _run(self, m: Match, mode: str, state: RuleState) -> None:
+    async def _run(self, m: Match, mode: str, state: RuleState, retry: bool = False) -> None:
         try:
             if await self._confirmed_now(m.rule):
-                await self._handle_incident(m, mode, state)
+                await self._handle_incident(m, mode, state, retry)
         finally:  # whatever happened, the rule may decide again
             state.running = False
             self.idle.set()
@@ -238,10 +252,11 @@ class Runner:
             return False
         return True
 
-    async def _handle_incident(self, m: Match, mode: str, state: RuleState) -> None:
+    async def _handle_incident(self, m: Match, mode: str, state: RuleState, retry: bool) -> None:
         rule = m.rule
         incident = uuid.uuid4().hex[:12]
-        started = _event_time(m.event, self.ctx.clock.monotonic())
+        now = self.ctx.clock.monotonic()
+        started = now if retry else _event_time(m.event, now)  # a retry is timed from itself
         common = {"RULE": rule.name, "MODE": mode, "INCIDENT": incident}
         self.report(RecordKind.DETECTED, f"{rule.name}: {m.trigger}", **common,
                     SOURCE=m.event.source, TRIGGER=m.trigger, PATH=_event_path(m.event),
@@ -250,7 +265,11 @@ class Runner:
         self.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **common,
                     OUTCOME="repair" if mode == "enforce" else "observe")  # fmt: skip
         try:
-            failure = await self._actions(rule, mode, common, started)
+            if mode == "enforce":
+                async with self._one_at_a_time:
+                    failure = await self._actions(rule, mode, common, started)
+            else:
+                failure = await self._actions(rule, mode, common, started)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             log.exception("rule %s crashed", rule.name)
             self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
@@ -262,7 +281,28 @@ class Runner:
         self._conclude(m, mode, state, failure, common, started)
 
     async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> str | None:
-        """Run the rule's actions in order; the first failure's message, or None."""
+        """Run the rule's actions in order; the first failure's message, or None. A failure after
+        a stop starts the stopped units again: systemd's own Restart= is back in charge, and the
+        node is no worse than before nodemedic acted."""
+        stopped: list[str] = []
+        failure = await self._steps(rule, mode, common, started, stopped)
+        if failure is not None:
+            await self._compensate(stopped, common, started)
+        return failure
+
+    async def _compensate(self, stopped: list[str], common: dict[str, str], started: float) -> None:
+        for unit in stopped:
+            try:
+                await self.ctx.units.start(unit, COMPENSATE_TIMEOUT)
+            except (NodemedicError, OSError) as exc:
+                outcome, detail = "failed", f"{unit} could not be started again: {exc}"
+            else:
+                outcome, detail = "done", f"{unit} started again after the failed repair"
+            self.report(RecordKind.ACTION, detail, **common, ACTION="compensate", UNIT=unit,
+                        OUTCOME=outcome, DETAIL=detail, ELAPSED_MS=self._ms(started))  # fmt: skip
+
+    async def _steps(self, rule: Rule, mode: str, common: dict[str, str], started: float,
+                     stopped: list[str]) -> str | None:  # fmt: skip
         for params in rule.action:
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
@@ -278,8 +318,12 @@ class Runner:
                     self.report(RecordKind.ACTION, f"would {step.summary}", **fields, **where,
                                 OUTCOME="would-do", ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
-                if action.name == "stop-unit":
+                if action.name in ("stop-unit", "restart-unit"):
                     self.stopped_by_us.add(step.unit)  # before the stop: its events follow at once
+                if action.name == "stop-unit":
+                    stopped.append(step.unit)
+                if action.name == "start-unit" and step.unit in stopped:
+                    stopped.remove(step.unit)
                 done = await action.apply(self.ctx, step)
                 checked = await action.verify(self.ctx, step)
             except (NodemedicError, OSError) as exc:  # OSError: the file system said no
@@ -313,6 +357,8 @@ class Runner:
         else:
             wait = state.backoff.failed(now)
             opened = state.breaker.failed(now, failure)
+            if opened:
+                wait = state.breaker.reopens_at() - now
             self.report(RecordKind.OUTCOME,
                         f"{rule.name}: not repaired; next attempt in {wait:.0f}s at the earliest",
                         **common, OUTCOME="not-repaired", DETAIL=failure, ELAPSED_MS=elapsed)  # fmt: skip
@@ -365,11 +411,19 @@ class Runner:
     def _restore(self) -> None:
         if self._store is None:
             return
-        data = self._store.load()
+        try:
+            self._restore_from(self._store.load())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._store.set_aside(f"unexpected content: {exc!r}")
+            for rule in self.policy.rule:
+                self.states[rule.name] = _new_state(rule)
+            self.budget.spent = []
         if self._store.corrupt:
             self.report(RecordKind.ERROR, f"state file unusable, moved to {self._store.corrupt}; "
                         "starting with closed breakers",
                         OUTCOME="state-reset", PATH=self._store.corrupt)  # fmt: skip
+
+    def _restore_from(self, data: dict[str, Any]) -> None:
         self.budget.spent = [float(t) for t in data.get("budget", {}).get("spent", [])]
         for name, saved in data.get("rules", {}).items():
             state = self.states.get(name)

@@ -38,17 +38,21 @@ class StateStore:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            aside = self.path.with_name(
-                f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-            )
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                aside = self.path
-            log.warning("state file %s unusable (%s); kept as %s, starting clean", self.path, exc, aside)
-            self.corrupt = str(aside)
+            self.set_aside(str(exc))
             return {}
         return data
+
+    def set_aside(self, why: str) -> None:
+        """Move an unusable state file aside (never deleted); the daemon starts clean."""
+        aside = self.path.with_name(
+            f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        )
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            aside = self.path
+        log.warning("state file %s unusable (%s); kept as %s, starting clean", self.path, why, aside)
+        self.corrupt = str(aside)
 
     def save(self, data: dict[str, Any]) -> None:
         atomic_write(self.path, json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True) + "\n")

@@ -51,7 +51,6 @@ FIELDS = frozenset(
         "INCIDENT",  # an id shared by every record of one incident
         "ELAPSED_MS",  # milliseconds since the incident's first event (or the action's start)
         "DETAIL",  # free text: an error, what was found
-        "QUARANTINE",  # where a moved-aside path now lives
         "VERSION",  # nodemedic's or containerd's version
     }
 )

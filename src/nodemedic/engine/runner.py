@@ -50,7 +50,6 @@ class RuleState:
     breaker: CircuitBreaker
     running: bool = False
     observed: bool = False  # an observe-mode incident is open (already reported)
-    coalesced: int = 0
     deferred_reported: bool = False
     held_reported: bool = False
     respected_stop: bool = False
@@ -79,8 +78,6 @@ class Runner:
         self.policy = policy
         self.states: dict[str, RuleState] = {}
         self.budget = RepairBudget(policy.daemon.budget.repairs, policy.daemon.budget.window)
-        self.idle = asyncio.Event()
-        self.idle.set()
         self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
         self.stopped_by_others: set[str] = set()  # units an operator stopped
         self.unit_states: dict[str, UnitChanged] = {}  # the last state D-Bus reported, per unit
@@ -136,7 +133,6 @@ class Runner:
         if self.closing:
             return
         if state.running:
-            state.coalesced += 1
             return
         if not self._conditions_met(rule, count=not retry):
             return
@@ -159,11 +155,9 @@ class Runner:
             self._defer(m, state, now)
             return
         if mode == "observe" and state.observed:
-            state.coalesced += 1
             return
         state.running = True
         self._fired.pop(rule.name, None)
-        self.idle.clear()
         self._spawn(self._run(m, mode, state, retry))
 
     def _conditions_met(self, rule: Rule, count: bool) -> bool:
@@ -232,7 +226,6 @@ class Runner:
                 await self._handle_incident(m, mode, state, retry)
         finally:  # whatever happened, the rule may decide again
             state.running = False
-            self.idle.set()
 
     async def _confirmed_now(self, rule: Rule) -> bool:
         """The parts of ``confirm`` that need asking: does containerd answer, does its config load?"""
@@ -275,9 +268,6 @@ class Runner:
             self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
                         OUTCOME="failed", DETAIL=repr(exc))  # fmt: skip
             failure = f"internal error: {exc!r}"
-        finally:
-            state.running = False
-            self.idle.set()
         self._conclude(m, mode, state, failure, common, started)
 
     async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> str | None:
@@ -339,7 +329,6 @@ class Runner:
     def _conclude(self, m: Match, mode: str, state: RuleState, failure: str | None,
                   common: dict[str, str], started: float) -> None:  # fmt: skip
         rule = m.rule
-        state.coalesced = 0
         state.deferred_reported = False
         elapsed = self._ms(started)
         now = self.ctx.clock.wall()

@@ -81,6 +81,7 @@ class SystemdBus:
         self._watched: dict[str, _Watched] = {}  # object path -> unit
         self._jobs: dict[str, asyncio.Queue[tuple[str, str]]] = {}  # unit -> (job, result)
         self.connected = asyncio.Event()
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     # ---- connection lifecycle -------------------------------------------------------------
 
@@ -150,7 +151,9 @@ class SystemdBus:
             watched.props.update(relevant)
             self._emit_state(watched)
         if any(k in WATCHED_PROPS for k in invalidated):
-            asyncio.get_running_loop().create_task(self._refresh(watched))
+            task = asyncio.get_running_loop().create_task(self._refresh(watched))
+            self._refreshing.add(task)  # a reference, so the task is not collected mid-way
+            task.add_done_callback(self._refreshing.discard)
 
     async def _refresh(self, watched: _Watched) -> None:
         try:

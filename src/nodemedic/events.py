@@ -69,6 +69,15 @@ class ProbeFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    """containerd answered again after failed requests: a hang seen by the probe has cleared."""
+
+    target: str
+    at: float = 0.0
+    source: str = "probe"
+
+
+@dataclass(frozen=True, slots=True)
 class SignalSeen:
     """A signal was sent to a watched process."""
 
@@ -78,7 +87,7 @@ class SignalSeen:
     sender_pid: int = 0
     sender_comm: str = ""
     at: float = 0.0
-    source: str = "tracefs"
+    source: str = "dbus"
 
 
-Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | SignalSeen
+Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from nodemedic.actions.base import ActionContext
 from nodemedic.engine.runner import Runner
 from nodemedic.errors import PolicyError
-from nodemedic.events import Event, ProbeFailed, SignalSeen, UnitChanged
+from nodemedic.events import Event, ProbeAnswered, ProbeFailed, SignalSeen, UnitChanged
 from nodemedic.policy.load import parse_policy
 from nodemedic.policy.match import match
 from nodemedic.policy.model import Policy
@@ -106,20 +107,41 @@ async def test_probe_loop_counts_failures_in_a_row() -> None:
     probe, events = FakeProbe(answers=False), []
     loop = ProbeLoop(probe, "/run/containerd/containerd.sock", 0.001, 0.5, events.append, FakeClock())
     task = asyncio.create_task(loop.run())
-    while len(events) < 3:
-        await asyncio.sleep(0.001)
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+    await until(lambda: len(events) >= 3)
     probe.answers = True
-    seen = len(events)
-    while probe.calls < seen + 2:
-        await asyncio.sleep(0.001)
+    failed_before = len(events)
+    await until(lambda: probe.calls >= failed_before + 2)
     probe.answers = False
-    while len(events) < seen + 1:
-        await asyncio.sleep(0.001)
+    await until(lambda: isinstance(events[-1], ProbeFailed) and len(events) > failed_before + 1)
     task.cancel()
-    counts = [e.consecutive for e in events if isinstance(e, ProbeFailed)]
-    assert counts[:3] == [1, 2, 3]
-    assert counts[seen] == 1, "an answer resets the count"
+    assert [e.consecutive for e in events[:3] if isinstance(e, ProbeFailed)] == [1, 2, 3]
+    answered = [e for e in events if isinstance(e, ProbeAnswered)]
+    assert len(answered) == 1, "an answer after failures is said once"
+    after = events[events.index(answered[0]) + 1]
+    assert isinstance(after, ProbeFailed)
+    assert after.consecutive == 1, "and the count starts again"
 
 
 def test_daemon_records_are_unaffected() -> None:
     assert RecordKind.ESCALATED.priority == 2
+
+
+async def test_observed_hang_is_reported_again_after_it_cleared(tmp_path: Path) -> None:
+    p = parse_policy({"daemon": {"mode": "observe"}, "rule": [{
+        "name": "hung", "trigger": [{"source": "probe", "failures": 1}], "confirm": {"probe": True},
+        "action": [{"do": "restart-unit", "unit": "containerd.service"}]}]})  # fmt: skip
+    r, _, sink, tasks = runner(p, tmp_path)
+    r.ctx.probe.answers = False  # type: ignore[attr-defined]
+    for _ in range(2):
+        r.handle(ProbeFailed("/s", "timeout", 1))
+        await asyncio.gather(*tasks)
+    assert len(sink.of(RecordKind.DETECTED)) == 1, "one hang, one report"
+    r.handle(ProbeAnswered("/s"))  # it cleared...
+    r.handle(ProbeFailed("/s", "timeout", 1))  # ...and came back: a new incident
+    await asyncio.gather(*tasks)
+    assert len(sink.of(RecordKind.DETECTED)) == 2

@@ -29,7 +29,7 @@ from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.engine.budget import RepairBudget
 from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, ProbeError
-from nodemedic.events import Event, JournalLine, PathChanged, UnitChanged
+from nodemedic.events import Event, JournalLine, PathChanged, ProbeAnswered, UnitChanged
 from nodemedic.policy.match import Match, match
 from nodemedic.policy.model import Confirm, Mode, Policy, Rule
 from nodemedic.report import RecordKind, Reporter
@@ -107,7 +107,7 @@ class Runner:
                 if held.rule.confirm is not None and held.rule.confirm.unit == event.unit:
                     del self._waiting[name]
                     self._decide(held)
-        self._close_cleared()
+        self._close_cleared(event)
         for m in match(self.policy.rule, event):
             self._decide(m)
 
@@ -121,11 +121,11 @@ class Runner:
             self.stopped_by_us.discard(event.unit)
             self.stopped_by_others.discard(event.unit)
 
-    def _close_cleared(self) -> None:
+    def _close_cleared(self, event: Event) -> None:
         """An observed incident ends when its condition no longer holds, whatever event says so."""
         for rule in self.policy.rule:
             state = self.states[rule.name]
-            if state.observed and (rule.confirm is None or not _holds(rule.confirm)):
+            if state.observed and _cleared(rule, event):
                 state.observed = False
 
     def _decide(self, m: Match, retry: bool = False) -> None:
@@ -437,6 +437,23 @@ class Runner:
 
     def _ms(self, started: float) -> float:
         return (self.ctx.clock.monotonic() - started) * 1000.0
+
+
+def _cleared(rule: Rule, event: Event) -> bool:
+    """Has an observed incident of ``rule`` ended? Paths are looked at; a hang ends when the probe
+    is answered again; a broken config when its unit runs again."""
+    confirm = rule.confirm
+    if confirm is None:
+        return True
+    if confirm.paths:
+        return not _holds(confirm)
+    if confirm.probe:
+        return isinstance(event, ProbeAnswered)
+    if confirm.config_broken:
+        return (
+            isinstance(event, UnitChanged) and event.unit == confirm.unit and event.active_state == "active"
+        )
+    return True
 
 
 def _holds(confirm: Confirm) -> bool:

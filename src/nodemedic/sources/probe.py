@@ -18,7 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_
 from nodemedic.actions.base import VersionProbe
 from nodemedic.clock import Clock
 from nodemedic.errors import ProbeError
-from nodemedic.events import Event, ProbeFailed
+from nodemedic.events import Event, ProbeAnswered, ProbeFailed
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 
@@ -87,5 +87,7 @@ class ProbeLoop:
                 failures += 1
                 self._emit(ProbeFailed(self.socket, str(exc), failures, at=self._clock.monotonic()))
             else:
+                if failures:
+                    self._emit(ProbeAnswered(self.socket, at=self._clock.monotonic()))
                 failures = 0
             await asyncio.sleep(self.interval)

@@ -4,10 +4,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := debootstrap systemd-container zstd libsystemd-dev pkg-config gcc python3-dev \
-                dbus-daemon systemd-journal-remote iproute2
+                dbus-daemon systemd-journal-remote iproute2 rpm
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit component system bench docs lab-image lab-shell deps apt clean
+.PHONY: demo test lint unit component system bench docs packages lab-image lab-shell deps apt clean
 
 deps: apt $(STAMP)
 
@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: deps
-	$(VENV)/bin/ruff check src tests lab bench
-	$(VENV)/bin/ruff format --check src tests lab bench
+	$(VENV)/bin/ruff check src tests lab bench packaging
+	$(VENV)/bin/ruff format --check src tests lab bench packaging
 	$(VENV)/bin/mypy
 
 # Each layer is its own pytest run: a layer that runs no test fails (pytest exits 5).
@@ -45,6 +45,11 @@ demo: deps
 
 bench: deps
 	$(PY) bench/socket_dir.py
+	$(PY) bench/hung.py
+
+# .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
+packages: deps
+	$(PY) packaging/build.py
 
 # docs/policy.md is generated from the policy models' docstrings (a unit test checks it is current).
 docs: deps
@@ -57,4 +62,4 @@ lab-shell: deps
 	$(PY) -m lab shell
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

@@ -257,10 +257,15 @@ async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harne
     # a restarted daemon finds the breaker still open
     again = Runner(h.runner.policy, h.runner.ctx, Reporter(MemorySink()), h._spawn, store)
     assert again.states["socket-path-is-directory"].breaker.state == "open"
-    # the operator's reset closes it
+    # the operator's reset closes it, and the fault still there is acted on at once
+    units.fail.clear()
+    again.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     store.request_reset("socket-path-is-directory")
+    before = len(units.calls)
     again.take_resets()
+    await h.settle()
     assert again.states["socket-path-is-directory"].breaker.state == "closed"
+    assert ("restart", "kubelet.service") in units.calls[before:], "a whole repair ran after the reset"
 
 
 async def test_global_budget_holds_repairs(harness: Callable[..., Harness]) -> None:

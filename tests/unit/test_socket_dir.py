@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
+from nodemedic.errors import RepairFailedError
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 
@@ -98,3 +99,27 @@ def test_paths_outside_root_are_refused_when_the_policy_loads(root: Path) -> Non
 def test_paths_must_be_normalised(path: str) -> None:
     with pytest.raises(ValidationError, match="normalised"):
         RemoveSocketDirParams(do="remove-socket-dir", paths=[path])
+
+
+async def test_a_failed_copy_leaves_no_partial_tree_and_keeps_the_original(
+    root: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    sock = root / "containerd.sock"
+    sock.mkdir()
+    (sock / "data").write_text("keep me")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock / "pod.sock"))  # a socket cannot be copied
+    try:
+        act, c = action(root), ctx(tmp_path)
+        step = await act.check(c)
+        assert isinstance(step, Step)
+        with pytest.raises(RepairFailedError, match="is kept"):
+            await act.apply(c, step)
+    finally:
+        s.close()
+    assert not sock.exists(), "the socket path is free: containerd can start"
+    [aside] = [p for p in root.iterdir() if p.name.startswith(".containerd.sock.nodemedic-")]
+    assert (aside / "data").read_text() == "keep me"
+    assert list((tmp_path / "quarantine").iterdir()) == [], "no partial copy under any name"

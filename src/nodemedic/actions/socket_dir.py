@@ -108,10 +108,13 @@ class RemoveSocketDir:
         os.rename(name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
         aside_path = os.path.join(self.params.root, aside)
         target = ctx.quarantine_dir / f"{stamp}-{name}"
+        partial = target.with_name(target.name + ".partial")  # the final name only once complete
         try:
-            shutil.copytree(aside_path, target, symlinks=True)
-            _same_tree(Path(aside_path), target)
+            shutil.copytree(aside_path, partial, symlinks=True)
+            _same_tree(Path(aside_path), partial)
+            os.rename(partial, target)
         except (OSError, shutil.Error) as exc:
+            shutil.rmtree(partial, ignore_errors=True)  # a copy: the original stays aside
             raise RepairFailedError(
                 f"moved {name} aside to {aside_path} but could not copy it to {target}: {exc}; "
                 f"{aside_path} is kept"

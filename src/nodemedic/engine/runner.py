@@ -31,7 +31,7 @@ from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import Event, JournalLine, PathChanged, ProbeAnswered, UnitChanged
 from nodemedic.policy.match import Match, match
-from nodemedic.policy.model import Confirm, Mode, Policy, Rule
+from nodemedic.policy.model import Confirm, Mode, PathTrigger, Policy, Rule
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
 
@@ -395,7 +395,23 @@ class Runner:
             state.held_reported = False
             self.report(RecordKind.DECIDED, f"{name}: breaker closed by the operator (nodemedic reset)",
                         RULE=name, OUTCOME="reset")  # fmt: skip
+            self._look_again(name)
         self._persist()
+
+    def _look_again(self, name: str) -> None:
+        """After a reset, a fault that is still there is acted on now, not at its next event."""
+        rule = next((r for r in self.policy.rule if r.name == name), None)
+        if rule is None:
+            return
+        self.states[name].observed = False
+        for trig in (t for t in rule.trigger if isinstance(t, PathTrigger)):
+            for path in trig.paths:
+                if path_kind(path) == trig.kind:
+                    event = PathChanged(path, trig.kind, at=self.ctx.clock.monotonic(), source="reset")
+                    self._decide(
+                        Match(rule, event, f"after reset: {path} is a {trig.kind.value}"), retry=True
+                    )
+                    return
 
     def _restore(self) -> None:
         if self._store is None:

@@ -52,6 +52,7 @@ def test_shipped_policy_loads() -> None:
         "socket-path-is-directory",
         "containerd-hung",
         "containerd-config-broken",
+        "left-over-shims",
     ]
     actions = [a.do for a in policy.rule[0].action]
     assert actions == ["stop-unit", "remove-socket-dir", "start-unit", "verify-containerd", "restart-unit"]

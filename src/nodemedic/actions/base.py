@@ -8,6 +8,7 @@ from typing import Protocol
 
 from nodemedic.clock import Clock
 from nodemedic.configs import GoodConfigs
+from nodemedic.events import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class ActionContext:
     clock: Clock
     quarantine_dir: Path
     good_configs: GoodConfigs | None = None  # last-known-good copies of containerd's config
+    event: Event | None = None  # what fired the rule (e.g. the journal line naming left-over PIDs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from nodemedic.actions.base import Action
 from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
+from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams
 from nodemedic.actions.signal import SignalUnit, SignalUnitParams
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
 from nodemedic.actions.units import (
@@ -28,7 +29,8 @@ ActionSpec = Annotated[
     | RemoveSocketDirParams
     | VerifyContainerdParams
     | SignalUnitParams
-    | RestoreConfigParams,
+    | RestoreConfigParams
+    | KillOrphanedShimsParams,
     Field(discriminator="do"),
 ]
 
@@ -40,6 +42,7 @@ ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     VerifyContainerdParams: VerifyContainerd,
     SignalUnitParams: SignalUnit,
     RestoreConfigParams: RestoreConfig,
+    KillOrphanedShimsParams: KillOrphanedShims,
 }
 
 

@@ -13,11 +13,12 @@ by its breaker or the budget keeps observing: it reports what it would do, once 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 COMPENSATE_TIMEOUT = 30.0
+MAX_PENDING = 16
 # The retry timer runs on the loop's monotonic clock, readiness is judged on the wall clock: a
 # small margin keeps a retry from landing a hair early and deferring itself for good.
 RETRY_MARGIN = 0.1
@@ -53,6 +55,8 @@ class RuleState:
     deferred_reported: bool = False
     held_reported: bool = False
     respected_stop: bool = False
+    # matches that came while a repair ran, one per distinct trigger, decided again afterwards
+    pending: dict[str, Match] = field(default_factory=dict)
 
     def configure(self, rule: Rule) -> None:
         """Take the rule's (possibly reloaded) settings, keeping the counters."""
@@ -133,6 +137,10 @@ class Runner:
         if self.closing:
             return
         if state.running:
+            # The same incident seen again is dropped later by the confirm check; a different one
+            # (another PID named by systemd, say) must not be lost.
+            if len(state.pending) < MAX_PENDING:
+                state.pending.setdefault(m.trigger, m)
             return
         if not self._conditions_met(rule, count=not retry):
             return
@@ -226,6 +234,9 @@ class Runner:
                 await self._handle_incident(m, mode, state, retry)
         finally:  # whatever happened, the rule may decide again
             state.running = False
+        pending, state.pending = list(state.pending.values()), {}
+        for again in pending:
+            self._decide(again, retry=True)
 
     async def _confirmed_now(self, rule: Rule) -> bool:
         """The parts of ``confirm`` that need asking: does containerd answer, does its config load?"""
@@ -260,9 +271,9 @@ class Runner:
         try:
             if mode == "enforce":
                 async with self._one_at_a_time:
-                    failure = await self._actions(rule, mode, common, started)
+                    failure = await self._actions(rule, mode, common, started, m.event)
             else:
-                failure = await self._actions(rule, mode, common, started)
+                failure = await self._actions(rule, mode, common, started, m.event)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             log.exception("rule %s crashed", rule.name)
             self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
@@ -270,12 +281,15 @@ class Runner:
             failure = f"internal error: {exc!r}"
         self._conclude(m, mode, state, failure, common, started)
 
-    async def _actions(self, rule: Rule, mode: str, common: dict[str, str], started: float) -> str | None:
+    async def _actions(
+        self, rule: Rule, mode: str, common: dict[str, str], started: float, event: Event
+    ) -> str | None:
         """Run the rule's actions in order; the first failure's message, or None. A failure after
         a stop starts the stopped units again: systemd's own Restart= is back in charge, and the
         node is no worse than before nodemedic acted."""
         stopped: list[str] = []
-        failure = await self._steps(rule, mode, common, started, stopped)
+        ctx = dataclasses.replace(self.ctx, event=event)  # actions may need what fired the rule
+        failure = await self._steps(ctx, rule, mode, common, started, stopped)
         if failure is not None:
             await self._compensate(stopped, common, started)
         return failure
@@ -291,13 +305,13 @@ class Runner:
             self.report(RecordKind.ACTION, detail, **common, ACTION="compensate", UNIT=unit,
                         OUTCOME=outcome, DETAIL=detail, ELAPSED_MS=self._ms(started))  # fmt: skip
 
-    async def _steps(self, rule: Rule, mode: str, common: dict[str, str], started: float,
-                     stopped: list[str]) -> str | None:  # fmt: skip
+    async def _steps(self, ctx: ActionContext, rule: Rule, mode: str, common: dict[str, str],
+                     started: float, stopped: list[str]) -> str | None:  # fmt: skip
         for params in rule.action:
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
             try:
-                step = await action.check(self.ctx)
+                step = await action.check(ctx)
                 if isinstance(step, Skip):
                     self.report(RecordKind.ACTION, f"{action.name}: nothing to do: {step.reason}",
                                 **fields, OUTCOME="skipped", DETAIL=step.reason,
@@ -314,8 +328,8 @@ class Runner:
                     stopped.append(step.unit)
                 if action.name == "start-unit" and step.unit in stopped:
                     stopped.remove(step.unit)
-                done = await action.apply(self.ctx, step)
-                checked = await action.verify(self.ctx, step)
+                done = await action.apply(ctx, step)
+                checked = await action.verify(ctx, step)
             except (NodemedicError, OSError) as exc:  # OSError: the file system said no
                 self.report(RecordKind.ACTION, f"{action.name} failed: {exc}", **fields,
                             OUTCOME="failed", DETAIL=str(exc), ELAPSED_MS=self._ms(started))  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.faults import realtime, records, start_nodemedic, wait_for
+from lab.faults import realtime, records, run_container, start_nodemedic, wait_for
 from lab.image import ensure_image
 from lab.node import Node
 
@@ -32,9 +32,7 @@ HANG_AND_WAIT = (
 
 def one_run(image: Path) -> tuple[float, float, bool]:
     with Node.boot(image=image, containers=True) as node:
-        node.run(
-            "ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", "app", "/bin/sleep", "3600"
-        )
+        run_container(node, "app")
         start_nodemedic(node)
         hung, serving = (float(t) for t in node.sh(HANG_AND_WAIT, timeout=60).stdout.split())
         detected = wait_for(lambda: records(node, rule=RULE, kind="detected"), 10, "the detection record")

@@ -100,3 +100,14 @@ def directory_until_serving(node: Node, path: str, timeout: float) -> tuple[floa
     )
     fault, serving = node.sh(script, timeout=timeout + 30).stdout.split()
     return float(fault), None if serving == "never" else float(serving)
+
+
+def run_container(node: Node, name: str) -> int:
+    """A real container (busybox through runc, no registry), kept running; returns its shim's PID.
+    The node must be booted with ``containers=True``."""
+    node.run("ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", name, "/bin/sleep", "3600")
+    shim = f"pgrep -f 'containerd-shim.*-id {name} '"
+    wait_for(lambda: node.sh(shim, check=False).returncode == 0, 10, f"the shim of {name}")
+    wait_for(lambda: f"{name} " in node.sh("ctr task ls | grep RUNNING", check=False).stdout, 10,
+             f"{name} to run")  # fmt: skip
+    return int(node.sh(shim).stdout.split()[0])

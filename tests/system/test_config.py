@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from lab.faults import SHIPPED_POLICY, containerd_serving, records, start_nodemedic, wait_for
+from lab.faults import SHIPPED_POLICY, containerd_serving, records, run_container, start_nodemedic, wait_for
 from lab.node import Node
 
 pytestmark = pytest.mark.system
@@ -29,7 +29,7 @@ def break_config_and_restart(node: Node) -> None:
 
 def test_broken_config_is_restored_from_the_last_known_good_copy(node_factory: Callable[..., Node]) -> None:
     node = node_factory(containers=True)
-    node.run("ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", "app", "/bin/sleep", "3600")
+    run_container(node, "app")
     good = node.run("sha256sum", CONFIG).stdout.split()[0]
     start_nodemedic(node, policy=policy("1s"))
     wait_for(lambda: records(node, outcome="config-kept"), 15, "a last-known-good copy")

@@ -8,23 +8,16 @@ import time
 from collections.abc import Callable
 
 import pytest
-from lab.faults import containerd_serving, records, start_nodemedic, wait_for
+from lab.faults import containerd_serving, records, run_container, start_nodemedic, wait_for
 from lab.node import Node
 
 pytestmark = pytest.mark.system
 RULE = "containerd-hung"
 
 
-def run_container(node: Node, name: str = "app") -> str:
-    """A real container (busybox, through runc), kept running; returns its shim's PID."""
-    node.run("ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", name, "/bin/sleep", "3600")
-    wait_for(lambda: "RUNNING" in node.run("ctr", "task", "ls").stdout, 10, "the container to run")
-    return node.sh(f"pgrep -f 'containerd-shim.*-id {name}' | head -1").stdout.strip()
-
-
 def test_hung_containerd_is_restarted_and_containers_survive(node_factory: Callable[..., Node]) -> None:
     node = node_factory(containers=True)
-    shim = run_container(node)
+    shim = run_container(node, "app")
     start_nodemedic(node)
     pid = node.unit_property("containerd.service", "MainPID")
     hung_at = time.monotonic()

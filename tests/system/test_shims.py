@@ -7,19 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from lab.faults import records, start_nodemedic, wait_for
+from lab.faults import records, run_container, start_nodemedic, wait_for
 from lab.node import Node
 
 pytestmark = pytest.mark.system
 RULE = "left-over-shims"
 BUNDLES = "/run/containerd/io.containerd.runtime.v2.task/default"
-
-
-def run(node: Node, name: str) -> int:
-    node.run("ctr", "run", "-d", "--cpu-shares", "0", "--rootfs", "/opt/bbroot", name, "/bin/sleep", "3600")
-    wait_for(lambda: node.sh(f"pgrep -f 'containerd-shim.*-id {name} '", check=False).returncode == 0, 10,
-             f"the shim of {name}")  # fmt: skip
-    return int(node.sh(f"pgrep -f 'containerd-shim.*-id {name} '").stdout.split()[0])
 
 
 def alive(node: Node, pid: int) -> bool:
@@ -31,7 +24,7 @@ def alive(node: Node, pid: int) -> bool:
 
 def test_only_the_proven_orphan_is_killed(node_factory: Callable[..., Node]) -> None:
     node = node_factory(containers=True)
-    live_shim, gone_shim = run(node, "app"), run(node, "gone")
+    live_shim, gone_shim = run_container(node, "app"), run_container(node, "gone")
     start_nodemedic(node)
     node.run("systemctl", "stop", "containerd.service")  # KillMode=process: the shims stay
     # "gone" becomes a real orphan: its container process dies and containerd loses its task
@@ -51,7 +44,7 @@ def test_only_the_proven_orphan_is_killed(node_factory: Callable[..., Node]) -> 
 
 def test_observe_mode_kills_nothing(node_factory: Callable[..., Node]) -> None:
     node = node_factory(containers=True)
-    gone_shim = run(node, "gone")
+    gone_shim = run_container(node, "gone")
     start_nodemedic(node, mode="observe")
     node.run("systemctl", "stop", "containerd.service")
     node.run("kill", "-9", node.sh(f"cat /proc/{gone_shim}/task/*/children").stdout.split()[0])

@@ -31,7 +31,7 @@ from nodemedic.engine.budget import RepairBudget
 from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import Event, JournalLine, PathChanged, ProbeAnswered, UnitChanged
-from nodemedic.policy.match import Match, match
+from nodemedic.policy.match import Match, in_states, match
 from nodemedic.policy.model import Confirm, Mode, PathTrigger, Policy, Rule
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
@@ -181,11 +181,7 @@ class Runner:
         if when.unit is None:
             return True
         seen = self.unit_states.get(when.unit)
-        return (
-            seen is not None
-            and (not when.active_state or seen.active_state in when.active_state)
-            and (not when.sub_state or seen.sub_state in when.sub_state)
-        )
+        return seen is not None and in_states(seen, when.active_state, when.sub_state)
 
     def _respect_stop(self, rule: Rule, state: RuleState, unit: str) -> None:
         if not state.respected_stop:

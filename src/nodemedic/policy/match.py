@@ -62,12 +62,15 @@ def _journal(trig: JournalTrigger, event: JournalLine) -> str | None:
     return None
 
 
+def in_states(seen: UnitChanged, active_state: list[str], sub_state: list[str]) -> bool:
+    """A unit's state against wanted ActiveState and SubState values (an empty list means any)."""
+    return (not active_state or seen.active_state in active_state) and (
+        not sub_state or seen.sub_state in sub_state
+    )
+
+
 def _unit(trig: UnitTrigger, event: UnitChanged) -> str | None:
-    if (
-        event.unit == trig.unit
-        and (not trig.active_state or event.active_state in trig.active_state)
-        and (not trig.sub_state or event.sub_state in trig.sub_state)
-    ):
+    if event.unit == trig.unit and in_states(event, trig.active_state, trig.sub_state):
         return f"{event.unit} is {event.active_state}/{event.sub_state}"
     return None
 

@@ -276,10 +276,7 @@ class Policy(Strict):
         problems = []
         for rule in self.rule:
             for trig in rule.trigger:
-                if isinstance(trig, UnitTrigger) and trig.unit not in self.daemon.watch_units:
-                    problems.append(f"rule {rule.name!r}: unit trigger on {trig.unit}, which is not in "
-                                    f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
-                if isinstance(trig, SignalTrigger) and trig.unit not in self.daemon.watch_units:
+                if isinstance(trig, UnitTrigger | SignalTrigger) and trig.unit not in self.daemon.watch_units:
                     problems.append(f"rule {rule.name!r}: {trig.source} trigger on {trig.unit}, which is not "
                                     f"in [daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
                 if isinstance(trig, JournalTrigger) and trig.unit not in self.daemon.journal_units:

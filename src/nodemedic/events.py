@@ -79,15 +79,35 @@ class ProbeAnswered:
 
 @dataclass(frozen=True, slots=True)
 class SignalSeen:
-    """A signal was sent to a watched process."""
+    """A signal was sent to a watched process: seen over D-Bus (the main process died of it; no
+    sender known) or in the kernel's trace (``source="tracefs"``: the sender is known).
+
+    ``target_pid`` is in nodemedic's own PID namespace (0 if it could not be resolved);
+    ``sender_pid`` is as the kernel's trace gives it. ``sender_cgroup`` is relative to nodemedic's
+    cgroup namespace; ``sender_unit`` and ``sender_pod`` are derived from it ("" if none).
+    ``result`` is the kernel's verdict (0 delivered, 1 ignored by the target, 2 already pending)."""
 
     signal: int
     target_pid: int
     unit: str = ""
     sender_pid: int = 0
     sender_comm: str = ""
+    sender_cgroup: str = ""
+    sender_unit: str = ""
+    sender_pod: str = ""
+    target_comm: str = ""
+    result: int = 0
     at: float = 0.0
     source: str = "dbus"
 
 
-Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen
+@dataclass(frozen=True, slots=True)
+class FileChanged:
+    """A watched file may have new content (written and closed, renamed into place, or created)."""
+
+    path: str
+    at: float = 0.0
+    source: str = "inotify"
+
+
+Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen | FileChanged

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
 from nodemedic.policy.duration import Duration
+from nodemedic.policy.sighup import SighupSettings
 from nodemedic.policy.signals import Signal
 
 Mode = Literal["enforce", "observe"]
@@ -261,6 +262,8 @@ class Policy(Strict):
     """Settings of the daemon as a whole."""
     rule: list[Rule] = Field(default_factory=list)
     """The rules, each a diagnosis and its repair."""
+    sighup: SighupSettings = SighupSettings()
+    """SIGHUP storms against containerd: how they are seen and damped."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:
@@ -285,6 +288,9 @@ class Policy(Strict):
             if rule.when.unit is not None and rule.when.unit not in self.daemon.watch_units:
                 problems.append(f"rule {rule.name!r}: when.unit {rule.when.unit} is not in "
                                 f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
+        if self.sighup.mode != "off" and self.sighup.unit not in self.daemon.watch_units:
+            problems.append(f"[sighup].unit {self.sighup.unit} is not in [daemon].watch_units "
+                            f"{self.daemon.watch_units}")  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
         return self

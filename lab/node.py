@@ -32,6 +32,7 @@ NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NODE_ENV = {"PATH": NODE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "SYSTEMD_PAGER": "cat",
             "SYSTEMD_COLORS": "0"}  # fmt: skip
 TRACEFS = Path("/sys/kernel/tracing")
+HOST_PROC = "/host/proc"  # where host_proc=True binds the host's /proc inside a node
 KEEP_LOGS = 50
 # ctr's own --timeout does not bound the dial: with no socket it retries for 10 s.
 CTR = ("ctr", "--connect-timeout", "1s", "--timeout", "2s")
@@ -86,6 +87,7 @@ class Node:
         *,
         tracefs: bool = False,
         containers: bool = False,
+        host_proc: bool = False,
         ready_timeout: float = 30,
         image: Path | None = None,
     ) -> Node:
@@ -93,11 +95,17 @@ class Node:
 
         tracefs: bind the host's /sys/kernel/tracing into the node (read-write).
         containers: allow `ctr run` inside (keyring/bpf syscalls, CAP_NET_ADMIN; lab.md).
+        host_proc: bind the host's /proc read-only at /host/proc. The node has its own PID
+        namespace, but the kernel's trace gives initial-namespace PIDs: a tracefs reader inside
+        looks them up there (policy ``[sighup] proc = "/host/proc"``). Lab only: a real node has
+        one PID namespace and uses /proc.
         """
         extra = []
         if tracefs:
             _ensure_tracefs()
             extra.append(f"--bind={TRACEFS}")
+        if host_proc:
+            extra.append(f"--bind-ro=/proc:{HOST_PROC}")
         if containers:
             extra += ["--system-call-filter=@keyring bpf", "--capability=CAP_NET_ADMIN"]
         name = f"lab-{os.getpid()}-{next(_counter)}-{secrets.token_hex(2)}"

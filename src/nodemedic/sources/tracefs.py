@@ -1,0 +1,324 @@
+"""See every SIGHUP sent to containerd, and who sent it, in the kernel's trace (tracefs).
+
+A dedicated trace instance ``<tracefs>/instances/<name>`` is created with only the
+``signal/signal_generate`` event, filtered in the kernel to the signal, ``code == 0`` (SI_USER: a
+kill(2) by another task; the Go runtime re-raises a fatal signal to itself with code -6, SI_TKILL,
+which must not count) and the target's name. The target is filtered by *name*, not PID: a PID
+filter would have to be rewritten after every containerd restart, and a SIGHUP in between (the
+toolkit retries within seconds) would be missed. Which containerd was signalled (ours, or another
+node's on the same kernel in the lab) is decided here, from the target's PID: it must be the main
+process of ``unit`` in our namespaces.
+
+The global trace instance is never touched; the instance is removed when ``run`` ends (also when it
+is cancelled) and a stale one of the same name (a nodemedic that was killed) is replaced. Without a
+usable tracefs ``on_state`` is told why and ``run`` returns: deaths by SIGHUP are still seen over
+D-Bus, only the sender is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal as signals
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodemedic.clock import Clock
+from nodemedic.events import Event, SignalSeen, UnitChanged
+from nodemedic.sources.procview import ProcView, pod_of, unit_of
+
+log = logging.getLogger(__name__)
+
+EVENT = "events/signal/signal_generate"
+MACHINE_ID = Path("/etc/machine-id")
+BUFFER_KB = 64  # per CPU: a handful of filtered events between two reads, never a flood
+KNOWN_TARGETS = 8  # containerd main processes remembered (a signal read after a restart still counts)
+READ_SIZE = 65536
+
+# ``<task comm>-<pid> [(<tgid>)] [<cpu>] [<flags>] <seconds>: signal_generate: sig=... res=...``
+# The task comm may hold spaces and dashes (the PID follows the last dash); the target comm may
+# hold spaces (anchored on the fields after it).
+_LINE = re.compile(
+    r"^\s*(?P<task>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[\d+\]\s+(?:\S+\s+)?[\d.]+:\s+"
+    r"signal_generate:\s+sig=(?P<sig>-?\d+) errno=(?P<errno>-?\d+) code=(?P<code>-?\d+) "
+    r"comm=(?P<comm>.*) pid=(?P<target>\d+) grp=(?P<grp>-?\d+) res=(?P<res>-?\d+)\s*$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLine:
+    """One ``signal_generate`` line: the sender is the task that was running (``sender_*``)."""
+
+    sender_comm: str
+    sender_pid: int
+    signal: int
+    code: int
+    target_comm: str
+    target_pid: int
+    group: bool
+    result: int
+
+
+def parse_line(line: str) -> TraceLine | None:
+    """A ``signal_generate`` line of trace_pipe, or None for anything else (lost-events markers)."""
+    match = _LINE.match(line)
+    if match is None:
+        return None
+    return TraceLine(
+        sender_comm=match["task"].strip(),
+        sender_pid=int(match["pid"]),
+        signal=int(match["sig"]),
+        code=int(match["code"]),
+        target_comm=match["comm"],
+        target_pid=int(match["target"]),
+        group=match["grp"] != "0",
+        result=int(match["res"]),
+    )
+
+
+def event_filter(signal: int, target_comm: str) -> str:
+    """The kernel-side filter of the instance's ``signal_generate`` event."""
+    return f'sig == {int(signal)} && code == 0 && comm == "{target_comm}"'
+
+
+def default_instance(machine_id: Path = MACHINE_ID) -> str:
+    """``nodemedic-<first 12 of machine-id>``: lab nodes share one kernel, and its tracefs."""
+    try:
+        ident = machine_id.read_text(encoding="ascii").strip()[:12]
+    except (OSError, UnicodeDecodeError):
+        ident = ""
+    return f"nodemedic-{ident}" if ident else "nodemedic"
+
+
+class TracefsUnavailable(OSError):
+    """tracefs cannot be used; the message says what failed."""
+
+
+class TraceSignals:
+    """Emits a SignalSeen (``source="tracefs"``) for every ``signal`` sent by kill(2) to the main
+    process of ``unit``, with the sender's PID, name, cgroup, unit and pod.
+
+    A sender that exited before its line was read keeps its PID and name, with "" for cgroup, unit
+    and pod: ``sender_pid != 0 and sender_cgroup == ""`` means the sender is gone (a live process
+    always has a cgroup, "/" at the least)."""
+
+    def __init__(
+        self,
+        *,
+        tracefs: Path,
+        proc: Path,
+        unit: str,
+        emit: Callable[[Event], None],
+        clock: Clock,
+        on_state: Callable[[str], None],
+        instance: str | None = None,
+        signal: int = signals.SIGHUP,
+        target_comm: str = "containerd",
+    ) -> None:
+        self.tracefs = tracefs
+        self.unit = unit
+        self.instance = instance
+        self.signal = int(signal)
+        self.target_comm = target_comm
+        self._view = ProcView(proc)
+        self._emit = emit
+        self._clock = clock
+        self._on_state = on_state
+        self._main_pid = 0
+        # trace PID -> (PID in our namespace, start time): the target may be gone when its line
+        # is read (containerd dies within milliseconds of a SIGHUP), so it is found beforehand.
+        self._targets: OrderedDict[int, tuple[int, str]] = OrderedDict()
+        self._pending = b""
+
+    # ---- observer --------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        """Learn containerd's main PID from ``unit``'s UnitChanged events."""
+        if not isinstance(event, UnitChanged) or event.unit != self.unit:
+            return
+        if event.main_pid and event.main_pid != self._main_pid:
+            self._main_pid = event.main_pid
+            self._learn(event.main_pid)
+
+    def _learn(self, local_pid: int) -> None:
+        pid = self._view.find(local_pid, self.unit)
+        if pid:
+            self._remember(pid, local_pid)
+        else:
+            log.debug("main PID %d of %s not found in %s", local_pid, self.unit, self._view.proc)
+
+    def _remember(self, pid: int, local_pid: int) -> None:
+        self._targets[pid] = (local_pid, self._view.start_time(pid))
+        self._targets.move_to_end(pid)
+        while len(self._targets) > KNOWN_TARGETS:
+            self._targets.popitem(last=False)
+
+    # ---- the instance ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        name = self.instance or default_instance()
+        try:
+            directory = self._create(name)
+        except TracefsUnavailable as err:
+            self._on_state(
+                f"{err}: the senders of signal {self.signal} to {self.unit} will not be known (its "
+                f"deaths by that signal are still seen over D-Bus). To fix: mount tracefs "
+                f"(mount -t tracefs tracefs {self.tracefs}), let nodemedic write there "
+                f"(ReadWritePaths=-{self.tracefs} in nodemedic.service) and reload; or set "
+                f"[sighup] trace = false."
+            )
+            return
+        try:
+            await self._follow(directory)
+        finally:
+            _remove(directory)
+
+    def _create(self, name: str) -> Path:
+        instances = self.tracefs / "instances"
+        if not instances.is_dir():
+            raise TracefsUnavailable(f"tracefs is not mounted at {self.tracefs} ({instances} is missing)")
+        if not (self.tracefs / EVENT).is_dir():
+            raise TracefsUnavailable(f"the kernel has no trace event {EVENT} under {self.tracefs}")
+        directory = instances / name
+        if directory.exists():
+            log.info("removing the stale trace instance %s", directory)
+            try:
+                _remove(directory, strict=True)
+            except OSError as err:
+                raise TracefsUnavailable(
+                    f"cannot remove the stale trace instance {directory} ({err})"
+                ) from err
+        try:
+            directory.mkdir()
+        except OSError as err:
+            raise TracefsUnavailable(f"cannot create the trace instance {directory} ({err})") from err
+        try:
+            with contextlib.suppress(OSError):  # a smaller buffer is only a saving
+                (directory / "buffer_size_kb").write_text(f"{BUFFER_KB}\n")
+            (directory / EVENT / "filter").write_text(event_filter(self.signal, self.target_comm) + "\n")
+            (directory / EVENT / "enable").write_text("1\n")
+            (directory / "tracing_on").write_text("1\n")
+        except OSError as err:
+            _remove(directory)
+            raise TracefsUnavailable(
+                f"cannot enable {EVENT} in the trace instance {directory} ({err})"
+            ) from err
+        log.info("tracing signal %d to %r in %s", self.signal, self.target_comm, directory)
+        return directory
+
+    async def _follow(self, directory: Path) -> None:
+        fd = os.open(directory / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        loop = asyncio.get_running_loop()
+        try:
+            self._learn_at_start()
+            loop.add_reader(fd, self._on_readable, fd)
+            try:
+                await asyncio.Future()  # runs until cancelled
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)  # before the rmdir: an open trace_pipe keeps the instance busy
+
+    def _learn_at_start(self) -> None:
+        if self._main_pid:
+            self._learn(self._main_pid)
+        for pid in self._view.find_by_comm(self.target_comm, self.unit):
+            self._remember(pid, self._view.local_pid(pid))
+
+    # ---- lines -----------------------------------------------------------------------------
+
+    def _on_readable(self, fd: int) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                log.warning("reading the trace failed: %s", err)
+                break
+            if not chunk:
+                break
+            self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        for raw in lines:
+            self.feed(raw.decode("utf-8", "replace"))
+
+    def feed(self, line: str) -> None:
+        """Handle one line of trace_pipe."""
+        if not line.strip():
+            return
+        parsed = parse_line(line)
+        if parsed is None:
+            log.debug("skipping a trace line that is not a signal_generate event: %r", line)
+            return
+        if parsed.signal != self.signal or parsed.code != 0:
+            return  # the kernel filter already drops these; a hand-made instance may not
+        local_pid = self._target(parsed.target_pid)
+        if not local_pid:
+            log.debug("signal %d to PID %d (%s) is not to %s here", parsed.signal, parsed.target_pid,
+                      parsed.target_comm, self.unit)  # fmt: skip
+            return
+        self._emit(self._seen(parsed, local_pid))
+
+    def _target(self, pid: int) -> int:
+        """The target's PID in our namespace if it is ``unit``'s main process here, else 0."""
+        known = self._targets.get(pid)
+        if known is not None:
+            started = self._view.start_time(pid)
+            if not started or started == known[1]:  # gone (it died of the signal), or the same
+                return known[0]
+            del self._targets[pid]  # the PID was reused
+        if self._view.is_ours_in_unit(pid, self.unit):
+            local_pid = self._view.local_pid(pid)
+            if local_pid:
+                self._remember(pid, local_pid)
+            return local_pid
+        return 0
+
+    def _seen(self, line: TraceLine, target_pid: int) -> SignalSeen:
+        sender_comm, cgroup = self._sender(line)
+        return SignalSeen(
+            signal=line.signal,
+            target_pid=target_pid,
+            unit=self.unit,
+            sender_pid=line.sender_pid,
+            sender_comm=sender_comm,
+            sender_cgroup=cgroup,
+            sender_unit=unit_of(cgroup),
+            sender_pod=pod_of(cgroup),
+            target_comm=line.target_comm,
+            result=line.result,
+            at=self._clock.monotonic(),
+            source="tracefs",
+        )
+
+    def _sender(self, line: TraceLine) -> tuple[str, str]:
+        """The sender's name and cgroup ("" if it is gone). PIDs are reused: /proc/PID is the
+        sender's only while its name matches the trace's ("<...>" is the trace's name for a task
+        whose name it did not record: /proc's name is taken then)."""
+        comm = self._view.comm(line.sender_pid)
+        unnamed = line.sender_comm == "<...>"
+        if comm is None or (comm != line.sender_comm and not unnamed):
+            log.info("the sender of signal %d to %s (%s, PID %d) is gone: its cgroup is unknown",
+                     line.signal, self.unit, line.sender_comm, line.sender_pid)  # fmt: skip
+            return line.sender_comm, ""
+        return (comm if unnamed else line.sender_comm), self._view.cgroup(line.sender_pid) or ""
+
+
+def _remove(directory: Path, *, strict: bool = False) -> None:
+    """Disable the event and remove the instance (rmdir of a trace instance frees its buffers)."""
+    with contextlib.suppress(OSError):
+        (directory / EVENT / "enable").write_text("0\n")
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        if strict:
+            raise
+        log.warning("cannot remove the trace instance %s: %s", directory, err)

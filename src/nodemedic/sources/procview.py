@@ -49,11 +49,11 @@ def cgroup_from_text(text: str) -> str:
 def cgroup_prefix(outer: str, inner: str) -> str:
     """What to strip from cgroup paths read in another /proc: ``outer`` is our own cgroup as that
     /proc shows it, ``inner`` as our own /proc does. "" if they agree (or cannot be reconciled)."""
-    if not outer or not inner or outer == inner:
+    if not outer.startswith("/") or not inner.startswith("/") or outer == inner:
         return ""
     if inner == "/":
         return outer.rstrip("/")
-    if outer.endswith(inner) and outer[: -len(inner)].startswith("/"):
+    if outer.endswith(inner):
         return outer[: -len(inner)]
     log.debug("our cgroup %r in the trace's /proc does not end with %r: no prefix stripped", outer, inner)
     return ""

@@ -35,3 +35,15 @@ class ProbeError(NodemedicError, ConnectionError):
 
 class UnknownRuleError(NodemedicError, LookupError):
     """No ``[[rule]]`` has the name given on the command line."""
+
+
+class DropinError(NodemedicError, ValueError):
+    """containerd's drop-in cannot be written or wrapped (no ExecStart, someone else's file at our path)."""
+
+
+class FreezeRefusedError(NodemedicError, PermissionError):
+    """A cgroup that must never be frozen (deny list, protected, root, not a leaf with processes)."""
+
+
+class FreezeFailedError(NodemedicError, RuntimeError):
+    """Freezing or thawing a cgroup was asked of the kernel but did not take effect."""

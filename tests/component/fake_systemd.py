@@ -68,6 +68,8 @@ class FakeUnit:
                 "MainPID": pid,
                 "ExecMainPID": pid,
                 "ExecMainExitTimestampMonotonic": 0,
+                # (path, argv, ignore-failure) per ExecStart line, as systemd's D-Bus reports them
+                "ExecStart": [("/usr/bin/containerd", ["/usr/bin/containerd"], False)],
             },
         )
 
@@ -135,6 +137,12 @@ class ServiceUnitInterface(ServiceInterface):
     def ExecMainExitTimestampMonotonic(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
         return int(self.unit.props["ExecMainExitTimestampMonotonic"])
 
+    @dbus_property(access=READ)
+    def ExecStart(self) -> "a(sasbttttuii)":  # type: ignore[name-defined]  # noqa: F821
+        """path, argv, ignore-failure, start/stop times (realtime, monotonic), pid, code, status."""
+        lines = self.unit.props.get("ExecStart", [])
+        return [[path, list(argv), bool(ignore), 0, 0, 0, 0, 0, 0, 0] for path, argv, ignore in lines]
+
 
 class ManagerInterface(ServiceInterface):
     def __init__(self, systemd: "FakeSystemd") -> None:
@@ -166,6 +174,15 @@ class ManagerInterface(ServiceInterface):
     def KillUnit(self, name: DBusStr, whom: DBusStr, signal: DBusInt32) -> None:
         self.systemd.calls.append((f"KillUnit {whom} {signal}", name))
 
+    @dbus_method()
+    async def Reload(self) -> None:
+        """daemon-reload: like systemd, the reply comes once the unit files are read again."""
+        self.systemd.calls.append(("Reload", "start"))
+        await asyncio.sleep(self.systemd.reload_delay)
+        if self.systemd.reload_fails:
+            raise DBusError("org.freedesktop.DBus.Error.AccessDenied", "Access denied")
+        self.systemd.calls.append(("Reload", "done"))
+
     @dbus_signal()
     def JobRemoved(
         self, job_id: int, job: str, unit: str, result: str
@@ -182,6 +199,8 @@ class FakeSystemd:
         self.fail: set[tuple[str, str]] = set()  # (method, unit): JobRemoved result "failed"
         self.hang: set[tuple[str, str]] = set()  # (method, unit): no JobRemoved at all
         self.calls: list[tuple[str, str]] = []
+        self.reload_delay = 0.1  # Manager.Reload replies this long after it was called
+        self.reload_fails = False
         self.bus: MessageBus | None = None
         self._manager: ManagerInterface | None = None
         self._exported: dict[str, tuple[UnitInterface, ServiceUnitInterface | None]] = {}

@@ -224,6 +224,22 @@ class SystemdBus:
         await self._wait_connected()
         await self._call(MANAGER_PATH, MANAGER, "KillUnit", "ssi", [unit, "main", signal])
 
+    async def exec_start(self, unit: str) -> list[list[str]]:
+        """The unit's ExecStart command lines: per line, the executable's path then argv[1:] (the
+        path alone if argv is empty); ignore-failure is written as systemd does, ``-/path``."""
+        await self._wait_connected()
+        path = await self._unit_path(unit)
+        reply = await self._call(path, PROPERTIES, "Get", "ss", [SERVICE, "ExecStart"])
+        lines = []
+        for exe, argv, ignore_failure, *_times in reply[0].value:  # a(sasbttttuii)
+            lines.append([("-" if ignore_failure else "") + str(exe), *(str(a) for a in list(argv)[1:])])
+        return lines
+
+    async def daemon_reload(self) -> None:
+        """``systemctl daemon-reload``: systemd replies once the unit files are read again."""
+        await self._wait_connected()
+        await self._call(MANAGER_PATH, MANAGER, "Reload")
+
     async def _job(self, method: str, unit: str, timeout: float) -> None:
         """Queue a systemd job and wait for its JobRemoved: the job's result, not only its start."""
         await self._wait_connected()

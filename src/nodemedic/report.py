@@ -52,6 +52,10 @@ FIELDS = frozenset(
         "ELAPSED_MS",  # milliseconds since the incident's first event (or the action's start)
         "DETAIL",  # free text: an error, what was found
         "VERSION",  # nodemedic's or containerd's version
+        "SIGNALS",  # how many signals (a SIGHUP storm's count)
+        "SENDERS",  # who sent them: unit or pod, with PID and command
+        "WINDOW",  # the window counted over, in seconds
+        "CGROUP",  # a cgroup concerned (relative to nodemedic's cgroup namespace)
     }
 )
 

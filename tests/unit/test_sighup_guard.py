@@ -1,0 +1,308 @@
+"""The SIGHUP guard against fakes at its edges: systemd, the freezer, a /proc tree, a config file."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nodemedic.actions.base import UnitState
+from nodemedic.configs import GoodConfigs
+from nodemedic.engine.sighup import GuardContext, SighupGuard
+from nodemedic.events import FileChanged, SignalSeen, UnitChanged
+from nodemedic.policy.model import Mode
+from nodemedic.policy.sighup import SighupSettings
+from nodemedic.report import MemorySink, Record, Reporter
+from nodemedic.sighup import dropin
+
+from .fakes import FakeClock, FakeProbe
+
+pytestmark = pytest.mark.unit
+
+UNIT = "containerd.service"
+GOOD = b'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'
+
+
+class FakeSystemd:
+    def __init__(self, guard: list[SighupGuard], proc: Path) -> None:
+        self.restarts = 0
+        self.reloads = 0
+        self.pid = 100
+        self._guard = guard
+        self._proc = proc
+        self.ignore_after_restart = True
+
+    async def state(self, unit: str) -> UnitState:
+        return UnitState("loaded", "active", "running")
+
+    async def restart(self, unit: str, timeout: float) -> None:
+        self.restarts += 1
+        self.pid += 1
+        write_status(self._proc, self.pid, ignores_hup=self.ignore_after_restart)
+        self._guard[0].handle(UnitChanged(UNIT, "active", "running", main_pid=self.pid))
+
+    async def exec_start(self, unit: str) -> list[list[str]]:
+        return [["/usr/bin/containerd"]]
+
+    async def daemon_reload(self) -> None:
+        self.reloads += 1
+
+
+class FakeFreezer:
+    def __init__(self) -> None:
+        self.frozen_until: dict[str, float] = {}
+        self.refuse: dict[str, str] = {}
+
+    def refusal(self, cgroup: str) -> str | None:
+        return self.refuse.get(cgroup)
+
+    def freeze(self, cgroup: str, until_wall: float) -> None:
+        self.frozen_until[cgroup] = until_wall
+
+    def frozen(self) -> dict[str, float]:
+        return dict(self.frozen_until)
+
+    def thaw_all(self) -> list[str]:
+        thawed = sorted(self.frozen_until)
+        self.frozen_until.clear()
+        return thawed
+
+    def thaw_due(self, now_wall: float) -> list[str]:
+        due = sorted(c for c, t in self.frozen_until.items() if t <= now_wall)
+        for c in due:
+            del self.frozen_until[c]
+        return due
+
+
+def write_status(proc: Path, pid: int, *, ignores_hup: bool) -> None:
+    (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+    mask = "0000000000000001" if ignores_hup else "0000000000000000"
+    (proc / str(pid) / "status").write_text(f"Name:\tcontainerd\nSigIgn:\t{mask}\n")
+
+
+class Setup:
+    def __init__(self, tmp: Path, mode: str, daemon_mode: Mode = "enforce", **coalesce: object) -> None:
+        self.tmp = tmp
+        self.clock = FakeClock()
+        self.sink = MemorySink()
+        self.proc = tmp / "proc"
+        write_status(self.proc, 100, ignores_hup=False)
+        self.config = tmp / "config.toml"
+        self.config.write_bytes(GOOD)
+        holder: list[SighupGuard] = []
+        self.systemd = FakeSystemd(holder, self.proc)
+        self.freezer = FakeFreezer()
+        self.settings = SighupSettings.model_validate(
+            {"mode": mode, "coalesce": {"interval": "30s", **coalesce}, "storm": {"signals": 3}}
+        )
+        ctx = GuardContext(systemd=self.systemd, probe=FakeProbe(), probe_socket="/x.sock", probe_timeout=1,
+                           config=self.config, good=GoodConfigs(tmp / "good"), freezer=self.freezer,
+                           state_file=tmp / "state" / "sighup.json", exclusive=_no_lock,
+                           closing=lambda: False, dropin_root=tmp / "root", proc=self.proc)  # fmt: skip
+        self.guard = SighupGuard(self.settings, daemon_mode, ctx, Reporter(self.sink), self.clock)
+        holder.append(self.guard)
+
+    def containerd_runs(self, pid: int = 100) -> None:
+        self.guard.handle(UnitChanged(UNIT, "active", "running", main_pid=pid))
+
+    def sighup(self, sender: str = "/system.slice/toolkit.service", source: str = "tracefs") -> None:
+        self.guard.handle(SignalSeen(1, self.systemd.pid, unit=UNIT, sender_pid=7, sender_comm="sh",
+                                     sender_cgroup=sender, sender_unit=sender.rsplit("/", 1)[-1],
+                                     source=source))  # fmt: skip
+
+    def outcomes(self) -> list[str]:
+        return [r.fields.get("OUTCOME", "") for r in self.sink.records]
+
+    def with_outcome(self, outcome: str) -> list[Record]:
+        return [r for r in self.sink.records if r.fields.get("OUTCOME") == outcome]
+
+    @property
+    def dropin(self) -> Path:
+        return dropin.dropin_path(UNIT, False, self.tmp / "root")
+
+
+@contextlib.asynccontextmanager
+async def _no_lock() -> AsyncIterator[None]:
+    yield
+
+
+async def test_single_sighups_are_reported_each_and_a_storm_once_with_its_end(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "observe")
+    s.containerd_runs()
+    for _ in range(10):
+        s.sighup()
+        s.clock.advance(1)
+    assert s.outcomes().count("sighup") == 3
+    (storm,) = s.with_outcome("storm")
+    assert storm.fields["SIGNALS"] == "4"
+    assert "toolkit.service (pid 7 sh) x4" in storm.fields["SENDERS"]
+    s.clock.advance(61)
+    await s.guard.step()
+    (ended,) = s.with_outcome("storm-ended")
+    assert ended.fields["SIGNALS"] == "10"
+    assert s.systemd.restarts == 0
+    assert not s.dropin.exists()
+
+
+async def test_a_death_the_trace_already_saw_is_not_counted_twice(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "observe")
+    s.sighup()
+    s.sighup(source="dbus")
+    assert s.outcomes().count("sighup") == 1
+    s.clock.advance(11)
+    s.sighup(source="dbus")
+    assert s.outcomes().count("sighup") == 2
+    assert "unknown sender" in s.sink.records[-1].message
+
+
+async def test_coalesce_installs_the_dropin_and_restarts_once_to_apply_it(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    s.containerd_runs()
+    await s.guard.step()
+    text = s.dropin.read_text()
+    assert "ExecStart=/usr/bin/env --ignore-signal=HUP /usr/bin/containerd" in text
+    assert s.systemd.reloads == 1
+    assert s.systemd.restarts == 1
+    assert s.outcomes()[-1] == "dropin-applied"
+    await s.guard.step()
+    assert s.systemd.restarts == 1  # applied: no second restart
+
+
+async def test_coalesce_does_not_restart_a_containerd_that_already_ignores_sighup(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    assert s.systemd.restarts == 0
+
+
+async def test_sighups_without_a_change_cause_no_restart_and_a_change_one(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    for _ in range(50):
+        s.sighup()
+        await s.guard.step()
+    assert s.systemd.restarts == 0
+    s.config.write_bytes(GOOD + b"# a real change\n")
+    for _ in range(50):
+        s.sighup()
+        s.guard.handle(FileChanged(str(s.config)))
+    await s.guard.step()
+    assert s.systemd.restarts == 1
+    (applied,) = s.with_outcome("reload-applied")
+    assert applied.fields["SIGNALS"] == "100"
+    assert (tmp_path / "good").glob("*.toml")  # the content that ran is kept first
+    for _ in range(5):
+        s.sighup()
+        await s.guard.step()
+    assert s.systemd.restarts == 1
+
+
+async def test_changes_within_the_interval_are_coalesced_into_one_later_restart(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    s.config.write_bytes(GOOD + b"# 1\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    await s.guard.step()
+    assert s.systemd.restarts == 1
+    s.config.write_bytes(GOOD + b"# 2\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.config.write_bytes(GOOD + b"# 3\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    await s.guard.step()
+    assert s.systemd.restarts == 1  # within the interval
+    s.clock.advance(30)
+    await s.guard.step()
+    assert s.systemd.restarts == 2
+    assert s.with_outcome("reload-applied")[-1].fields["SIGNALS"] == "2"
+
+
+async def test_a_change_containerd_would_refuse_is_reported_and_not_applied(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    s.config.write_bytes(b"[plugins\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.sighup()
+    await s.guard.step()
+    assert s.systemd.restarts == 0
+    (refused,) = s.with_outcome("reload-refused")
+    assert "not valid TOML" in refused.fields["DETAIL"]
+
+
+async def test_leaving_coalesce_removes_the_dropin(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    s.containerd_runs()
+    await s.guard.step()
+    assert s.dropin.exists()
+    s.guard.replace(SighupSettings(mode="observe"), "enforce")
+    await s.guard.step()
+    assert not s.dropin.exists()
+    assert "dropin-removed" in s.outcomes()
+
+
+async def test_observe_daemon_installs_nothing_and_says_what_it_would_do(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce", daemon_mode="observe")
+    s.containerd_runs()
+    await s.guard.step()
+    assert not s.dropin.exists()
+    assert s.systemd.restarts == 0
+    assert s.with_outcome("would-do")[0].fields["ACTION"] == "sighup-dropin"
+
+
+async def test_throttle_freezes_a_sender_over_budget_and_thaws_it_after_the_cooldown(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "throttle")
+    s.containerd_runs()
+    for _ in range(3):
+        s.sighup()
+    await s.guard.step()
+    assert s.freezer.frozen_until == {}
+    s.sighup()
+    await s.guard.step()
+    assert list(s.freezer.frozen_until) == ["/system.slice/toolkit.service"]
+    assert "frozen" in s.outcomes()
+    s.clock.advance(301)
+    await s.guard.step()
+    assert s.freezer.frozen_until == {}
+    assert "thawed" in s.outcomes()
+
+
+async def test_throttle_never_freezes_a_refused_sender_and_says_why_once(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "throttle")
+    s.freezer.refuse["/system.slice/kubelet.service"] = "kubelet.service is on the deny list"
+    for _ in range(10):
+        s.sighup("/system.slice/kubelet.service")
+    await s.guard.step()
+    assert s.freezer.frozen_until == {}
+    assert len(s.with_outcome("refused")) == 1
+
+
+async def test_leaving_throttle_thaws_everything(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "throttle")
+    for _ in range(5):
+        s.sighup()
+    await s.guard.step()
+    assert s.freezer.frozen_until
+    s.guard.replace(SighupSettings(mode="observe"), "enforce")
+    await s.guard.step()
+    assert s.freezer.frozen_until == {}
+
+
+async def test_a_change_made_while_nodemedic_was_down_is_applied_when_it_is_back(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    assert (tmp_path / "state" / "sighup.json").exists()
+    again = Setup(tmp_path, "coalesce")  # same state dir; containerd kept pid 100
+    again.config.write_bytes(GOOD + b"# changed while nodemedic was down\n")
+    write_status(again.proc, 100, ignores_hup=True)
+    again.containerd_runs()
+    await again.guard.step()
+    assert again.systemd.restarts == 1
+    assert again.with_outcome("reload-applied")

@@ -258,6 +258,8 @@ class TraceSignals:
             return
         if parsed.signal != self.signal or parsed.code != 0:
             return  # the kernel filter already drops these; a hand-made instance may not
+        if parsed.sender_pid == parsed.target_pid:
+            return  # the target signalled itself: no other task sent it
         local_pid = self._target(parsed.target_pid)
         if not local_pid:
             log.debug("signal %d to PID %d (%s) is not to %s here", parsed.signal, parsed.target_pid,

@@ -5,8 +5,10 @@ Shared by the system tests, `make demo` and the benchmarks, so all three inject 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lab.node import Node
@@ -111,3 +113,321 @@ def run_container(node: Node, name: str) -> int:
     wait_for(lambda: f"{name} " in node.sh("ctr task ls | grep RUNNING", check=False).stdout, 10,
              f"{name} to run")  # fmt: skip
     return int(node.sh(shim).stdout.split()[0])
+
+
+# ---- SIGHUP storms (issue 5): the toolkit's signals, the hostPath race, and what they did ------
+
+LAB_STATE = "/run/nodemedic-lab"  # inside the node: what the stand-ins and the watcher record
+TOOLKIT_STANDIN_UNIT = "toolkit-standin.service"
+HOSTPATH_RACER_UNIT = "hostpath-racer.service"
+SOCKET_WATCH_UNIT = "lab-socket-watch.service"
+CONTAINERD_CGROUP = "/sys/fs/cgroup/system.slice/containerd.service"  # inside the node (cgroup2)
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # systemd's "Starting UNIT..." (SD_MESSAGE_UNIT_STARTING)
+
+
+@dataclass(frozen=True)
+class SighupPattern:
+    """What a crashlooping nvidia-container-toolkit pod sends containerd (domain.md): per crash
+    (pod start or stop) ``signals`` SIGHUPs ``every`` seconds apart (its SignalContainerd retries),
+    ``pause`` seconds between crashes (CrashLoopBackOff), then ``bursts`` fast bursts of ``burst``
+    SIGHUPs (one after the other, as fast as reading containerd's PID allows)."""
+
+    crashes: int = 2
+    signals: int = 6
+    every: float = 5.0
+    pause: float = 5.0
+    bursts: int = 1
+    burst: int = 680
+
+    @property
+    def total(self) -> int:
+        """How many SIGHUPs the pattern tries to send."""
+        return self.crashes * self.signals + self.bursts * self.burst
+
+    @property
+    def crash_seconds(self) -> float:
+        """How long the crash cycles take (the bursts come after them)."""
+        return self.crashes * ((self.signals - 1) * self.every + self.pause)
+
+
+@dataclass(frozen=True)
+class StandinCounts:
+    """What the toolkit stand-in did: SIGHUPs it tried to send (``attempts``), sent (containerd had
+    a main PID: 0 while it waits for its restart), delivered (``kill`` succeeded)."""
+
+    attempts: int
+    sent: int
+    delivered: int
+    finished: bool
+
+
+_TOOLKIT_STANDIN = r"""
+# STAND-IN for the nvidia-container-toolkit pod (lab only: there is no Kubernetes here).
+# Like the toolkit's SignalContainerd it looks up containerd's main PID and sends SIGHUP to "reload"
+# it, with the shell's builtin kill: the sender is this long-lived shell, in this unit's cgroup.
+counts="$1"; crashes=$2; signals=$3; every=$4; pause=$5; bursts=$6; burst=$7
+attempts=0; sent=0; delivered=0
+hup() {
+    attempts=$((attempts + 1))
+    pid=$(systemctl show -p MainPID --value containerd.service)
+    # MainPID is 0 while containerd waits for its restart: `kill -HUP 0` would signal ourselves.
+    if [ "${pid:-0}" -gt 0 ]; then
+        sent=$((sent + 1))
+        if kill -HUP "$pid" 2>/dev/null; then delivered=$((delivered + 1)); fi
+    fi
+    echo "$attempts $sent $delivered" > "$counts.tmp" && mv -f "$counts.tmp" "$counts"
+}
+c=0
+while [ $c -lt $crashes ]; do
+    i=0
+    while [ $i -lt $signals ]; do
+        hup; i=$((i + 1))
+        if [ $i -lt $signals ]; then sleep "$every"; fi
+    done
+    c=$((c + 1)); sleep "$pause"
+done
+b=0
+while [ $b -lt $bursts ]; do
+    i=0
+    while [ $i -lt $burst ]; do hup; i=$((i + 1)); done
+    b=$((b + 1))
+done
+echo "$attempts $sent $delivered done" > "$counts.tmp" && mv -f "$counts.tmp" "$counts"
+echo "toolkit stand-in: $attempts SIGHUPs attempted, $sent sent, $delivered delivered"
+"""
+
+
+class ToolkitStandin:
+    """The running stand-in unit; see `start_toolkit_standin`."""
+
+    def __init__(self, node: Node, unit: str, counts_path: str) -> None:
+        self.node = node
+        self.unit = unit
+        self.counts_path = counts_path
+
+    def counts(self) -> StandinCounts:
+        text = self.node.sh(f"cat {self.counts_path} 2>/dev/null", check=False).stdout.split()
+        attempts, sent, delivered = (int(n) for n in text[:3]) if len(text) >= 3 else (0, 0, 0)
+        return StandinCounts(attempts, sent, delivered, finished="done" in text)
+
+    def running(self) -> bool:
+        state = self.node.run("systemctl", "is-active", self.unit, check=False).stdout.strip()
+        return state in ("active", "activating", "deactivating")
+
+    def stop(self) -> None:
+        """Stop it, also when frozen (its KillSignal is SIGKILL, which a frozen cgroup2 task
+        still receives)."""
+        self.node.run("systemctl", "stop", self.unit, check=False, timeout=30)
+
+
+def start_toolkit_standin(
+    node: Node, pattern: SighupPattern | None = None, unit: str = TOOLKIT_STANDIN_UNIT
+) -> ToolkitStandin:
+    """Start a systemd unit in the node, labelled as a stand-in for the nvidia-container-toolkit
+    pod, that SIGHUPs containerd in ``pattern`` (default: the incident's). Its counts are kept in
+    /run/nodemedic-lab/<unit>.counts as it goes, so a stand-in frozen or stopped halfway still
+    says what it sent."""
+    p = pattern or SighupPattern()
+    counts = f"{LAB_STATE}/{unit}.counts"
+    node.sh(f"mkdir -p {LAB_STATE} && rm -f {counts}")
+    node.run("systemd-run", f"--unit={unit}", "--collect", "-p", "KillSignal=SIGKILL",
+             "--description=STAND-IN for the nvidia-container-toolkit pod (lab only, no Kubernetes): "
+             "SIGHUPs containerd", "/bin/sh", "-c", _TOOLKIT_STANDIN, "toolkit-standin", counts,
+             str(p.crashes), str(p.signals), f"{p.every:g}", f"{p.pause:g}", str(p.bursts),
+             str(p.burst))  # fmt: skip
+    return ToolkitStandin(node, unit, counts)
+
+
+_HOSTPATH_RACER = r"""
+# STAND-IN for the CRI plugin's hostPath mount (lab only: there is no Kubernetes here): a pod that
+# mounts the socket path with hostPath (type unset) makes the CRI plugin MkdirAll it when missing.
+import json, os, sys, time
+path, state, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+made = []
+def save():
+    with open(state + ".tmp", "w") as f:
+        json.dump({"made": made}, f)
+    os.replace(state + ".tmp", state)
+save()
+while True:
+    if not os.path.lexists(path):
+        try:
+            os.makedirs(path, 0o755)
+        except FileExistsError:
+            pass
+        else:
+            made.append(time.time())
+            print(f"hostPath stand-in: made a directory at {path}", flush=True)
+            save()
+    time.sleep(interval)
+"""
+
+
+class HostpathRacer:
+    """The running hostPath stand-in; see `hostpath_racer`."""
+
+    def __init__(self, node: Node, unit: str, state_path: str) -> None:
+        self.node = node
+        self.unit = unit
+        self.state_path = state_path
+
+    def directories_made(self) -> list[float]:
+        """The node's wall-clock times at which it made a directory at the socket path."""
+        text = self.node.sh(f"cat {self.state_path} 2>/dev/null", check=False).stdout
+        return list(json.loads(text)["made"]) if text.strip() else []
+
+    def stop(self) -> None:
+        self.node.run("systemctl", "stop", self.unit, check=False, timeout=30)
+
+
+def hostpath_racer(
+    node: Node, path: str = SOCKET, interval: float = 0.01, unit: str = HOSTPATH_RACER_UNIT
+) -> HostpathRacer:
+    """Start a unit in the node, labelled as a stand-in for the CRI plugin's hostPath mount, that
+    makes a directory at ``path`` (mkdir -p) whenever it finds the path missing, checking every
+    ``interval`` seconds, so it races every moment containerd leaves the path empty (a clean stop
+    unlinks the socket; a start unlinks the stale one before binding). Records each directory made."""
+    state = f"{LAB_STATE}/{unit}.json"
+    node.sh(f"mkdir -p {LAB_STATE} && rm -f {state}")
+    node.run("systemd-run", f"--unit={unit}", "--collect",
+             "--description=STAND-IN for the CRI plugin's hostPath mount of the containerd socket "
+             "(lab only, no Kubernetes): mkdir -p when missing",
+             "/usr/bin/python3", "-c", _HOSTPATH_RACER, path, state, f"{interval:g}")  # fmt: skip
+    wait_for(lambda: node.sh(f"test -e {state}", check=False).returncode == 0, 10,
+             "the hostPath stand-in to start")  # fmt: skip
+    return HostpathRacer(node, unit, state)
+
+
+_SOCKET_WATCH = r"""
+# Lab measurement (not a stand-in): the kind of the socket path and containerd's main process,
+# sampled every interval; only changes are written, as "TIME path KIND" and "TIME pid PID|-".
+import os, signal, stat, sys, time
+path, cgroup, out, interval = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+def kind():
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "directory" if stat.S_ISDIR(mode) else "other"
+def main_pid():
+    # containerd itself among its cgroup's processes (the shims are there too: KillMode=process).
+    try:
+        pids = open(cgroup + "/cgroup.procs").read().split()
+    except OSError:
+        return "-"
+    for pid in pids:
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() == "containerd":
+                return pid
+        except OSError:
+            pass
+    return "-"
+last = {}
+with open(out, "a", buffering=1) as f:
+    try:
+        while True:
+            now = time.time()
+            for what, value in (("path", kind()), ("pid", main_pid())):
+                if last.get(what) != value:
+                    last[what] = value
+                    f.write(f"{now:.3f} {what} {value}\n")
+            time.sleep(interval)
+    finally:
+        f.write(f"{time.time():.3f} end -\n")
+"""
+
+
+@dataclass(frozen=True)
+class SocketWatchResult:
+    """What `SocketWatch.result` measured between the watch's start and its stop."""
+
+    start: float
+    """The node's wall-clock time of the first sample."""
+    seconds: float
+    missing_seconds: float
+    """Total time the socket path did not exist."""
+    directory_seconds: float
+    directory_sightings: int
+    """How many times the path was seen turning into a directory."""
+    down_seconds: float
+    """Total time containerd had no main process."""
+    pids: tuple[int, ...]
+    """containerd main PIDs in the order seen, the one running at the start first. A process
+    killed within a sample or two of its start (a fast burst of SIGHUPs does that) can be missed."""
+    starts: int = 0
+    """containerd start jobs systemd logged ("Starting containerd.service...") during the watch:
+    automatic restarts and `systemctl restart`s alike, however short the process lived."""
+
+    @property
+    def new_pids(self) -> int:
+        """containerd main processes seen after the first one."""
+        return max(len(self.pids) - 1, 0)
+
+
+class SocketWatch:
+    """The running sampler; see `socket_watch`."""
+
+    def __init__(self, node: Node, unit: str, log_path: str) -> None:
+        self.node = node
+        self.unit = unit
+        self.log_path = log_path
+
+    def result(self) -> SocketWatchResult:
+        """Stop the sampler (if still running) and sum up what it saw."""
+        self.node.run("systemctl", "stop", self.unit, check=False, timeout=30)
+        watched = _sum_up_watch(self.node.sh(f"cat {self.log_path}").stdout)
+        return replace(watched, starts=containerd_starts(self.node, since=watched.start))
+
+
+def containerd_starts(node: Node, since: float = 0.0) -> int:
+    """How many times systemd started containerd.service at or after ``since`` (node wall clock)."""
+    entries = node.journal("UNIT=containerd.service", f"MESSAGE_ID={UNIT_STARTING}")
+    return sum(realtime(e) >= since for e in entries)
+
+
+def _sum_up_watch(text: str) -> SocketWatchResult:
+    lines = [line.split() for line in text.splitlines() if len(line.split()) == 3]
+    start, end = float(lines[0][0]), float(lines[-1][0])
+    spans: dict[str, dict[str, float]] = {"path": {}, "pid": {}}
+    current: dict[str, tuple[float, str]] = {}
+    pids: list[int] = []
+    sightings = 0
+    for stamp, what, value in lines:
+        now = float(stamp)
+        for key, (since, old) in current.items():  # close every open span at each event
+            spans[key][old] = spans[key].get(old, 0.0) + now - since
+            current[key] = (now, old)
+        if what in spans:
+            current[what] = (now, value)
+        if what == "pid" and value != "-" and int(value) not in pids:
+            pids.append(int(value))
+        sightings += what == "path" and value == "directory"
+    return SocketWatchResult(
+        start=start,
+        seconds=end - start,
+        missing_seconds=spans["path"].get("missing", 0.0),
+        directory_seconds=spans["path"].get("directory", 0.0),
+        directory_sightings=sightings,
+        down_seconds=spans["pid"].get("-", 0.0),
+        pids=tuple(pids),
+    )
+
+
+def socket_watch(
+    node: Node, path: str = SOCKET, interval: float = 0.01, unit: str = SOCKET_WATCH_UNIT
+) -> SocketWatch:
+    """Start sampling, every ``interval`` seconds inside the node, the kind of ``path`` (socket,
+    missing, directory) and containerd's main PID (a new PID is a restart, which NRestarts does not
+    count for a `systemctl restart`). `SocketWatch.result()` stops it and sums up."""
+    log_path = f"{LAB_STATE}/{unit}.log"
+    node.sh(f"mkdir -p {LAB_STATE} && rm -f {log_path}")
+    node.run("systemd-run", f"--unit={unit}", "--collect",
+             "--description=lab measurement: containerd socket path kind and main PID",
+             "/usr/bin/python3", "-c", _SOCKET_WATCH, path, CONTAINERD_CGROUP, log_path,
+             f"{interval:g}")  # fmt: skip
+    wait_for(lambda: node.sh(f"test -s {log_path}", check=False).returncode == 0, 10,
+             "the socket watch's first sample")  # fmt: skip
+    return SocketWatch(node, unit, log_path)

@@ -46,6 +46,7 @@ demo: deps
 bench: deps
 	$(PY) bench/socket_dir.py
 	$(PY) bench/hung.py
+	$(PY) bench/sighup_storm.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

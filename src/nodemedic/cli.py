@@ -19,7 +19,10 @@ from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, PolicyError, UnitControlError, UnknownRuleError
 from nodemedic.policy.edit import set_mode
 from nodemedic.policy.load import DEFAULT_POLICY, load_policy, parse_policy_text, read_policy_text
-from nodemedic.policy.model import Mode, Policy
+from nodemedic.policy.model import DaemonSettings, Mode, Policy
+from nodemedic.policy.sighup import SighupSettings
+from nodemedic.sighup.dropin import ignores_sighup, remove_dropins
+from nodemedic.sighup.freezer import REGISTRY_NAME, Freezer
 from nodemedic.state import atomic_write
 
 log = logging.getLogger("nodemedic")
@@ -74,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
     reset.add_argument("--no-reload", action="store_true", help="only file the request; do not reload")
     reset.set_defaults(func=_reset)
+    thaw = sub.add_parser("thaw", help="thaw every cgroup nodemedic froze (the unit's ExecStopPost)")
+    thaw.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
+    thaw.set_defaults(func=_thaw)
+    restore = sub.add_parser(
+        "sighup-restore", help="stock SIGHUP behaviour again: remove nodemedic's drop-ins, thaw everything"
+    )
+    restore.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
+    restore.set_defaults(func=_sighup_restore)
     return parser
 
 
@@ -142,6 +153,71 @@ def _reset(args: argparse.Namespace) -> int:
     if not args.no_reload:
         _reload_nodemedic()
     return 0
+
+
+def _thaw(args: argparse.Namespace) -> int:
+    """Runs after nodemedic ended, however it ended: a broken policy must not keep anything frozen."""
+    _daemon, _sighup = _settings_for_cleanup(args.policy)
+    return _thaw_all(_daemon.state_dir)
+
+
+def _sighup_restore(args: argparse.Namespace) -> int:
+    daemon, sighup = _settings_for_cleanup(args.policy)
+    unit = sighup.unit
+    removed = remove_dropins(unit)
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"no nodemedic drop-in for {unit} in /run or /etc")
+    status, why = systemctl("daemon-reload")
+    if status != 0:
+        raise UnitControlError(
+            f"`systemctl daemon-reload` failed (exit {status}: {why or '?'}): run it by hand"
+        )
+    print("systemd reloaded its unit files (daemon-reload)")
+    failed = _thaw_all(daemon.state_dir)
+    pid = _main_pid(unit)
+    if pid and ignores_sighup(pid):
+        print(f"{unit} (PID {pid}) keeps ignoring SIGHUP until its next start; `systemctl restart "
+              f"{unit}` makes it stock now (KillMode=process: containers keep running)")  # fmt: skip
+    else:
+        print(f"{unit} has stock SIGHUP behaviour (a SIGHUP makes it exit)")
+    if sighup.mode in ("coalesce", "throttle") and systemctl("is-active", "--quiet", SERVICE)[0] == 0:
+        print(f"note: {SERVICE} runs with [sighup] mode = {sighup.mode!r} and will act again; "
+              f"set another mode in {args.policy} and `systemctl reload {SERVICE}`")  # fmt: skip
+    return failed
+
+
+def _settings_for_cleanup(path: Path) -> tuple[DaemonSettings, SighupSettings]:
+    """The policy's settings, or the defaults where it cannot be read: cleaning up never waits for a fix."""
+    try:
+        policy = load_policy(path)
+    except (PolicyError, OSError) as exc:
+        log.warning("cannot use the policy %s (%s); using the default state directory and unit", path, exc)
+        return DaemonSettings(), SighupSettings()
+    return policy.daemon, policy.sighup
+
+
+def _thaw_all(state_dir: Path) -> int:
+    freezer = Freezer(registry=state_dir / REGISTRY_NAME)
+    thawed = freezer.thaw_all()
+    for cgroup in thawed:
+        print(f"thawed {cgroup}")
+    if not thawed and not freezer.failed:
+        print(f"nothing frozen by nodemedic ({freezer.registry})")
+    for cgroup, why in freezer.failed.items():
+        print(f"could not thaw {cgroup}: {why}", file=sys.stderr)
+    return 1 if freezer.failed else 0
+
+
+def _main_pid(unit: str) -> int:
+    exe = shutil.which("systemctl")
+    if exe is None:
+        return 0
+    done = subprocess.run(  # noqa: S603 (a fixed program, our own arguments)
+        [exe, "show", "-p", "MainPID", "--value", unit], check=False, capture_output=True, text=True
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
 
 def _mode_in(policy: Policy, rule: str | None) -> str:

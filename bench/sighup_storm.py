@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomlkit
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab.faults import (
@@ -90,8 +92,11 @@ class ModeResult:
 
 
 def policy(mode: str, interval: str) -> str:
+    """The shipped policy with its [sighup] section (if it has one) replaced by the bench's."""
     sighup_mode = "coalesce" if mode.startswith("coalesce") else mode
-    return SHIPPED_POLICY.read_text() + SIGHUP_POLICY.format(mode=sighup_mode, interval=interval)
+    shipped = tomlkit.parse(SHIPPED_POLICY.read_text())
+    shipped["sighup"] = tomlkit.parse(SIGHUP_POLICY.format(mode=sighup_mode, interval=interval))["sighup"]
+    return tomlkit.dumps(shipped)
 
 
 def main_pid(node: Node) -> int:

@@ -21,6 +21,7 @@ from nodemedic.sources.dbus import SystemdBus
 from nodemedic.sources.inotify import PathWatcher
 from nodemedic.sources.journal import JournalFollower
 from nodemedic.sources.probe import ContainerdProbe, ProbeLoop
+from nodemedic.sources.resources import ResourceWatch
 
 CURSOR_FILE = "journal.cursor"
 GOOD_CONFIGS = "config-good"
@@ -79,6 +80,13 @@ def build_app(
     if policy.uses_probe():
         p = settings.probe
         sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
+    observers: list[Callable[[Event], None]] = [keeper.handle]
+    if policy.resource_checks():
+        res = settings.resources
+        watch = ResourceWatch(policy.resource_checks(), res.unit, res.interval, prober,
+                              settings.probe.socket, settings.probe.timeout, emit, clock)  # fmt: skip
+        sources["resources"] = watch.run
+        observers.append(watch.handle)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -94,5 +102,5 @@ def build_app(
         systemd=systemd,
         runner=Runner(policy, ctx, report, spawn, StateStore(settings.state_dir)),
         repairs=repairs,
-        observers=[keeper.handle],
+        observers=observers,
     )

@@ -110,4 +110,73 @@ class FileChanged:
     source: str = "inotify"
 
 
-Event = UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen | FileChanged
+# ---- the resource watcher's readings (sources/resources.py), one kind per check ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class FdUsage:
+    """A unit's main process: its open file descriptors against its RLIMIT_NOFILE soft limit
+    (``limit`` 0: unlimited)."""
+
+    unit: str
+    pid: int
+    open: int
+    limit: int
+    at: float = 0.0
+    source: str = "resources"
+
+
+@dataclass(frozen=True, slots=True)
+class PressureSeen:
+    """A PSI reading: the share of the last 10 s in which some (or all) tasks waited for
+    ``resource``, host-wide (``scope="host"``) or in a unit's cgroup (``scope="containerd"``)."""
+
+    scope: str
+    resource: str
+    some_avg10: float
+    full_avg10: float
+    path: str = ""
+    at: float = 0.0
+    source: str = "resources"
+
+
+@dataclass(frozen=True, slots=True)
+class OomKills:
+    """The OOM killer's count in a unit's cgroup (memory.events ``oom_kill``) and how much it grew
+    since the previous reading."""
+
+    unit: str
+    total: int
+    new: int
+    path: str = ""
+    at: float = 0.0
+    source: str = "resources"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketModeSeen:
+    """A socket's permission bits and owner, as lstat finds them."""
+
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    at: float = 0.0
+    source: str = "resources"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSeen:
+    """The version containerd reports over its Version API: sent once per version seen."""
+
+    version: str
+    at: float = 0.0
+    source: str = "resources"
+
+
+ResourceReading = FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen
+
+Event = (
+    UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen | FileChanged
+    | FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen
+)  # fmt: skip

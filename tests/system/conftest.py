@@ -1,8 +1,8 @@
 """Fixtures for system tests: real systemd nodes booted in the lab (root + systemd-nspawn).
 
-`node` is a freshly booted node per test; `node_factory(tracefs=..., containers=...)` boots more
-(or differently configured) nodes, all torn down after the test; `lab_image` is the image path and
-`lab_host` only skips where nodes cannot boot. See lab/README.md.
+`node` is a freshly booted node per test; `node_factory(tracefs=..., containers=...,
+host_proc=...)` boots more (or differently configured) nodes, all torn down after the test;
+`lab_image` is the image path and `lab_host` only skips where nodes cannot boot. See lab/README.md.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def node_factory(lab_image: Path) -> Iterator[NodeFactory]:
     """Boot nodes with `Node.boot` options; every node is torn down after the test."""
     with contextlib.ExitStack() as teardown:  # runs every shutdown even if one raises
 
-        def boot(*, tracefs: bool = False, containers: bool = False, ready_timeout: float = 30) -> Node:
-            new = Node.boot(
-                image=lab_image, tracefs=tracefs, containers=containers, ready_timeout=ready_timeout
-            )
+        def boot(*, tracefs: bool = False, containers: bool = False, host_proc: bool = False,
+                 ready_timeout: float = 30) -> Node:  # fmt: skip
+            new = Node.boot(image=lab_image, tracefs=tracefs, containers=containers, host_proc=host_proc,
+                            ready_timeout=ready_timeout)  # fmt: skip
             teardown.callback(new.shutdown)
             return new
 

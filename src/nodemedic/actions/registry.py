@@ -9,6 +9,7 @@ from pydantic import Field
 
 from nodemedic.actions.base import Action
 from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
+from nodemedic.actions.nofile import RaiseNofileLimit, RaiseNofileLimitParams
 from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams
 from nodemedic.actions.signal import SignalUnit, SignalUnitParams
 from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
@@ -30,7 +31,8 @@ ActionSpec = Annotated[
     | VerifyContainerdParams
     | SignalUnitParams
     | RestoreConfigParams
-    | KillOrphanedShimsParams,
+    | KillOrphanedShimsParams
+    | RaiseNofileLimitParams,
     Field(discriminator="do"),
 ]
 
@@ -43,6 +45,7 @@ ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     SignalUnitParams: SignalUnit,
     RestoreConfigParams: RestoreConfig,
     KillOrphanedShimsParams: KillOrphanedShims,
+    RaiseNofileLimitParams: RaiseNofileLimit,
 }
 
 

@@ -30,9 +30,33 @@ from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.engine.budget import RepairBudget
 from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, ProbeError
-from nodemedic.events import Event, JournalLine, PathChanged, ProbeAnswered, UnitChanged
-from nodemedic.policy.match import Match, in_states, match
-from nodemedic.policy.model import Confirm, Mode, PathTrigger, Policy, Rule
+from nodemedic.events import (
+    Event,
+    FdUsage,
+    JournalLine,
+    OomKills,
+    PathChanged,
+    PressureSeen,
+    ProbeAnswered,
+    SocketModeSeen,
+    UnitChanged,
+    VersionSeen,
+)
+from nodemedic.policy.match import Match, in_states, match, match_trigger
+from nodemedic.policy.model import (
+    RESOURCE_TRIGGERS,
+    Confirm,
+    FdTrigger,
+    Mode,
+    OomTrigger,
+    PathTrigger,
+    Policy,
+    PressureTrigger,
+    ResourceTriggerType,
+    Rule,
+    SocketModeTrigger,
+    VersionTrigger,
+)
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
 
@@ -162,8 +186,8 @@ class Runner:
         if mode == "enforce" and not state.backoff.ready(now):
             self._defer(m, state, now)
             return
-        if mode == "observe" and state.observed:
-            return
+        if (mode == "observe" or not rule.action) and state.observed:
+            return  # observed, or a report-only rule: once per incident
         state.running = True
         self._fired.pop(rule.name, None)
         self._spawn(self._run(m, mode, state, retry))
@@ -260,10 +284,12 @@ class Runner:
         common = {"RULE": rule.name, "MODE": mode, "INCIDENT": incident}
         self.report(RecordKind.DETECTED, f"{rule.name}: {m.trigger}", **common,
                     SOURCE=m.event.source, TRIGGER=m.trigger, PATH=_event_path(m.event),
-                    UNIT=_event_unit(m.event), ELAPSED_MS=self._ms(started))  # fmt: skip
-        verb = "repairing" if mode == "enforce" else "observe mode: reporting what would be done"
-        self.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **common,
-                    OUTCOME="repair" if mode == "enforce" else "observe")  # fmt: skip
+                    UNIT=_event_unit(m.event), DETAIL=rule.advice, ELAPSED_MS=self._ms(started))  # fmt: skip
+        verb, decided = ("repairing", "repair") if mode == "enforce" else (
+            "observe mode: reporting what would be done", "observe")  # fmt: skip
+        if not rule.action:
+            verb, decided = "report only: nodemedic has no safe repair for this", "report"
+        self.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **common, OUTCOME=decided)
         try:
             if mode == "enforce":
                 async with self._one_at_a_time:
@@ -318,7 +344,7 @@ class Runner:
                     self.report(RecordKind.ACTION, f"would {step.summary}", **fields, **where,
                                 OUTCOME="would-do", ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
-                if action.name in ("stop-unit", "restart-unit"):
+                if action.name in ("stop-unit", "restart-unit", "raise-nofile-limit"):
                     self.stopped_by_us.add(step.unit)  # before the stop: its events follow at once
                 if action.name == "stop-unit":
                     stopped.append(step.unit)
@@ -346,6 +372,13 @@ class Runner:
             state.observed = True
             self.report(RecordKind.OUTCOME, f"{rule.name}: observed, nothing changed (observe mode)",
                         **common, OUTCOME="observed", ELAPSED_MS=elapsed)  # fmt: skip
+        if not rule.action:  # report-only: no budget spent, no backoff, once per incident
+            state.observed = True
+            advice = f". What to do: {rule.advice}" if rule.advice else ""
+            self.report(RecordKind.OUTCOME, f"{rule.name}: reported, nothing changed{advice}",
+                        **common, OUTCOME="reported", TRIGGER=m.trigger, DETAIL=rule.advice,
+                        ELAPSED_MS=elapsed)  # fmt: skip
+            return
             return
         self.budget.spend(now)
         if failure is None:
@@ -472,6 +505,10 @@ def _cleared(rule: Rule, event: Event) -> bool:
     if confirm is None:
         return True
     if confirm.paths:
+    readings = [t for t in rule.trigger if isinstance(t, RESOURCE_TRIGGERS)]
+    if readings:  # only a reading of the same check can say the condition is gone
+        same = [t for t in readings if _reads(t, event)]
+        return bool(same) and not any(match_trigger(t, event) for t in same)
         return not _holds(confirm)
     if confirm.probe:
         return isinstance(event, ProbeAnswered)
@@ -486,6 +523,19 @@ def _holds(confirm: Confirm) -> bool:
     """The path part of the condition (the probe part is asked in ``_still_unanswered``)."""
     return not confirm.paths or any(path_kind(p) == confirm.kind for p in confirm.paths)
 
+def _reads(trig: ResourceTriggerType, event: Event) -> bool:
+    """Is ``event`` a reading of the check ``trig`` looks at?"""
+    if isinstance(trig, PressureTrigger):
+        return isinstance(event, PressureSeen) and (event.scope, event.resource) == (
+            trig.scope,
+            trig.resource,
+        )
+    if isinstance(trig, SocketModeTrigger):
+        return isinstance(event, SocketModeSeen) and event.path == trig.path
+    kinds: dict[type, type] = {FdTrigger: FdUsage, OomTrigger: OomKills, VersionTrigger: VersionSeen}
+    return isinstance(event, kinds[type(trig)])
+
+
 
 def _when(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
@@ -496,8 +546,8 @@ def _event_time(event: Event, now: float) -> float:
 
 
 def _event_path(event: Event) -> str:
-    return event.path if isinstance(event, PathChanged) else ""
+    return event.path if isinstance(event, PathChanged | SocketModeSeen | PressureSeen | OomKills) else ""
 
 
 def _event_unit(event: Event) -> str:
-    return event.unit if isinstance(event, UnitChanged | JournalLine) else ""
+    return event.unit if isinstance(event, UnitChanged | JournalLine | FdUsage | OomKills) else ""

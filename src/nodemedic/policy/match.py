@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from nodemedic.events import Event, JournalLine, PathChanged, ProbeFailed, SignalSeen, UnitChanged
+from nodemedic.events import (
+    Event,
+    FdUsage,
+    JournalLine,
+    OomKills,
+    PathChanged,
+    PressureSeen,
+    ProbeFailed,
+    SignalSeen,
+    SocketModeSeen,
+    UnitChanged,
+    VersionSeen,
+)
 from nodemedic.policy.model import (
+    FdTrigger,
     JournalTrigger,
+    KnownBug,
+    OomTrigger,
     PathTrigger,
+    PressureTrigger,
     ProbeTrigger,
     Rule,
     SignalTrigger,
+    SocketModeTrigger,
     Trigger,
     UnitTrigger,
+    VersionTrigger,
 )
 
 
@@ -36,6 +55,11 @@ def match(rules: list[Rule], event: Event) -> list[Match]:
     return out
 
 
+def match_trigger(trig: Trigger, event: Event) -> str | None:
+    """What fired, if ``trig`` fires on ``event``."""
+    return _fires(trig, event)
+
+
 def _fires(trig: Trigger, event: Event) -> str | None:
     if isinstance(trig, PathTrigger) and isinstance(event, PathChanged):
         return _path(trig, event)
@@ -47,6 +71,25 @@ def _fires(trig: Trigger, event: Event) -> str | None:
         return _probe(trig, event)
     if isinstance(trig, SignalTrigger) and isinstance(event, SignalSeen):
         return _signal(trig, event)
+    return _resource(trig, event)
+
+
+def _resource(trig: Trigger, event: Event) -> str | None:
+    """The resource watcher's readings (sources/resources.py)."""
+    if isinstance(trig, FdTrigger) and isinstance(event, FdUsage):
+        return _fds(trig, event)
+    if isinstance(trig, PressureTrigger) and isinstance(event, PressureSeen):
+        return _pressure(trig, event)
+    if isinstance(trig, OomTrigger) and isinstance(event, OomKills) and event.new > 0:
+        return (
+            f"the OOM killer killed {event.new} process(es) in {event.unit}'s cgroup ({event.total} in all)"
+        )
+    if isinstance(trig, SocketModeTrigger) and isinstance(event, SocketModeSeen):
+        return _socket_mode(trig, event)
+    if isinstance(trig, VersionTrigger) and isinstance(event, VersionSeen):
+        bugs = known_bugs(trig.known_bugs, event.version)
+        if bugs:
+            return f"containerd {event.version} has known bugs: " + "; ".join(b.reason for b in bugs)
     return None
 
 
@@ -85,3 +128,44 @@ def _signal(trig: SignalTrigger, event: SignalSeen) -> str | None:
     if event.unit == trig.unit and event.signal == trig.signal:
         return f"{event.unit}'s main process {event.target_pid} was killed by signal {event.signal}"
     return None
+
+
+def _fds(trig: FdTrigger, event: FdUsage) -> str | None:
+    if event.limit > 0 and event.open > trig.fraction * event.limit:
+        return (f"{event.unit}'s main process {event.pid} has {event.open} of {event.limit} file "
+                f"descriptors open ({100 * event.open / event.limit:.0f} %)")  # fmt: skip
+    return None
+
+
+def _pressure(trig: PressureTrigger, event: PressureSeen) -> str | None:
+    if (trig.scope, trig.resource) != (event.scope, event.resource):
+        return None
+    value = event.some_avg10 if trig.line == "some" else event.full_avg10
+    if value >= trig.above:
+        where = "host" if event.scope == "host" else "containerd's cgroup"
+        return f"{trig.resource} pressure ({where}): {trig.line} avg10={value:.2f} % >= {trig.above:g} %"
+    return None
+
+
+def _socket_mode(trig: SocketModeTrigger, event: SocketModeSeen) -> str | None:
+    if event.path != trig.path or (event.mode, event.uid, event.gid) == (trig.bits, trig.uid, trig.gid):
+        return None
+    return (f"{event.path} is mode {event.mode:04o} owner {event.uid}:{event.gid}, "
+            f"expected {trig.bits:04o} {trig.uid}:{trig.gid}")  # fmt: skip
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version: "1.6.20~ds1" -> (1, 6, 20); "v2.0.0-rc.1" -> (2, 0, 0)."""
+    found = re.match(r"v?(\d+(?:\.\d+)*)", version.strip())
+    return tuple(int(n) for n in found.group(1).split(".")) if found else ()
+
+
+def known_bugs(bugs: list[KnownBug], version: str) -> list[KnownBug]:
+    """The ranges ``version`` falls in (first <= version < fixed); none for an unparsable version."""
+    seen = version_tuple(version)
+    if not seen:
+        return []
+    return [
+        b for b in bugs
+        if version_tuple(b.first) <= seen and (b.fixed is None or seen < version_tuple(b.fixed))
+    ]  # fmt: skip

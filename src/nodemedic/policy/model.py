@@ -52,6 +52,18 @@ class ConfigBackup(Strict):
     """How many copies are kept (content-addressed, under ``<state_dir>/config-good``)."""
 
 
+class ResourceSettings(Strict):
+    """The resource watcher, which serves the ``fds``, ``pressure``, ``oom``, ``socket-mode`` and
+    ``version`` triggers: one periodic reading of each check some rule uses, and none while no rule
+    uses one."""
+
+    interval: Duration = 5.0
+    """Time between two readings."""
+    unit: str = "containerd.service"
+    """The unit whose main process (file descriptors) and cgroup (pressure, OOM kills) are read;
+    its MainPID is learnt over D-Bus, so it must be in ``[daemon].watch_units``."""
+
+
 class RepairBudget(Strict):
     """A ceiling on repairs across all rules, whatever each rule's own backoff and breaker allow."""
 
@@ -77,7 +89,8 @@ class DaemonSettings(Strict):
     """systemd units whose state changes are followed over D-Bus."""
 
     journal_units: list[str] = Field(default=["containerd.service"])
-    """Units whose own journal lines, and systemd's lines about them, are followed."""
+    """Units whose own journal lines, and systemd's lines about them, are followed. ``"kernel"`` (not a
+    unit) follows the kernel's own lines: OOM kills, SELinux and AppArmor denials."""
 
     budget: RepairBudget = RepairBudget()
     """The global repair budget."""
@@ -87,6 +100,10 @@ class DaemonSettings(Strict):
 
     config_backup: ConfigBackup = ConfigBackup()
     """Last-known-good copies of containerd's config."""
+
+    resources: ResourceSettings = ResourceSettings()
+    """The resource watcher used by ``fds``, ``pressure``, ``oom``, ``socket-mode`` and ``version``
+    triggers."""
 
     @property
     def quarantine(self) -> Path:
@@ -118,7 +135,7 @@ class JournalTrigger(Strict):
     pattern: re.Pattern[str]
     """Regular expression searched in the MESSAGE field; compiled when the policy loads."""
     unit: str = "containerd.service"
-    """The unit whose lines (and systemd's lines about it) are searched."""
+    """The unit whose lines (and systemd's lines about it) are searched; ``"kernel"``: the kernel's."""
 
 
 class UnitTrigger(Strict):
@@ -154,9 +171,95 @@ class SignalTrigger(Strict):
     """The signal, by name ("SIGHUP", "HUP") or number."""
 
 
+class FdTrigger(Strict):
+    """Fires when the watched unit's main process (``[daemon.resources].unit``) has more than
+    ``fraction`` of its RLIMIT_NOFILE soft limit open: the entries of /proc/MainPID/fd against
+    "Max open files" in /proc/MainPID/limits. Counting another process's fds needs CAP_SYS_PTRACE
+    (see docs/operations.md)."""
+
+    source: Literal["fds"]
+    fraction: float = Field(default=0.8, gt=0.0, le=1.0)
+    """Open descriptors over the soft limit that fire, e.g. 0.8 for 80 %."""
+
+
+class PressureTrigger(Strict):
+    """Fires when a PSI average (the share of the last 10 s in which tasks waited for
+    ``resource``) is at or above ``above`` percent: host-wide (/proc/pressure/RESOURCE) or in the
+    watched unit's cgroup (RESOURCE.pressure)."""
+
+    source: Literal["pressure"]
+    resource: Literal["cpu", "memory", "io"]
+    """Which resource's pressure."""
+    scope: Literal["host", "containerd"] = "containerd"
+    """``host``: the whole machine; ``containerd``: the cgroup of ``[daemon.resources].unit``."""
+    line: Literal["some", "full"] = "some"
+    """``some``: at least one task waited; ``full``: all non-idle tasks waited at once."""
+    above: float = Field(default=40.0, ge=0.0, le=100.0)
+    """The avg10 percentage that fires."""
+
+
+class OomTrigger(Strict):
+    """Fires when the kernel's OOM killer killed a process in the watched unit's cgroup: the
+    ``oom_kill`` count in its memory.events grew since the previous reading. Needs the memory
+    controller on that cgroup (without it there is no memory.events and this never fires)."""
+
+    source: Literal["oom"]
+
+
+class SocketModeTrigger(Strict):
+    """Fires when a socket's permission bits or owner differ from what is expected (a path that is
+    missing or not a socket is another rule's business and fires nothing here)."""
+
+    source: Literal["socket-mode"]
+    path: str = "/run/containerd/containerd.sock"
+    """The socket to look at."""
+    mode: str = "0660"
+    """Its expected permission bits, in octal (containerd creates its socket 0660)."""
+    uid: int = Field(default=0, ge=0)
+    """Its expected owner (containerd's ``[grpc].uid``, 0 by default)."""
+    gid: int = Field(default=0, ge=0)
+    """Its expected group (containerd's ``[grpc].gid``, 0 by default)."""
+
+    @field_validator("mode")
+    @classmethod
+    def _octal(cls, mode: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3,4}", mode):
+            raise ValueError(f'{mode!r} is not an octal permission mode like "0660"')
+        return mode
+
+    @property
+    def bits(self) -> int:
+        return int(self.mode, 8)
+
+
+class KnownBug(Strict):
+    """A range of containerd versions with a known bug: ``first`` <= version < ``fixed``."""
+
+    first: str = Field(pattern=r"^\d+(\.\d+)*$")
+    """The first affected version, e.g. "1.6.0"."""
+    fixed: str | None = Field(default=None, pattern=r"^\d+(\.\d+)*$")
+    """The first version without the bug, e.g. "1.6.38"; none: every later version is affected."""
+    reason: str = Field(min_length=1)
+    """What the bug is, for the operator (a CVE, an issue), written in the record."""
+
+
+class VersionTrigger(Strict):
+    """Fires when the version containerd reports over its Version API (asked once per reading, on
+    ``[daemon.probe].socket``) falls in one of ``known_bugs``; once per version seen."""
+
+    source: Literal["version"]
+    known_bugs: list[KnownBug] = Field(min_length=1)
+    """The affected ranges, each with its reason."""
+
+
+ResourceTriggerType = FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger
+RESOURCE_TRIGGERS = (FdTrigger, PressureTrigger, OomTrigger, SocketModeTrigger, VersionTrigger)
+
 Trigger = Annotated[
-    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger, Field(discriminator="source")
-]
+    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger
+    | FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger,
+    Field(discriminator="source"),
+]  # fmt: skip
 
 
 class Confirm(Strict):
@@ -238,6 +341,9 @@ class Rule(Strict):
     """Lower-case letters, digits and dashes; appears as NODEMEDIC_RULE in every record."""
     description: str = ""
     """One sentence for the operator: what fault this rule repairs."""
+    advice: str = ""
+    """What an operator can do about the fault, written in the rule's records (NODEMEDIC_DETAIL):
+    for faults nodemedic only reports."""
     mode: Mode | None = None
     """Overrides ``[daemon].mode`` for this rule."""
     trigger: list[Trigger] = Field(min_length=1)
@@ -247,8 +353,9 @@ class Rule(Strict):
     confirm: Confirm | None = None
     """Whether to act: re-checked against the real state before acting, so one incident reported by
     several sources leads to one repair, and a stale event leads to none."""
-    action: list[ActionSpec] = Field(min_length=1)
-    """What to do, in order; the first failure stops the sequence."""
+    action: list[ActionSpec] = Field(default_factory=list)
+    """What to do, in order; the first failure stops the sequence. None: the rule only reports
+    (NODEMEDIC_OUTCOME=reported), once per incident, as in observe mode."""
     backoff: Backoff = Backoff()
     """How long to wait before trying again after a failed repair."""
     breaker: Breaker = Breaker()
@@ -288,6 +395,9 @@ class Policy(Strict):
             if rule.when.unit is not None and rule.when.unit not in self.daemon.watch_units:
                 problems.append(f"rule {rule.name!r}: when.unit {rule.when.unit} is not in "
                                 f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
+        if self.resource_checks() and self.daemon.resources.unit not in self.daemon.watch_units:
+            problems.append(f"[daemon.resources].unit {self.daemon.resources.unit} is not in "
+                            f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
         if self.sighup.mode != "off" and self.sighup.unit not in self.daemon.watch_units:
             problems.append(f"[sighup].unit {self.sighup.unit} is not in [daemon].watch_units "
                             f"{self.daemon.watch_units}")  # fmt: skip
@@ -300,6 +410,10 @@ class Policy(Strict):
 
     def uses_probe(self) -> bool:
         return any(isinstance(t, ProbeTrigger) for r in self.rule for t in r.trigger)
+
+    def resource_checks(self) -> list[ResourceTriggerType]:
+        """The triggers the resource watcher must serve."""
+        return [t for r in self.rule for t in r.trigger if isinstance(t, RESOURCE_TRIGGERS)]
 
     def watched_paths(self) -> list[str]:
         paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]

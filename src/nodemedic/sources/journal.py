@@ -18,6 +18,10 @@ from nodemedic.events import Event, JournalLine
 from nodemedic.state import atomic_write
 
 log = logging.getLogger(__name__)
+# Not a unit: "kernel" in the units followed means the kernel's own lines (OOM kills, SELinux and
+# AppArmor denials), which no unit owns.
+KERNEL = "kernel"
+KERNEL_TRANSPORTS = ("kernel", "audit")
 
 
 class JournalFollower:
@@ -58,11 +62,16 @@ class JournalFollower:
         from systemd import journal
 
         reader = journal.Reader(path=self._journal_dir) if self._journal_dir else journal.Reader()
-        for unit in self.units:
+        units = [u for u in self.units if u != KERNEL]
+        for unit in units:
             reader.add_match(_SYSTEMD_UNIT=unit)
         reader.add_disjunction()
-        for unit in self.units:
+        for unit in units:
             reader.add_match(UNIT=unit)
+        if KERNEL in self.units:
+            reader.add_disjunction()
+            for transport in KERNEL_TRANSPORTS:
+                reader.add_match(_TRANSPORT=transport)
         saved = self._load_cursor()
         if saved:
             try:
@@ -95,6 +104,8 @@ class JournalFollower:
         unit = entry.get("UNIT")
         if unit not in self.units:
             unit = entry.get("_SYSTEMD_UNIT")
+        if unit not in self.units and KERNEL in self.units and entry.get("_TRANSPORT") in KERNEL_TRANSPORTS:
+            unit = KERNEL
         if unit not in self.units:
             return None
         return JournalLine(

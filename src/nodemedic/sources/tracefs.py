@@ -168,9 +168,9 @@ class TraceSignals:
             self._on_state(
                 f"{err}: the senders of signal {self.signal} to {self.unit} will not be known (its "
                 f"deaths by that signal are still seen over D-Bus). To fix: mount tracefs "
-                f"(mount -t tracefs tracefs {self.tracefs}), let nodemedic write there "
-                f"(ReadWritePaths=-{self.tracefs} in nodemedic.service) and reload; or set "
-                f"[sighup] trace = false."
+                f"(mount -t tracefs tracefs {self.tracefs}) and let nodemedic write there (in "
+                f"nodemedic.service: ProtectKernelTunables=no, ReadOnlyPaths=/sys, "
+                f"ReadWritePaths=-{self.tracefs}), then restart nodemedic; or set [sighup] trace = false."
             )
             return
         try:

@@ -1,0 +1,113 @@
+"""Raise a unit's file-descriptor limit: a ``LimitNOFILE=`` drop-in of nodemedic's own, a
+daemon-reload, a restart, and the new limit checked on the new main process.
+
+The drop-in goes under /run/systemd/system (gone at reboot: the operator's own configuration stays
+the lasting truth) with a marker line; a file of that name without the marker is someone else's and
+is never overwritten. Shims survive the restart (KillMode=process), as with every containerd restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nodemedic.actions.base import ActionContext, Skip, Step
+from nodemedic.errors import RepairFailedError, UnitControlError, UnsafePathError
+from nodemedic.policy.duration import Duration
+from nodemedic.procfs import soft_nofile
+from nodemedic.state import atomic_write
+
+MARKER = "# nodemedic: managed drop-in"
+SYSTEMCTL_TIMEOUT = 30.0
+
+
+class RaiseNofileLimitParams(BaseModel):
+    """Install a ``LimitNOFILE=`` drop-in for ``unit`` under ``dropin_root``, reload systemd,
+    restart the unit and check the new main process's soft limit. Skipped when the running process
+    already has ``limit``. The hardened nodemedic.service needs ``ReadWritePaths=`` for
+    ``dropin_root`` to write it (docs/operations.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    do: Literal["raise-nofile-limit"]
+    unit: str = "containerd.service"
+    """The unit whose limit is raised."""
+    limit: int = Field(default=1048576, ge=1024)
+    """The new soft and hard RLIMIT_NOFILE."""
+    dropin_root: str = "/run/systemd/system"
+    """Where the drop-in folder ``<unit>.d`` is made (runtime: gone at reboot)."""
+    name: str = Field(default="90-nodemedic-nofile.conf", pattern=r"^[A-Za-z0-9_.-]+\.conf$")
+    """The drop-in's file name; it sorts after most operators' drop-ins, whose settings it overrides."""
+    timeout: Duration = 30.0
+    """How long the restart may take."""
+
+
+class RaiseNofileLimit:
+    name = "raise-nofile-limit"
+    proc = Path("/proc")
+
+    def __init__(self, params: RaiseNofileLimitParams) -> None:
+        self.params = params
+
+    @property
+    def path(self) -> Path:
+        return Path(self.params.dropin_root) / f"{self.params.unit}.d" / self.params.name
+
+    async def check(self, ctx: ActionContext) -> Step | Skip:
+        p = self.params
+        if self.path.exists() and MARKER not in self.path.read_text(errors="replace"):
+            raise UnsafePathError(f"{self.path} exists and is not nodemedic's: not overwriting it; "
+                                  f"set another name for the drop-in or remove that file")  # fmt: skip
+        pid = await main_pid(p.unit)
+        current = soft_nofile(self.proc, pid) if pid else -1
+        if current == 0 or current >= p.limit:
+            return Skip(f"{p.unit}'s main process {pid} already has LimitNOFILE {current or 'unlimited'}")
+        return Step(f"install {self.path} with LimitNOFILE={p.limit}, reload systemd and restart "
+                    f"{p.unit} (its main process {pid} has a soft limit of {current})",
+                    unit=p.unit, paths=(str(self.path),), data={"pid": str(pid)})  # fmt: skip
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        p = self.params
+        text = (f"{MARKER} (rule action raise-nofile-limit): {p.unit} ran out of file descriptors.\n"
+                f"# Remove this file and run `systemctl daemon-reload` to undo; it is gone at reboot.\n"
+                f"[Service]\nLimitNOFILE={p.limit}\n")  # fmt: skip
+        atomic_write(self.path, text)
+        self.path.chmod(0o644)
+        await systemctl("daemon-reload")
+        await ctx.units.restart(p.unit, p.timeout)
+        return f"wrote {self.path}"
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        p = self.params
+        pid = await main_pid(p.unit)
+        if not pid or str(pid) == step.data.get("pid"):
+            raise RepairFailedError(f"{p.unit} has no new main process after the restart (MainPID {pid})")
+        soft = soft_nofile(self.proc, pid)
+        if soft != 0 and soft < p.limit:
+            raise RepairFailedError(f"{p.unit}'s new main process {pid} still has LimitNOFILE {soft}: "
+                                    "a drop-in sorting after ours may set it")  # fmt: skip
+        return f"{p.unit}'s new main process {pid} has LimitNOFILE {soft or 'unlimited'}"
+
+
+async def systemctl(*args: str) -> str:
+    """Run systemctl and return its output; a failure is a UnitControlError."""
+    proc = await asyncio.create_subprocess_exec(
+        "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise UnitControlError(f"systemctl {' '.join(args)} took over {SYSTEMCTL_TIMEOUT:g}s") from None
+    if proc.returncode != 0:
+        raise UnitControlError(f"systemctl {' '.join(args)}: {err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+async def main_pid(unit: str) -> int:
+    """The unit's MainPID as systemd has it now (0: none)."""
+    return int((await systemctl("show", "--property=MainPID", "--value", unit)).strip() or 0)

@@ -368,10 +368,6 @@ class Runner:
         state.deferred_reported = False
         elapsed = self._ms(started)
         now = self.ctx.clock.wall()
-        if mode == "observe":
-            state.observed = True
-            self.report(RecordKind.OUTCOME, f"{rule.name}: observed, nothing changed (observe mode)",
-                        **common, OUTCOME="observed", ELAPSED_MS=elapsed)  # fmt: skip
         if not rule.action:  # report-only: no budget spent, no backoff, once per incident
             state.observed = True
             advice = f". What to do: {rule.advice}" if rule.advice else ""
@@ -379,6 +375,10 @@ class Runner:
                         **common, OUTCOME="reported", TRIGGER=m.trigger, DETAIL=rule.advice,
                         ELAPSED_MS=elapsed)  # fmt: skip
             return
+        if mode == "observe":
+            state.observed = True
+            self.report(RecordKind.OUTCOME, f"{rule.name}: observed, nothing changed (observe mode)",
+                        **common, OUTCOME="observed", ELAPSED_MS=elapsed)  # fmt: skip
             return
         self.budget.spend(now)
         if failure is None:
@@ -501,14 +501,14 @@ class Runner:
 def _cleared(rule: Rule, event: Event) -> bool:
     """Has an observed incident of ``rule`` ended? Paths are looked at; a hang ends when the probe
     is answered again; a broken config when its unit runs again."""
-    confirm = rule.confirm
-    if confirm is None:
-        return True
-    if confirm.paths:
     readings = [t for t in rule.trigger if isinstance(t, RESOURCE_TRIGGERS)]
     if readings:  # only a reading of the same check can say the condition is gone
         same = [t for t in readings if _reads(t, event)]
         return bool(same) and not any(match_trigger(t, event) for t in same)
+    confirm = rule.confirm
+    if confirm is None:
+        return True
+    if confirm.paths:
         return not _holds(confirm)
     if confirm.probe:
         return isinstance(event, ProbeAnswered)
@@ -518,10 +518,6 @@ def _cleared(rule: Rule, event: Event) -> bool:
         )
     return True
 
-
-def _holds(confirm: Confirm) -> bool:
-    """The path part of the condition (the probe part is asked in ``_still_unanswered``)."""
-    return not confirm.paths or any(path_kind(p) == confirm.kind for p in confirm.paths)
 
 def _reads(trig: ResourceTriggerType, event: Event) -> bool:
     """Is ``event`` a reading of the check ``trig`` looks at?"""
@@ -535,6 +531,10 @@ def _reads(trig: ResourceTriggerType, event: Event) -> bool:
     kinds: dict[type, type] = {FdTrigger: FdUsage, OomTrigger: OomKills, VersionTrigger: VersionSeen}
     return isinstance(event, kinds[type(trig)])
 
+
+def _holds(confirm: Confirm) -> bool:
+    """The path part of the condition (the probe part is asked in ``_still_unanswered``)."""
+    return not confirm.paths or any(path_kind(p) == confirm.kind for p in confirm.paths)
 
 
 def _when(wall: float) -> str:

@@ -249,3 +249,26 @@ def test_missing_proc_is_empty(tmp_path: Path) -> None:
     assert list(view.pids()) == []
     assert view.prefix() == ""
     assert not view.is_own_proc()
+
+
+def test_without_ns_links_the_pid_namespace_is_told_by_start_time(tmp_path: Path) -> None:
+    # nodemedic.service cannot read /proc/PID/ns/pid of a root process (no CAP_SYS_PTRACE): the
+    # process must then be in our /proc, under its innermost PID, with the same start time
+    fake = FakeProc(tmp_path, outer_self="/system.slice/nodemedic.service",
+                    inner_self="/system.slice/nodemedic.service")  # fmt: skip
+    (fake.own / "self" / "ns" / "pid").unlink()
+    fake.add(
+        16733, comm="containerd", cgroup="/system.slice/containerd.service", nspid=[16733, 33], start=500
+    )
+    fake.add(
+        17000, comm="containerd", cgroup="/system.slice/containerd.service", nspid=[17000, 34], start=700
+    )
+    (fake.own / "33").mkdir()
+    (fake.own / "33" / "stat").write_text("33 (containerd) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 500 0 0\n")
+    (fake.own / "34").mkdir()
+    (fake.own / "34" / "stat").write_text("34 (bash) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 900 0 0\n")
+    view = ProcView(fake.proc, own=fake.own)
+    assert view.in_our_pid_namespace(16733) is True
+    assert view.in_our_pid_namespace(17000) is False  # PID 34 here is another process
+    assert view.in_our_pid_namespace(4242) is None
+    assert not view.is_ours_in_unit(17000, "containerd.service")

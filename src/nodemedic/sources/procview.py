@@ -173,13 +173,23 @@ class ProcView:
         return fields[19] if len(fields) > 19 else ""
 
     def in_our_pid_namespace(self, pid: int) -> bool | None:
-        """The process lives in our PID namespace (None if that cannot be read)."""
+        """The process lives in our PID namespace (None if that cannot be told).
+
+        /proc/PID/ns/pid needs ptrace access, which nodemedic.service's capability set does not
+        give for a root process with more capabilities (measured: EACCES). Then the process must be
+        in our own /proc under its innermost PID, with the same start time."""
         try:
             theirs = os.readlink(self.proc / str(pid) / "ns" / "pid")
             ours = os.readlink(self.own / "self" / "ns" / "pid")
         except OSError:
-            return None
-        return theirs == ours
+            pass
+        else:
+            return theirs == ours
+        started = self.start_time(pid)
+        local_pid = self.local_pid(pid)
+        if not started or not local_pid:
+            return None  # gone
+        return ProcView(self.own).start_time(local_pid) == started
 
     def is_ours_in_unit(self, pid: int, unit: str) -> bool:
         """The process is in ``unit``'s cgroup as our systemd sees it (not another node's) and in

@@ -73,8 +73,9 @@ refill = 1
 per = "60s"
 cooldown = "5m"
 """
-OUTCOMES = ("storm", "storm-ended", "dropin-installed", "reload-applied", "reload-refused",
-            "frozen", "thawed")  # fmt: skip
+# nodemedic's SIGHUP records; other SIGHUP work (would-do, refused, failed) is told by its ACTION.
+SIGHUP_OUTCOMES = ("sighup", "storm", "storm-ended", "frozen", "thawed")
+SIGHUP_ACTIONS = ("sighup-", "freeze-")
 
 
 @dataclass
@@ -88,6 +89,9 @@ class ModeResult:
     frozen_after: int | None
     setup_restarts: int
     outcomes: Counter[str] = field(default_factory=Counter)
+    """nodemedic's SIGHUP records by outcome (and action, for would-do, refused, failed)."""
+    repairs: Counter[str] = field(default_factory=Counter)
+    """The other rules' outcomes (e.g. socket-path-is-directory repaired)."""
     storms: list[str] = field(default_factory=list)
 
 
@@ -97,6 +101,21 @@ def policy(mode: str, interval: str) -> str:
     shipped = tomlkit.parse(SHIPPED_POLICY.read_text())
     shipped["sighup"] = tomlkit.parse(SIGHUP_POLICY.format(mode=sighup_mode, interval=interval))["sighup"]
     return tomlkit.dumps(shipped)
+
+
+def sort_records(entries: list[dict[str, str]]) -> tuple[Counter[str], Counter[str]]:
+    """(SIGHUP records by outcome, the other rules' final outcomes by rule)."""
+    sighup: Counter[str] = Counter()
+    repairs: Counter[str] = Counter()
+    for entry in entries:
+        outcome, action = entry.get("NODEMEDIC_OUTCOME", ""), entry.get("NODEMEDIC_ACTION", "")
+        if outcome in SIGHUP_OUTCOMES or outcome.startswith(("dropin-", "reload-")):
+            sighup[outcome] += 1
+        elif action.startswith(SIGHUP_ACTIONS):
+            sighup[f"{outcome} {action}"] += 1
+        elif outcome in ("repaired", "not-repaired", "held") and "NODEMEDIC_RULE" in entry:
+            repairs[f"{entry['NODEMEDIC_RULE']} {outcome}"] += 1
+    return sighup, repairs
 
 
 def main_pid(node: Node) -> int:
@@ -208,13 +227,13 @@ def one_mode(image: Path, mode: str, args: argparse.Namespace, pattern: SighupPa
         setup = 0 if mode == "stock" else set_up_nodemedic(node, mode, args.coalesce_interval)
         nrestarts = int(node.unit_property("containerd.service", "NRestarts"))
         watch = socket_watch(node)
-        racer = hostpath_racer(node, interval=args.racer_interval)
+        racer = hostpath_racer(node, interval=args.racer_interval, limit=args.racer_limit or None)
         counts, frozen_after = drive_storm(node, args, pattern, mode)
         settle(node, mode, interval)
         directories = len(racer.directories_made())
         racer.stop()
         result = watch.result()
-        outcomes = Counter(r.get("NODEMEDIC_OUTCOME", "") for r in records(node))
+        outcomes, repairs = sort_records(records(node))
         storms = [f"{r.get('NODEMEDIC_SIGNALS', '?')} signals from {r.get('NODEMEDIC_SENDERS', '?')} "
                   f"in {r.get('NODEMEDIC_WINDOW', '?')}" for r in records(node, outcome="storm")]  # fmt: skip
         journal = save_journal(node, mode)
@@ -229,6 +248,7 @@ def one_mode(image: Path, mode: str, args: argparse.Namespace, pattern: SighupPa
             frozen_after=frozen_after,
             setup_restarts=setup,
             outcomes=outcomes,
+            repairs=repairs,
             storms=storms,
         )
         unbreak(node, racer)
@@ -240,7 +260,7 @@ HEADER = ("mode", "restarts", "new PIDs", "NRestarts", "sock missing s", "cd dow
 
 
 def row(r: ModeResult) -> tuple[str, ...]:
-    others = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k not in ("storm", ""))
+    others = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "storm")
     became_dir = f"yes ({r.directories})" if r.directories or r.watch.directory_sightings else "no"
     w = r.watch
     return (r.mode, str(w.starts), str(w.new_pids), str(r.nrestarts), f"{w.missing_seconds:.2f}",
@@ -272,6 +292,9 @@ def verdicts(results: list[ModeResult]) -> list[str]:
         if r.setup_restarts:
             lines.append(f"{r.mode}: {r.setup_restarts} restart before the storm to apply the drop-in "
                          "(not counted above)")  # fmt: skip
+        if r.repairs:
+            repairs = ", ".join(f"{k} {v}" for k, v in sorted(r.repairs.items()))
+            lines.append(f"{r.mode}: other rules: {repairs}")
         if r.frozen_after is not None:
             lines.append(f"{r.mode}: the toolkit stand-in was frozen after {r.frozen_after} attempts")
     return lines
@@ -292,6 +315,8 @@ def main() -> int:
                         help='[sighup.coalesce] interval, in seconds (default "30s")')  # fmt: skip
     parser.add_argument("--racer-interval", type=float, default=0.01,
                         help="seconds between the hostPath stand-in's checks (default 0.01)")  # fmt: skip
+    parser.add_argument("--racer-limit", type=int, default=1,
+                        help="most directories the hostPath stand-in makes, 0: any (default 1)")  # fmt: skip
     parser.add_argument("--frozen-hold", type=float, default=10.0,
                         help="throttle: seconds to go on once the stand-in froze (default 10)")  # fmt: skip
     args = parser.parse_args()
@@ -319,7 +344,8 @@ def main() -> int:
     print(f"\nreproduce: .venv/bin/python bench/sighup_storm.py --crashes {args.crashes} "
           f"--signals {args.signals} --every {args.every:g} --pause {args.pause:g} --burst {args.burst} "
           f"--modes {','.join(modes)} --coalesce-interval {args.coalesce_interval} "
-          f"--racer-interval {args.racer_interval:g} --frozen-hold {args.frozen_hold:g}")  # fmt: skip
+          f"--racer-interval {args.racer_interval:g} --racer-limit {args.racer_limit} "
+          f"--frozen-hold {args.frozen_hold:g}")  # fmt: skip
     return 0
 
 

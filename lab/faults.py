@@ -242,7 +242,7 @@ _HOSTPATH_RACER = r"""
 # STAND-IN for the CRI plugin's hostPath mount (lab only: there is no Kubernetes here): a pod that
 # mounts the socket path with hostPath (type unset) makes the CRI plugin MkdirAll it when missing.
 import json, os, sys, time
-path, state, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+path, state, interval, limit = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 made = []
 def save():
     with open(state + ".tmp", "w") as f:
@@ -250,7 +250,7 @@ def save():
     os.replace(state + ".tmp", state)
 save()
 while True:
-    if not os.path.lexists(path):
+    if not os.path.lexists(path) and (limit == 0 or len(made) < limit):
         try:
             os.makedirs(path, 0o755)
         except FileExistsError:
@@ -281,18 +281,26 @@ class HostpathRacer:
 
 
 def hostpath_racer(
-    node: Node, path: str = SOCKET, interval: float = 0.01, unit: str = HOSTPATH_RACER_UNIT
+    node: Node,
+    path: str = SOCKET,
+    interval: float = 0.01,
+    limit: int | None = None,
+    unit: str = HOSTPATH_RACER_UNIT,
 ) -> HostpathRacer:
     """Start a unit in the node, labelled as a stand-in for the CRI plugin's hostPath mount, that
     makes a directory at ``path`` (mkdir -p) whenever it finds the path missing, checking every
     ``interval`` seconds, so it races every moment containerd leaves the path empty (a clean stop
-    unlinks the socket; a start unlinks the stale one before binding). Records each directory made."""
+    unlinks the socket; a start unlinks the stale one before binding). Records each directory made.
+    With ``limit`` it makes at most that many: an unlimited racer also recreates the directory in
+    the few milliseconds between a repair's removal and containerd's start, which no real pod does
+    (the CRI plugin runs inside containerd)."""
     state = f"{LAB_STATE}/{unit}.json"
     node.sh(f"mkdir -p {LAB_STATE} && rm -f {state}")
     node.run("systemd-run", f"--unit={unit}", "--collect",
              "--description=STAND-IN for the CRI plugin's hostPath mount of the containerd socket "
              "(lab only, no Kubernetes): mkdir -p when missing",
-             "/usr/bin/python3", "-c", _HOSTPATH_RACER, path, state, f"{interval:g}")  # fmt: skip
+             "/usr/bin/python3", "-c", _HOSTPATH_RACER, path, state, f"{interval:g}",
+             str(limit or 0))  # fmt: skip
     wait_for(lambda: node.sh(f"test -e {state}", check=False).returncode == 0, 10,
              "the hostPath stand-in to start")  # fmt: skip
     return HostpathRacer(node, unit, state)

@@ -311,6 +311,18 @@ def test_bytes_split_across_reads_are_joined(harness: Harness) -> None:
         os.close(write_fd)
 
 
+async def test_end_of_file_stops_reading(harness: Harness) -> None:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.close(write_fd)
+    broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    try:
+        harness.source._on_readable(read_fd, broken)
+    finally:
+        os.close(read_fd)
+    assert broken.result() == "end of file"
+
+
 # ---- without a usable tracefs ------------------------------------------------------------------
 
 

@@ -216,11 +216,16 @@ class TraceSignals:
         loop = asyncio.get_running_loop()
         try:
             self._learn_at_start()
-            loop.add_reader(fd, self._on_readable, fd)
+            broken: asyncio.Future[str] = loop.create_future()
+            loop.add_reader(fd, self._on_readable, fd, broken)
             try:
-                await asyncio.Future()  # runs until cancelled
+                reason = await broken  # runs until cancelled, unless the trace stops working
             finally:
                 loop.remove_reader(fd)
+            self._on_state(
+                f"reading {directory}/trace_pipe stopped ({reason}): the senders of signal "
+                f"{self.signal} to {self.unit} will not be known until nodemedic restarts"
+            )
         finally:
             os.close(fd)  # before the rmdir: an open trace_pipe keeps the instance busy
 
@@ -232,16 +237,17 @@ class TraceSignals:
 
     # ---- lines -----------------------------------------------------------------------------
 
-    def _on_readable(self, fd: int) -> None:
+    def _on_readable(self, fd: int, broken: asyncio.Future[str] | None = None) -> None:
         while True:
             try:
                 chunk = os.read(fd, READ_SIZE)
             except BlockingIOError:
                 break
-            except OSError as err:
-                log.warning("reading the trace failed: %s", err)
+            except OSError as err:  # a readable fd that fails would wake the loop forever
+                _stop(broken, str(err))
                 break
             if not chunk:
+                _stop(broken, "end of file")
                 break
             self._pending += chunk
         *lines, self._pending = self._pending.split(b"\n")
@@ -310,6 +316,11 @@ class TraceSignals:
                      line.signal, self.unit, line.sender_comm, line.sender_pid)  # fmt: skip
             return line.sender_comm, ""
         return (comm if unnamed else line.sender_comm), self._view.cgroup(line.sender_pid) or ""
+
+
+def _stop(broken: asyncio.Future[str] | None, reason: str) -> None:
+    if broken is not None and not broken.done():
+        broken.set_result(reason)
 
 
 def _remove(directory: Path, *, strict: bool = False) -> None:

@@ -41,6 +41,22 @@ def start_nodemedic(node: Node, mode: str = "enforce", policy: str | None = None
     node.run("systemctl", "start", "nodemedic.service", timeout=60)
 
 
+def sighup_policy(mode: str, **tables: dict[str, object]) -> str:
+    """The shipped policy with ``[sighup] mode`` set, ``proc`` set to the host's /proc (a lab node
+    has its own PID namespace; the trace's PIDs are the host's: Node.boot(host_proc=True)), and
+    keys of its subtables overridden, e.g. ``storm={"signals": 1, "window": "10s"}``."""
+    import tomlkit
+
+    doc = tomlkit.parse(SHIPPED_POLICY.read_text())
+    section = doc["sighup"]
+    section["mode"] = mode
+    section["proc"] = "/host/proc"
+    for name, values in tables.items():
+        for key, value in values.items():
+            section[name][key] = value  # type: ignore[index]
+    return tomlkit.dumps(doc)
+
+
 def records(node: Node, **fields: str) -> list[dict[str, str]]:
     """nodemedic's journald records, filtered on NODEMEDIC_* fields (e.g. OUTCOME="repaired")."""
     matches = [f"NODEMEDIC_{k.upper()}={v}" for k, v in fields.items()]

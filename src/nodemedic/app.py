@@ -13,18 +13,25 @@ from nodemedic.clock import Clock, MonotonicClock
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine.lastgood import LastGoodKeeper
 from nodemedic.engine.runner import Runner
+from nodemedic.engine.sighup import GuardContext, GuardSystemd, SighupGuard
 from nodemedic.engine.store import StateStore
 from nodemedic.events import Event
 from nodemedic.policy.model import Policy
 from nodemedic.report import RecordKind, Reporter
+from nodemedic.sighup.freezer import Freezer
 from nodemedic.sources.dbus import SystemdBus
+from nodemedic.sources.filewatch import FileWatcher
 from nodemedic.sources.inotify import PathWatcher
 from nodemedic.sources.journal import JournalFollower
 from nodemedic.sources.probe import ContainerdProbe, ProbeLoop
 from nodemedic.sources.resources import ResourceWatch
+from nodemedic.sources.tracefs import TraceSignals
 
 CURSOR_FILE = "journal.cursor"
 GOOD_CONFIGS = "config-good"
+FROZEN = "frozen.json"
+SIGHUP_STATE = "sighup.json"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -38,6 +45,7 @@ class App:
     runner: Runner
     repairs: set[asyncio.Task[None]]
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
+    guard: SighupGuard | None = None  # [sighup], unless mode = "off"
 
 
 def build_app(
@@ -80,6 +88,8 @@ def build_app(
     if policy.uses_probe():
         p = settings.probe
         sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
+
+    runner = Runner(policy, ctx, report, _spawner(repairs), StateStore(settings.state_dir))
     observers: list[Callable[[Event], None]] = [keeper.handle]
     if policy.resource_checks():
         res = settings.resources
@@ -87,12 +97,9 @@ def build_app(
                               settings.probe.socket, settings.probe.timeout, emit, clock)  # fmt: skip
         sources["resources"] = watch.run
         observers.append(watch.handle)
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        repairs.add(task)
-        task.add_done_callback(repairs.discard)
-
+    guard = None
+    if policy.sighup.mode != "off":
+        guard = _build_guard(policy, report, clock, emit, systemd, prober, good, runner, sources, observers)
     return App(
         policy=policy,
         policy_path=policy_path,
@@ -100,7 +107,48 @@ def build_app(
         events=events,
         sources=sources,
         systemd=systemd,
-        runner=Runner(policy, ctx, report, spawn, StateStore(settings.state_dir)),
+        runner=runner,
         repairs=repairs,
         observers=observers,
+        guard=guard,
     )
+
+
+def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, None]], None]:
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        repairs.add(task)
+        task.add_done_callback(repairs.discard)
+
+    return spawn
+
+
+def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[[Event], None],
+                 systemd: GuardSystemd, prober: VersionProbe, good: GoodConfigs, runner: Runner,
+                 sources: dict[str, Callable[[], Coroutine[Any, Any, None]]],
+                 observers: list[Callable[[Event], None]]) -> SighupGuard:  # fmt: skip
+    """[sighup]: the guard, the config watch it reloads from, and the kernel trace that names senders."""
+    hup, settings = policy.sighup, policy.daemon
+
+    def on_trace_state(message: str) -> None:
+        report(RecordKind.DAEMON, message, SOURCE="tracefs")
+
+    # nodemedic's own cgroup is protected by the freezer itself
+    freezer = Freezer(
+        CGROUP_ROOT, settings.state_dir / FROZEN, hup.throttle.deny, [f"/system.slice/{hup.unit}"]
+    )
+    config = Path(settings.config_backup.path)
+    ctx = GuardContext(systemd=systemd, probe=prober, probe_socket=settings.probe.socket,
+                       probe_timeout=settings.probe.timeout, config=config, good=good, freezer=freezer,
+                       state_file=settings.state_dir / SIGHUP_STATE, exclusive=runner.exclusive,
+                       closing=lambda: runner.closing)  # fmt: skip
+    guard = SighupGuard(hup, settings.mode, ctx, report, clock)
+    sources["sighup"] = guard.run
+    sources["config-watch"] = FileWatcher([str(config)], emit, clock).run
+    observers.append(guard.handle)
+    if hup.trace:
+        trace = TraceSignals(tracefs=hup.tracefs, proc=hup.proc, unit=hup.unit, emit=emit, clock=clock,
+                             on_state=on_trace_state)  # fmt: skip
+        sources["tracefs"] = trace.run
+        observers.append(trace.handle)
+    return guard

@@ -16,7 +16,7 @@ from nodemedic import __version__
 from nodemedic.app import App
 from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
-from nodemedic.policy.model import DaemonSettings
+from nodemedic.policy.model import DaemonSettings, Policy
 from nodemedic.report import RecordKind
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,14 @@ class Daemon:
                 policy.watched_paths() != runner.policy.watched_paths()
                 or policy.uses_probe() != runner.policy.uses_probe()
                 or _needs_restart(policy.daemon, runner.policy.daemon)
+                or _sighup_needs_restart(policy, runner.policy)
             ):
-                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] (but mode and budget) "
-                                "or to watched paths take effect at the next restart",
+                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] (but mode and budget), "
+                                "to watched paths or to [sighup]'s sources take effect at the next restart",
                                 PATH=str(path))  # fmt: skip
             runner.replace_policy(policy)
+            if self.app.guard is not None:
+                self.app.guard.replace(policy.sighup, policy.daemon.mode)
             self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
                             OUTCOME="reloaded", PATH=str(path))  # fmt: skip
         self.app.runner.take_resets()
@@ -168,6 +171,17 @@ def _needs_restart(new: DaemonSettings, old: DaemonSettings) -> bool:
     """[daemon] settings other than mode and budget are read once, at start-up."""
     live = {"mode", "budget"}
     return new.model_dump(exclude=live) != old.model_dump(exclude=live)
+
+
+def _sighup_needs_restart(new: Policy, old: Policy) -> bool:
+    """[sighup] mode and its settings apply at once; turning it on or off, or its sources, at restart."""
+    a, b = new.sighup, old.sighup
+    return (a.mode == "off") != (b.mode == "off") or (a.unit, a.trace, a.tracefs, a.proc) != (
+        b.unit,
+        b.trace,
+        b.tracefs,
+        b.proc,
+    )
 
 
 def _watchdog_interval() -> float:

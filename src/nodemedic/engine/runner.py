@@ -117,6 +117,10 @@ class Runner:
         self._restore()
         self.take_resets()
 
+    def exclusive(self) -> asyncio.Lock:
+        """The lock every repair holds: whoever else restarts containerd (the SIGHUP guard) takes it too."""
+        return self._one_at_a_time
+
     def replace_policy(self, policy: Policy) -> None:
         """Apply a (re)loaded policy; state of rules that stay, and repairs under way, are kept."""
         self.policy = policy

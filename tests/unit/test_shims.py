@@ -108,3 +108,27 @@ async def test_every_named_pid_is_judged_even_when_lines_come_in_a_burst(tmp_pat
     assert sorted(judged) == sorted(
         f"Found left-over process {p} (containerd-shim) x" for p in (62, 111, 140)
     )
+
+
+async def test_a_repair_whose_actions_all_find_nothing_to_do_spends_no_budget(tmp_path: Path) -> None:
+    """Live shims named at every containerd start are not a repair: no budget, no breaker."""
+    import asyncio
+
+    from nodemedic.engine.runner import Runner
+    from nodemedic.policy.load import parse_policy
+    from nodemedic.report import MemorySink, Reporter
+
+    policy = parse_policy({"daemon": {"budget": {"repairs": 1}}, "rule": [{"name": "left-over-shims",
+        "trigger": [{"source": "journal", "pattern": r"Found left-over process \d+ \(containerd-shim"}],
+        "action": [{"do": "kill-orphaned-shims", "proc": str(tmp_path)}]}]})  # fmt: skip
+    sink = MemorySink()
+    tasks: list[asyncio.Task[None]] = []
+    runner = Runner(policy, ctx(""), Reporter(sink),
+                    lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
+    for _ in range(3):
+        runner.handle(JournalLine("containerd.service", "Found left-over process 62 (containerd-shim) x"))
+        while tasks:
+            await tasks.pop(0)
+    outcomes = [r.fields.get("OUTCOME") for r in sink.records if r.kind.name == "OUTCOME"]
+    assert outcomes == ["nothing-to-do"] * 3
+    assert runner.budget.spent == []

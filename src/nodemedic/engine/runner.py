@@ -294,28 +294,46 @@ class Runner:
         if not rule.action:
             verb, decided = "report only: nodemedic has no safe repair for this", "report"
         self.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **common, OUTCOME=decided)
+        applied: list[str] = []  # the actions that changed something
         try:
             if mode == "enforce":
                 async with self._one_at_a_time:
-                    failure = await self._actions(rule, mode, common, started, m.event)
+                    failure = await self._actions(rule, mode, common, started, m.event, applied)
             else:
-                failure = await self._actions(rule, mode, common, started, m.event)
+                failure = await self._actions(rule, mode, common, started, m.event, applied)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             log.exception("rule %s crashed", rule.name)
             self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
                         OUTCOME="failed", DETAIL=repr(exc))  # fmt: skip
             failure = f"internal error: {exc!r}"
+        if mode == "enforce" and failure is None and not applied and rule.action:
+            self._nothing_done(m, state, common, started)
+            return
         self._conclude(m, mode, state, failure, common, started)
 
+    def _nothing_done(self, m: Match, state: RuleState, common: dict[str, str], started: float) -> None:
+        """Every action's check found nothing to do (e.g. the shims systemd named all serve
+        containers): not a repair, so no budget is spent and the breaker is not moved."""
+        state.deferred_reported = False
+        state.backoff.succeeded()
+        self.report(RecordKind.OUTCOME, f"{m.rule.name}: nothing to do, nothing changed", **common,
+                    OUTCOME="nothing-to-do", ELAPSED_MS=self._ms(started))  # fmt: skip
+
     async def _actions(
-        self, rule: Rule, mode: str, common: dict[str, str], started: float, event: Event
+        self,
+        rule: Rule,
+        mode: str,
+        common: dict[str, str],
+        started: float,
+        event: Event,
+        applied: list[str],
     ) -> str | None:
         """Run the rule's actions in order; the first failure's message, or None. A failure after
         a stop starts the stopped units again: systemd's own Restart= is back in charge, and the
         node is no worse than before nodemedic acted."""
         stopped: list[str] = []
         ctx = dataclasses.replace(self.ctx, event=event)  # actions may need what fired the rule
-        failure = await self._steps(ctx, rule, mode, common, started, stopped)
+        failure = await self._steps(ctx, rule, mode, common, started, stopped, applied)
         if failure is not None:
             await self._compensate(stopped, common, started)
         return failure
@@ -332,7 +350,7 @@ class Runner:
                         OUTCOME=outcome, DETAIL=detail, ELAPSED_MS=self._ms(started))  # fmt: skip
 
     async def _steps(self, ctx: ActionContext, rule: Rule, mode: str, common: dict[str, str],
-                     started: float, stopped: list[str]) -> str | None:  # fmt: skip
+                     started: float, stopped: list[str], applied: list[str]) -> str | None:  # fmt: skip
         for params in rule.action:
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
@@ -354,6 +372,7 @@ class Runner:
                     stopped.append(step.unit)
                 if action.name == "start-unit" and step.unit in stopped:
                     stopped.remove(step.unit)
+                applied.append(action.name)
                 done = await action.apply(ctx, step)
                 checked = await action.verify(ctx, step)
             except (NodemedicError, OSError) as exc:  # OSError: the file system said no

@@ -111,10 +111,11 @@ def sort_records(entries: list[dict[str, str]]) -> tuple[Counter[str], Counter[s
         outcome, action = entry.get("NODEMEDIC_OUTCOME", ""), entry.get("NODEMEDIC_ACTION", "")
         if outcome in SIGHUP_OUTCOMES or outcome.startswith(("dropin-", "reload-")):
             sighup[outcome] += 1
-        elif action.startswith(SIGHUP_ACTIONS):
+        elif "NODEMEDIC_RULE" in entry:
+            if outcome in ("repaired", "not-repaired", "held"):
+                repairs[f"{entry['NODEMEDIC_RULE']} {outcome}"] += 1
+        elif action.startswith(SIGHUP_ACTIONS) or action == "restart-unit":  # the guard's own
             sighup[f"{outcome} {action}"] += 1
-        elif outcome in ("repaired", "not-repaired", "held") and "NODEMEDIC_RULE" in entry:
-            repairs[f"{entry['NODEMEDIC_RULE']} {outcome}"] += 1
     return sighup, repairs
 
 
@@ -188,9 +189,10 @@ def drive_storm(
 def settle(node: Node, mode: str, interval: float) -> None:
     """Let the last restart (RestartSec=5) or the coalesced reload happen before measuring."""
     if mode == "coalesce+config":
+        ends = ("reload-applied", "reload-refused", "failed restart-unit")
         try:
-            wait_for(lambda: records(node, outcome="reload-applied"), interval + 30,
-                     "the config change to be applied", 1)  # fmt: skip
+            wait_for(lambda: any(k in ends for k in sort_records(records(node))[0]), interval + 30,
+                     "the config change to be applied or refused", 1)  # fmt: skip
         except TimeoutError as err:
             print(f"  {mode}: {err}", file=sys.stderr)
     time.sleep(2)

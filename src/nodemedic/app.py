@@ -67,6 +67,9 @@ def build_app(
     def on_bus_state(message: str) -> None:
         report(RecordKind.DAEMON, message, SOURCE="dbus")
 
+    def on_files_state(message: str) -> None:
+        report(RecordKind.DAEMON, message, SOURCE="inotify")
+
     systemd = SystemdBus(settings.watch_units, emit, clock, bus_address=bus_address, on_state=on_bus_state)
     journal = JournalFollower(
         settings.journal_units,
@@ -100,6 +103,10 @@ def build_app(
     guard = None
     if policy.sighup.mode != "off":
         guard = _build_guard(policy, report, clock, emit, systemd, prober, good, runner, sources, observers)
+    # file triggers' paths, and config.toml for the guard's coalesced reloads
+    files = policy.watched_files() + ([backup.path] if guard is not None else [])
+    if files:
+        sources["files"] = FileWatcher(files, emit, clock, on_state=on_files_state).run
     return App(
         policy=policy,
         policy_path=policy_path,
@@ -144,7 +151,6 @@ def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[
                        closing=lambda: runner.closing)  # fmt: skip
     guard = SighupGuard(hup, settings.mode, ctx, report, clock)
     sources["sighup"] = guard.run
-    sources["config-watch"] = FileWatcher([str(config)], emit, clock).run
     observers.append(guard.handle)
     if hup.trace:
         trace = TraceSignals(tracefs=hup.tracefs, proc=hup.proc, unit=hup.unit, emit=emit, clock=clock,

@@ -62,3 +62,28 @@ def test_observe_mode_keeps_the_broken_config(node: Node) -> None:
     assert "restore-config" in {r["NODEMEDIC_ACTION"] for r in records(node, rule=RULE, outcome="would-do")}
     assert node.sh(f"cat {CONFIG}").stdout == BROKEN.replace("\\n", "\n")
     assert not containerd_serving(node)
+
+
+EDITED = "containerd-config-edited-broken"
+
+
+@pytest.mark.parametrize("mode", ["enforce", "observe"])
+def test_an_edit_containerd_would_refuse_is_caught_while_it_runs(node: Node, mode: str) -> None:
+    """No restart needed to see it: the write itself is caught; containerd keeps running."""
+    good = node.run("sha256sum", CONFIG).stdout.split()[0]
+    start_nodemedic(node, mode=mode, policy=policy("1s"))
+    wait_for(lambda: records(node, outcome="config-kept"), 15, "a last-known-good copy")
+    pid = node.unit_property("containerd.service", "MainPID")
+
+    node.sh(f"printf '{BROKEN}' > {CONFIG}")
+    if mode == "observe":
+        wait_for(lambda: records(node, rule=EDITED, outcome="observed"), 15, "the observed record")
+        assert len(records(node, rule=EDITED, action="restore-config", outcome="would-do")) == 1
+        assert node.sh(f"cat {CONFIG}").stdout == BROKEN.replace("\\n", "\n"), "observe touches nothing"
+    else:
+        wait_for(lambda: records(node, rule=EDITED, outcome="repaired"), 15, "the repaired record")
+        assert node.run("sha256sum", CONFIG).stdout.split()[0] == good, "restored byte for byte"
+        [aside] = node.sh(f"ls {CONFIG}.broken-*").stdout.split()
+        assert node.sh(f"cat {aside}").stdout == BROKEN.replace("\\n", "\n"), "the edit is kept aside"
+    assert node.unit_property("containerd.service", "MainPID") == pid, "containerd was not restarted"
+    assert containerd_serving(node)

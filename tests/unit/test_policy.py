@@ -52,6 +52,7 @@ def test_shipped_policy_loads() -> None:
         "socket-path-is-directory",
         "containerd-hung",
         "containerd-config-broken",
+        "containerd-config-edited-broken",
         "left-over-shims",
         "containerd-fd-exhaustion",
         "containerd-starved",

@@ -33,6 +33,7 @@ from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import (
     Event,
     FdUsage,
+    FileChanged,
     JournalLine,
     OomKills,
     PathChanged,
@@ -569,7 +570,8 @@ def _event_time(event: Event, now: float) -> float:
 
 
 def _event_path(event: Event) -> str:
-    return event.path if isinstance(event, PathChanged | SocketModeSeen | PressureSeen | OomKills) else ""
+    paths = PathChanged | SocketModeSeen | PressureSeen | OomKills | FileChanged
+    return event.path if isinstance(event, paths) else ""
 
 
 def _event_unit(event: Event) -> str:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from nodemedic.state import atomic_write
 log = logging.getLogger(__name__)
 
 SIGHUP = 1
+RULE = "sighup"  # NODEMEDIC_RULE of the guard's records
 TRACE_COVERS = 10.0  # a D-Bus death this soon after a traced SIGHUP is that same signal
 TICK = 1.0
 RESTART_TIMEOUT = 60.0
@@ -121,6 +123,7 @@ class SighupGuard:
         self._apply_dropin = False
         self._coalescing = False
         self._storm_restarts = 0
+        self._storm_incident = ""
         self._mode_changed = True
         self._to_freeze: dict[str, str] = {}  # cgroup -> sender, decided, frozen at the next tick
 
@@ -166,7 +169,7 @@ class SighupGuard:
         sender = sender_name(event)
         verdict = self._storm.add(now, sender)
         if verdict is Verdict.SINGLE:
-            self._report(RecordKind.DETECTED, f"{self.settings.unit} was sent SIGHUP by {sender}"
+            self._say(RecordKind.DETECTED, f"{self.settings.unit} was sent SIGHUP by {sender}"
                          f"{' (ignored: it runs with SIGHUP ignored)' if event.result == 1 else ''}",
                          UNIT=self.settings.unit, SOURCE=event.source, SENDERS=sender,
                          CGROUP=event.sender_cgroup, OUTCOME="sighup")  # fmt: skip
@@ -180,13 +183,14 @@ class SighupGuard:
 
     def _storm_began(self, storm: Storm) -> None:
         self._storm_restarts = 0
+        self._storm_incident = uuid.uuid4().hex[:12]
         window = self.settings.storm.window
         self._report(
             RecordKind.DETECTED,
             f"SIGHUP storm against {self.settings.unit}: {storm.signals} SIGHUPs within {window:g}s from "
             f"{storm.describe_senders()}; [sighup] mode {self.settings.mode}",
             UNIT=self.settings.unit, SIGNALS=storm.signals, SENDERS=storm.describe_senders(),
-            WINDOW=window, MODE=self.settings.mode, OUTCOME="storm",
+            WINDOW=window, OUTCOME="storm",
         )  # fmt: skip
 
     def _storm_ended(self, storm: Storm) -> None:
@@ -197,7 +201,7 @@ class SighupGuard:
             f"from {storm.describe_senders()}; {self.settings.unit} restarted {self._storm_restarts} "
             f"time(s) meanwhile",
             UNIT=self.settings.unit, SIGNALS=storm.signals, SENDERS=storm.describe_senders(),
-            WINDOW=lasted, MODE=self.settings.mode, OUTCOME="storm-ended",
+            WINDOW=lasted, OUTCOME="storm-ended", INCIDENT=self._storm_incident,
             DETAIL=f"restarts={self._storm_restarts}",
         )  # fmt: skip
 
@@ -270,7 +274,7 @@ class SighupGuard:
         if not removed:
             return
         await self._daemon_reload()
-        self._report(RecordKind.ACTION, f"removed {', '.join(map(str, removed))}: {self.settings.unit} "
+        self._say(RecordKind.ACTION, f"removed {', '.join(map(str, removed))}: {self.settings.unit} "
                      f"dies on SIGHUP again from its next start ([sighup] mode {self.settings.mode}); "
                      "until then it keeps ignoring SIGHUP", UNIT=self.settings.unit,
                      PATH=str(removed[0]), OUTCOME="dropin-removed", ACTION="sighup-dropin")  # fmt: skip
@@ -278,7 +282,7 @@ class SighupGuard:
     async def _install_dropin(self) -> None:
         unit, co = self.settings.unit, self.settings.coalesce
         if not await asyncio.to_thread(dropin.env_ignores_signals):
-            self._report(RecordKind.ERROR, "[sighup] mode coalesce needs `env --ignore-signal` (coreutils "
+            self._say(RecordKind.ERROR, "[sighup] mode coalesce needs `env --ignore-signal` (coreutils "
                          ">= 8.31), which this node lacks: SIGHUPs are only observed", UNIT=unit,
                          OUTCOME="refused", ACTION="sighup-dropin")  # fmt: skip
             return
@@ -287,31 +291,31 @@ class SighupGuard:
         try:
             text = dropin.render_dropin(await self.ctx.systemd.exec_start(unit))
         except (NodemedicError, OSError) as exc:
-            self._report(RecordKind.ERROR, f"cannot read {unit}'s ExecStart to write the drop-in: {exc}",
+            self._say(RecordKind.ERROR, f"cannot read {unit}'s ExecStart to write the drop-in: {exc}",
                          UNIT=unit, OUTCOME="failed", ACTION="sighup-dropin")  # fmt: skip
             return
         if self.daemon_mode == "observe":
             if not path.exists():
-                self._report(RecordKind.DECIDED, f"would install {path} so that {unit} starts with SIGHUP "
+                self._say(RecordKind.DECIDED, f"would install {path} so that {unit} starts with SIGHUP "
                              "ignored, and apply config changes itself", UNIT=unit, PATH=str(path),
                              MODE="observe", OUTCOME="would-do", ACTION="sighup-dropin")  # fmt: skip
             return
         try:
             installed = await asyncio.to_thread(self._install_only, path, text)
         except (NodemedicError, OSError) as exc:
-            self._report(RecordKind.ERROR, f"cannot install {path}: {exc}", UNIT=unit, PATH=str(path),
+            self._say(RecordKind.ERROR, f"cannot install {path}: {exc}", UNIT=unit, PATH=str(path),
                          OUTCOME="failed", ACTION="sighup-dropin")  # fmt: skip
             return
         if installed:
             await self._daemon_reload()
-            self._report(RecordKind.ACTION, f"installed {path}: {unit} starts with SIGHUP ignored; "
+            self._say(RecordKind.ACTION, f"installed {path}: {unit} starts with SIGHUP ignored; "
                          "nodemedic applies config.toml changes itself", UNIT=unit, PATH=str(path),
                          OUTCOME="dropin-installed", ACTION="sighup-dropin")  # fmt: skip
         self._request_reload()  # a change that came before the mode was entered
         if co.restart_to_apply:
             self._apply_dropin = True
         else:
-            self._report(RecordKind.DAEMON, f"the drop-in takes effect at {unit}'s next start", UNIT=unit,
+            self._say(RecordKind.DAEMON, f"the drop-in takes effect at {unit}'s next start", UNIT=unit,
                          OUTCOME="dropin-pending", ACTION="sighup-dropin")  # fmt: skip
 
     def _install_only(self, path: Path, text: str) -> bool:
@@ -328,7 +332,7 @@ class SighupGuard:
         try:
             await self.ctx.systemd.daemon_reload()
         except (NodemedicError, OSError) as exc:
-            self._report(RecordKind.ERROR, f"systemd daemon-reload failed: {exc}", OUTCOME="failed",
+            self._say(RecordKind.ERROR, f"systemd daemon-reload failed: {exc}", OUTCOME="failed",
                          ACTION="sighup-dropin")  # fmt: skip
 
     async def _restart_for_dropin(self) -> None:
@@ -337,23 +341,23 @@ class SighupGuard:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._new_pid.wait(), NEW_PID_WAIT)
         if not self._main_pid:
-            self._report(RecordKind.DAEMON, f"{unit} is not running: the drop-in takes effect when it "
+            self._say(RecordKind.DAEMON, f"{unit} is not running: the drop-in takes effect when it "
                          "starts", UNIT=unit, OUTCOME="dropin-pending", ACTION="sighup-dropin")  # fmt: skip
             return
         if dropin.ignores_sighup(self._main_pid, self.ctx.proc):
             return  # already applied (e.g. nodemedic restarted, containerd did not)
         problem = await config_problem(self.ctx.config)
         if problem is not None:
-            self._report(RecordKind.DECIDED, f"not restarting {unit} to apply the drop-in: its config does "
+            self._say(RecordKind.DECIDED, f"not restarting {unit} to apply the drop-in: its config does "
                          f"not load ({problem}); the drop-in takes effect at its next start", UNIT=unit,
                          OUTCOME="dropin-pending", DETAIL=problem, ACTION="sighup-dropin")  # fmt: skip
             return
         pid = await self._restart("apply the SIGHUP drop-in")
         if pid and dropin.ignores_sighup(pid, self.ctx.proc):
-            self._report(RecordKind.OUTCOME, f"{unit} restarted (pid {pid}) and now ignores SIGHUP",
+            self._say(RecordKind.OUTCOME, f"{unit} restarted (pid {pid}) and now ignores SIGHUP",
                          UNIT=unit, OUTCOME="dropin-applied", ACTION="sighup-dropin")  # fmt: skip
         elif pid:
-            self._report(RecordKind.ERROR, f"{unit} restarted (pid {pid}) but does not ignore SIGHUP: "
+            self._say(RecordKind.ERROR, f"{unit} restarted (pid {pid}) but does not ignore SIGHUP: "
                          "is the drop-in overridden by another one?", UNIT=unit, OUTCOME="failed",
                          ACTION="sighup-dropin")  # fmt: skip
 
@@ -382,14 +386,14 @@ class SighupGuard:
         if problem is not None:
             if f"refused:{digest}" not in self._told:
                 self._told.add(f"refused:{digest}")
-                self._report(RecordKind.DETECTED, f"{path} changed but containerd would refuse it: "
+                self._say(RecordKind.DETECTED, f"{path} changed but containerd would refuse it: "
                              f"{problem}; {unit} keeps running with its current config", UNIT=unit,
                              PATH=str(path), DETAIL=problem, OUTCOME="reload-refused")  # fmt: skip
             self._requests = 0
             return
         requests, self._requests = self._requests, 0
         if self.daemon_mode == "observe":
-            self._report(RecordKind.DECIDED, f"would restart {unit} once to apply the new {path} "
+            self._say(RecordKind.DECIDED, f"would restart {unit} once to apply the new {path} "
                          f"({requests} request(s) coalesced)", UNIT=unit, PATH=str(path), SIGNALS=requests,
                          MODE="observe", OUTCOME="would-do", ACTION="sighup-reload")  # fmt: skip
             self._applied = content
@@ -398,7 +402,7 @@ class SighupGuard:
             await asyncio.to_thread(self.ctx.good.save, self._applied)
         pid = await self._restart(f"apply a new {path}", content)
         if pid:
-            self._report(RecordKind.OUTCOME, f"applied the new {path} with one restart of {unit} "
+            self._say(RecordKind.OUTCOME, f"applied the new {path} with one restart of {unit} "
                          f"(pid {pid}): {requests} request(s) coalesced", UNIT=unit, PATH=str(path),
                          SIGNALS=requests, DETAIL=f"sha256 {digest}", OUTCOME="reload-applied",
                          ACTION="sighup-reload")  # fmt: skip
@@ -414,7 +418,7 @@ class SighupGuard:
             old = self._main_pid
             try:
                 applied = content if content is not None else _read(self.ctx.config)
-                self._report(RecordKind.ACTION, f"restarting {unit} to {why}", UNIT=unit, OUTCOME="started",
+                self._say(RecordKind.ACTION, f"restarting {unit} to {why}", UNIT=unit, OUTCOME="started",
                              ACTION="restart-unit")  # fmt: skip
                 await self.ctx.systemd.restart(unit, RESTART_TIMEOUT)
                 deadline = self._clock.monotonic() + NEW_PID_WAIT
@@ -423,7 +427,7 @@ class SighupGuard:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._new_pid.wait(), 0.5)
             except (NodemedicError, OSError) as exc:
-                self._report(RecordKind.ERROR, f"restarting {unit} to {why} failed: {exc}", UNIT=unit,
+                self._say(RecordKind.ERROR, f"restarting {unit} to {why} failed: {exc}", UNIT=unit,
                              OUTCOME="failed", ACTION="restart-unit")  # fmt: skip
                 return 0
             finally:
@@ -443,13 +447,13 @@ class SighupGuard:
         if refusal is not None:
             if f"refusal:{cgroup}" not in self._told:
                 self._told.add(f"refusal:{cgroup}")
-                self._report(RecordKind.DECIDED, f"{sender} exceeds its SIGHUP budget but is not frozen: "
+                self._say(RecordKind.DECIDED, f"{sender} exceeds its SIGHUP budget but is not frozen: "
                              f"{refusal}", CGROUP=cgroup, SENDERS=sender, OUTCOME="refused",
                              DETAIL=refusal, ACTION="freeze-sender")  # fmt: skip
             return
         cooldown = self.settings.throttle.cooldown
         if self.daemon_mode == "observe":
-            self._report(RecordKind.DECIDED, f"would freeze {cgroup} ({sender}) for {cooldown:g}s: it "
+            self._say(RecordKind.DECIDED, f"would freeze {cgroup} ({sender}) for {cooldown:g}s: it "
                          "exceeds its SIGHUP budget", CGROUP=cgroup, SENDERS=sender, MODE="observe",
                          OUTCOME="would-do", ACTION="freeze-sender")  # fmt: skip
             return
@@ -466,20 +470,28 @@ class SighupGuard:
                     self.ctx.freezer.freeze, cgroup, self._clock.wall() + throttle.cooldown
                 )
             except (NodemedicError, OSError) as exc:
-                self._report(RecordKind.ERROR, f"could not freeze {cgroup}: {exc}", CGROUP=cgroup,
+                self._say(RecordKind.ERROR, f"could not freeze {cgroup}: {exc}", CGROUP=cgroup,
                              SENDERS=sender, OUTCOME="failed", ACTION="freeze-sender")  # fmt: skip
                 continue
-            self._report(RecordKind.ACTION, f"froze {cgroup} ({sender}) for {throttle.cooldown:g}s: it sent "
+            self._say(RecordKind.ACTION, f"froze {cgroup} ({sender}) for {throttle.cooldown:g}s: it sent "
                          f"more SIGHUPs than its budget ({throttle.burst} at once, {throttle.refill} per "
                          f"{throttle.per:g}s)", CGROUP=cgroup, SENDERS=sender, OUTCOME="frozen",
                          ACTION="freeze-sender")  # fmt: skip
 
     def _thaw(self, cgroups: list[str], why: str) -> None:
         for cgroup in cgroups:
-            self._report(RecordKind.ACTION, f"thawed {cgroup}: {why}", CGROUP=cgroup, OUTCOME="thawed",
+            self._say(RecordKind.ACTION, f"thawed {cgroup}: {why}", CGROUP=cgroup, OUTCOME="thawed",
                          ACTION="freeze-sender")  # fmt: skip
 
     # ---- helpers --------------------------------------------------------------------------------
+
+    def _say(self, kind: RecordKind, message: str, **fields: object) -> None:
+        """Every record of the guard carries NODEMEDIC_RULE=sighup (`journalctl NODEMEDIC_RULE=sighup`),
+        the mode, and an incident id: the storm's while one lasts, so its records go together."""
+        incident = self._storm_incident if self._storm.storm is not None else uuid.uuid4().hex[:12]
+        fields.setdefault("MODE", self.daemon_mode)
+        fields.setdefault("INCIDENT", incident)
+        self._report(kind, message, RULE=RULE, **fields)
 
     def _good_copy(self, digest: str) -> bytes | None:
         path = self.ctx.good.directory / f"{digest}.toml"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from nodemedic.events import (
     Event,
     FdUsage,
+    FileChanged,
     JournalLine,
     OomKills,
     PathChanged,
@@ -20,6 +21,7 @@ from nodemedic.events import (
 )
 from nodemedic.policy.model import (
     FdTrigger,
+    FileTrigger,
     JournalTrigger,
     KnownBug,
     OomTrigger,
@@ -71,6 +73,8 @@ def _fires(trig: Trigger, event: Event) -> str | None:
         return _probe(trig, event)
     if isinstance(trig, SignalTrigger) and isinstance(event, SignalSeen):
         return _signal(trig, event)
+    if isinstance(trig, FileTrigger) and isinstance(event, FileChanged) and event.path == trig.path:
+        return f"{event.path} was written"
     return _resource(trig, event)
 
 

@@ -24,6 +24,12 @@ Mode = Literal["enforce", "observe"]
 RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
+def absolute_path(path: str) -> str:
+    if not path.startswith("/") or path.endswith("/") or "/../" in path + "/":
+        raise ValueError(f"{path!r} must be an absolute, normalised path")
+    return path
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -123,8 +129,7 @@ class PathTrigger(Strict):
     @classmethod
     def _absolute(cls, paths: list[str]) -> list[str]:
         for p in paths:
-            if not p.startswith("/") or p.endswith("/") or "/../" in p + "/":
-                raise ValueError(f"{p!r} must be an absolute, normalised path")
+            absolute_path(p)
         return paths
 
 
@@ -158,6 +163,21 @@ class ProbeTrigger(Strict):
     source: Literal["probe"]
     failures: int = Field(default=3, ge=1)
     """Consecutive failed requests that fire (and each further one, while it lasts)."""
+
+
+class FileTrigger(Strict):
+    """Fires when the file at ``path`` may have new content: written and closed, or renamed into place
+    (inotify on its folder). Pair it with a confirm condition that reads the file (e.g.
+    ``config_broken``): the event only says that something was written."""
+
+    source: Literal["file"]
+    path: str
+    """An absolute path; its folder must exist when nodemedic starts."""
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        return absolute_path(path)
 
 
 class SignalTrigger(Strict):
@@ -256,7 +276,7 @@ ResourceTriggerType = FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigg
 RESOURCE_TRIGGERS = (FdTrigger, PressureTrigger, OomTrigger, SocketModeTrigger, VersionTrigger)
 
 Trigger = Annotated[
-    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger
+    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger | FileTrigger
     | FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger,
     Field(discriminator="source"),
 ]  # fmt: skip
@@ -414,6 +434,11 @@ class Policy(Strict):
     def resource_checks(self) -> list[ResourceTriggerType]:
         """The triggers the resource watcher must serve."""
         return [t for r in self.rule for t in r.trigger if isinstance(t, RESOURCE_TRIGGERS)]
+
+    def watched_files(self) -> list[str]:
+        """Files whose content is followed: file triggers' paths."""
+        files = [t.path for r in self.rule for t in r.trigger if isinstance(t, FileTrigger)]
+        return list(dict.fromkeys(files))
 
     def watched_paths(self) -> list[str]:
         paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]

@@ -306,3 +306,14 @@ async def test_a_change_made_while_nodemedic_was_down_is_applied_when_it_is_back
     await again.guard.step()
     assert again.systemd.restarts == 1
     assert again.with_outcome("reload-applied")
+
+
+async def test_turning_observe_off_installs_what_was_only_reported(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce", daemon_mode="observe")
+    s.containerd_runs()
+    await s.guard.step()
+    assert not s.dropin.exists()
+    s.guard.replace(s.settings, "enforce")
+    await s.guard.step()
+    assert s.dropin.exists()
+    assert "dropin-installed" in s.outcomes()

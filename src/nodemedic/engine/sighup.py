@@ -227,12 +227,12 @@ class SighupGuard:
 
     def replace(self, settings: SighupSettings, daemon_mode: Mode) -> None:
         """A reloaded policy: a new mode is entered (and the old one's effects undone) at once."""
-        old = self.settings
+        old, old_daemon = self.settings, self.daemon_mode
         self.settings, self.daemon_mode = settings, daemon_mode
         self._storm.threshold, self._storm.window = settings.storm.signals, settings.storm.window
         t = settings.throttle
         self._buckets = SenderBuckets(t.burst, t.refill, t.per, self._clock)
-        if old.mode != settings.mode or old.coalesce != settings.coalesce:
+        if old.mode != settings.mode or old.coalesce != settings.coalesce or old_daemon != daemon_mode:
             self._mode_changed = True
             self._wake.set()
 

@@ -1,0 +1,90 @@
+"""Benchmark: the second field guide's causes, with nodemedic (shipped policy; the fd rule opted in).
+
+Each run boots a fresh lab node. Times are read inside the node with its wall clock: the fault just
+before it is made, nodemedic's records by their own journald timestamps. Detection is bounded by
+``[daemon.resources].interval`` (5 s shipped) for the readings, by journald for journal texts.
+
+- fd exhaustion: containerd restarted with LimitNOFILE=256, then 230 connections held open
+  (the fault is the moment the helper has them all); recovery = the repaired record (drop-in,
+  daemon-reload, restart with the SIGKILL fallback, new limit checked, containerd answering).
+- socket mode: `chmod 000` on the socket; recovery = the repaired record (restart, 0660 again).
+- corrupted metadata database: meta.db zeroed, containerd started; detection = the reported record.
+
+    .venv/bin/python bench/second_guide.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "system"))
+
+from lab.faults import SOCKET, realtime, records, start_nodemedic, wait_for
+from lab.image import ensure_image
+from lab.node import Node
+from test_second_guide import META_DB, exhaust_fds, fd_rule_enforced, opt_in
+
+from stats import summary
+
+NOW = "date +%s.%N"
+
+
+def first(node: Node, rule: str, **fields: str) -> float:
+    found = wait_for(lambda: records(node, rule=rule, **fields), 60, f"{rule} {fields}")
+    return realtime(found[0])  # type: ignore[index]
+
+
+def fds(image: Path) -> tuple[float, float]:
+    with Node.boot(image=image) as node:
+        opt_in(node)
+        start_nodemedic(node, policy=fd_rule_enforced())
+        exhaust_fds(node)
+        fault = float(node.sh(NOW).stdout)  # upper bound: the helper already holds its connections
+        rule = "containerd-fd-exhaustion"
+        return first(node, rule, kind="detected") - fault, first(node, rule, outcome="repaired") - fault
+
+
+def socket_mode(image: Path) -> tuple[float, float]:
+    with Node.boot(image=image) as node:
+        start_nodemedic(node)
+        fault = float(node.sh(f"{NOW}; chmod 000 {SOCKET}").stdout.split()[0])
+        rule = "containerd-socket-mode"
+        return first(node, rule, kind="detected") - fault, first(node, rule, outcome="repaired") - fault
+
+
+def state_corrupted(image: Path) -> float:
+    with Node.boot(image=image) as node:
+        start_nodemedic(node)
+        node.run("systemctl", "stop", "containerd.service")
+        script = (
+            f"dd if=/dev/zero of={META_DB} bs=4096 count=8 status=none; {NOW}; systemctl start containerd"
+        )
+        fault = float(node.sh(script).stdout.split()[0])
+        return first(node, "containerd-state-corrupted", outcome="reported") - fault
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    image = ensure_image()
+    fd_runs = [fds(image) for _ in range(args.runs)]
+    sock_runs = [socket_mode(image) for _ in range(args.runs)]
+    db_runs = [state_corrupted(image) for _ in range(args.runs)]
+    print("\nsecond field guide (containerd 1.6.20, lab node, shipped policy, resources every 5 s)")
+    print(summary("fd exhaustion -> detection record", [d for d, _ in fd_runs], unit="s"))
+    print(summary("fd exhaustion -> repaired (limit raised)", [r for _, r in fd_runs], unit="s"))
+    print(summary("socket chmod 000 -> detection record", [d for d, _ in sock_runs], unit="s"))
+    print(summary("socket chmod 000 -> repaired (0660 again)", [r for _, r in sock_runs], unit="s"))
+    print(summary("corrupted meta.db -> reported", db_runs, unit="s"))
+    print(f"\nreproduce: .venv/bin/python bench/second_guide.py --runs {args.runs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

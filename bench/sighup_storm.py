@@ -73,7 +73,8 @@ refill = 1
 per = "60s"
 cooldown = "5m"
 """
-# nodemedic's SIGHUP records; other SIGHUP work (would-do, refused, failed) is told by its ACTION.
+# The SIGHUP guard's records (NODEMEDIC_RULE=sighup) by outcome; the generic outcomes (started,
+# would-do, refused, failed) with their ACTION.
 SIGHUP_OUTCOMES = ("sighup", "storm", "storm-ended", "frozen", "thawed")
 SIGHUP_ACTIONS = ("sighup-", "freeze-")
 
@@ -109,13 +110,12 @@ def sort_records(entries: list[dict[str, str]]) -> tuple[Counter[str], Counter[s
     repairs: Counter[str] = Counter()
     for entry in entries:
         outcome, action = entry.get("NODEMEDIC_OUTCOME", ""), entry.get("NODEMEDIC_ACTION", "")
-        if outcome in SIGHUP_OUTCOMES or outcome.startswith(("dropin-", "reload-")):
-            sighup[outcome] += 1
-        elif "NODEMEDIC_RULE" in entry:
-            if outcome in ("repaired", "not-repaired", "held"):
-                repairs[f"{entry['NODEMEDIC_RULE']} {outcome}"] += 1
-        elif action.startswith(SIGHUP_ACTIONS) or action == "restart-unit":  # the guard's own
-            sighup[f"{outcome} {action}"] += 1
+        named = outcome in SIGHUP_OUTCOMES or outcome.startswith(("dropin-", "reload-"))
+        rule = entry.get("NODEMEDIC_RULE")
+        if rule == "sighup" or (rule is None and (named or action.startswith(SIGHUP_ACTIONS))):
+            sighup[outcome if named else f"{outcome} {action}"] += 1
+        elif rule is not None and outcome in ("repaired", "not-repaired", "held"):
+            repairs[f"{rule} {outcome}"] += 1
     return sighup, repairs
 
 
@@ -236,8 +236,8 @@ def one_mode(image: Path, mode: str, args: argparse.Namespace, pattern: SighupPa
         racer.stop()
         result = watch.result()
         outcomes, repairs = sort_records(records(node))
-        storms = [f"{r.get('NODEMEDIC_SIGNALS', '?')} signals from {r.get('NODEMEDIC_SENDERS', '?')} "
-                  f"in {r.get('NODEMEDIC_WINDOW', '?')}" for r in records(node, outcome="storm")]  # fmt: skip
+        storms = [r.get("MESSAGE", "") for r in records(node)
+                  if r.get("NODEMEDIC_OUTCOME") in ("storm", "storm-ended")]  # fmt: skip
         journal = save_journal(node, mode)
         print(f"  {mode}: journal saved to {journal}", file=sys.stderr)
         done = ModeResult(
@@ -289,8 +289,8 @@ def verdicts(results: list[ModeResult]) -> list[str]:
     for r in results:
         storms = r.outcomes.get("storm", 0)
         if r.mode != "stock":
-            lines.append(f"{r.mode}: {storms} storm record(s) for {r.sighups[0]} SIGHUPs attempted"
-                         + (f": {'; '.join(r.storms)}" if r.storms else ""))  # fmt: skip
+            lines.append(f"{r.mode}: {storms} storm record(s) for {r.sighups[0]} SIGHUPs attempted")
+            lines += [f"{r.mode}:   {message}" for message in r.storms]
         if r.setup_restarts:
             lines.append(f"{r.mode}: {r.setup_restarts} restart before the storm to apply the drop-in "
                          "(not counted above)")  # fmt: skip

@@ -169,7 +169,8 @@ class SighupPattern:
 @dataclass(frozen=True)
 class StandinCounts:
     """What the toolkit stand-in did: SIGHUPs it tried to send (``attempts``), sent (containerd had
-    a main PID: 0 while it waits for its restart), delivered (``kill`` succeeded)."""
+    a main PID: 0 while it waits for its restart), delivered (``kill`` succeeded). A stand-in frozen
+    right after a kill has that signal in ``sent`` but not in ``delivered``."""
 
     attempts: int
     sent: int
@@ -189,6 +190,8 @@ hup() {
     # MainPID is 0 while containerd waits for its restart: `kill -HUP 0` would signal ourselves.
     if [ "${pid:-0}" -gt 0 ]; then
         sent=$((sent + 1))
+        # Written before the kill too: a freeze right after the kill must not hide this signal.
+        echo "$attempts $sent $delivered" > "$counts.tmp" && mv -f "$counts.tmp" "$counts"
         if kill -HUP "$pid" 2>/dev/null; then delivered=$((delivered + 1)); fi
     fi
     echo "$attempts $sent $delivered" > "$counts.tmp" && mv -f "$counts.tmp" "$counts"

@@ -13,7 +13,8 @@ prints containerd restarts (distinct main PIDs after the first; systemd's NResta
 a `systemctl restart`), seconds the socket path was missing and containerd had no main process,
 directories made at the socket path, containers alive afterwards, SIGHUPs attempted/sent/delivered
 (sent: containerd had a main PID; a storm finds it dead most of the time) and nodemedic's records.
-Target: coalesce 0 restarts, coalesce+config exactly 1.
+Target: coalesce 0 restarts, coalesce+config exactly 1. `--no-hostpath` leaves the hostPath stand-in
+out, to tell the damping of the SIGHUPs from the hostPath race around each restart.
 
     .venv/bin/python bench/sighup_storm.py --crashes 2
 """
@@ -84,7 +85,8 @@ class ModeResult:
     mode: str
     watch: SocketWatchResult
     nrestarts: int
-    directories: int
+    directories: int | None
+    """Directories the hostPath stand-in made (None: it did not run)."""
     alive: int
     sighups: tuple[int, int, int]
     frozen_after: int | None
@@ -211,9 +213,10 @@ def save_journal(node: Node, mode: str) -> Path:
     return path
 
 
-def unbreak(node: Node, racer: HostpathRacer) -> None:
+def unbreak(node: Node, racer: HostpathRacer | None) -> None:
     """Without nodemedic a directory at the socket path stays: remove it so teardown is quick."""
-    racer.stop()
+    if racer is not None:
+        racer.stop()
     node.sh(f"if [ -d {SOCKET} ]; then systemctl stop containerd; rmdir {SOCKET}; "
             "systemctl start containerd; fi", check=False, timeout=60)  # fmt: skip
 
@@ -229,11 +232,13 @@ def one_mode(image: Path, mode: str, args: argparse.Namespace, pattern: SighupPa
         setup = 0 if mode == "stock" else set_up_nodemedic(node, mode, args.coalesce_interval)
         nrestarts = int(node.unit_property("containerd.service", "NRestarts"))
         watch = socket_watch(node)
-        racer = hostpath_racer(node, interval=args.racer_interval, limit=args.racer_limit or None)
+        racer = (hostpath_racer(node, interval=args.racer_interval, limit=args.racer_limit or None)
+                 if args.hostpath else None)  # fmt: skip
         counts, frozen_after = drive_storm(node, args, pattern, mode)
         settle(node, mode, interval)
-        directories = len(racer.directories_made())
-        racer.stop()
+        directories = len(racer.directories_made()) if racer else 0
+        if racer:
+            racer.stop()
         result = watch.result()
         outcomes, repairs = sort_records(records(node))
         storms = [r.get("MESSAGE", "") for r in records(node)
@@ -244,7 +249,7 @@ def one_mode(image: Path, mode: str, args: argparse.Namespace, pattern: SighupPa
             mode=mode,
             watch=result,
             nrestarts=int(node.unit_property("containerd.service", "NRestarts")) - nrestarts,
-            directories=directories,
+            directories=directories if racer else None,
             alive=alive(node, pids),
             sighups=(counts.attempts, counts.sent, counts.delivered),
             frozen_after=frozen_after,
@@ -264,6 +269,8 @@ HEADER = ("mode", "restarts", "new PIDs", "NRestarts", "sock missing s", "cd dow
 def row(r: ModeResult) -> tuple[str, ...]:
     others = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "storm")
     became_dir = f"yes ({r.directories})" if r.directories or r.watch.directory_sightings else "no"
+    if r.directories is None:
+        became_dir = "no racer"
     w = r.watch
     return (r.mode, str(w.starts), str(w.new_pids), str(r.nrestarts), f"{w.missing_seconds:.2f}",
             f"{w.down_seconds:.1f}", became_dir, f"{r.alive}/{len(CONTAINERS)}",
@@ -319,6 +326,8 @@ def main() -> int:
                         help="seconds between the hostPath stand-in's checks (default 0.01)")  # fmt: skip
     parser.add_argument("--racer-limit", type=int, default=1,
                         help="most directories the hostPath stand-in makes, 0: any (default 1)")  # fmt: skip
+    parser.add_argument("--hostpath", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the hostPath stand-in (default: yes)")  # fmt: skip
     parser.add_argument("--frozen-hold", type=float, default=10.0,
                         help="throttle: seconds to go on once the stand-in froze (default 10)")  # fmt: skip
     args = parser.parse_args()
@@ -346,6 +355,7 @@ def main() -> int:
     print(f"\nreproduce: .venv/bin/python bench/sighup_storm.py --crashes {args.crashes} "
           f"--signals {args.signals} --every {args.every:g} --pause {args.pause:g} --burst {args.burst} "
           f"--modes {','.join(modes)} --coalesce-interval {args.coalesce_interval} "
+          f"{'' if args.hostpath else '--no-hostpath '}"
           f"--racer-interval {args.racer_interval:g} --racer-limit {args.racer_limit} "
           f"--frozen-hold {args.frozen_hold:g}")  # fmt: skip
     return 0

@@ -9,8 +9,9 @@ Inside the node a sampler (every 10 ms) records the socket path's kind and conta
 
 Modes: stock (no nodemedic), observe, coalesce, coalesce+config (one real config.toml change
 arrives mid-storm) and throttle ([sighup] mode; the shipped rules stay in enforce). Per mode it
-prints containerd restarts (distinct main PIDs after the first; systemd's NRestarts does not count
-a `systemctl restart`), seconds the socket path was missing and containerd had no main process,
+prints containerd restarts (systemd's "Starting containerd.service" entries during the storm; also
+the new main PIDs the sampler saw, which can miss one killed at once, and NRestarts, which does not
+count a `systemctl restart`), seconds the socket path was missing and containerd had no main process,
 directories made at the socket path, containers alive afterwards, SIGHUPs attempted/sent/delivered
 (sent: containerd had a main PID; a storm finds it dead most of the time) and nodemedic's records.
 Target: coalesce 0 restarts, coalesce+config exactly 1. `--no-hostpath` leaves the hostPath stand-in
@@ -321,7 +322,7 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, from {', '.join(MODES)} (default all)")  # fmt: skip
     parser.add_argument("--coalesce-interval", default="30s",
-                        help='[sighup.coalesce] interval, in seconds (default "30s")')  # fmt: skip
+                        help='[sighup.coalesce] interval, in seconds: "30s" (default)')  # fmt: skip
     parser.add_argument("--racer-interval", type=float, default=0.01,
                         help="seconds between the hostPath stand-in's checks (default 0.01)")  # fmt: skip
     parser.add_argument("--racer-limit", type=int, default=1,

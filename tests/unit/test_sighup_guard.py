@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,12 +33,14 @@ class FakeSystemd:
         self._guard = guard
         self._proc = proc
         self.ignore_after_restart = True
+        self.during_restart: Callable[[], None] = lambda: None
 
     async def state(self, unit: str) -> UnitState:
         return UnitState("loaded", "active", "running")
 
     async def restart(self, unit: str, timeout: float) -> None:
         self.restarts += 1
+        self.during_restart()
         self.pid += 1
         write_status(self._proc, self.pid, ignores_hup=self.ignore_after_restart)
         self._guard[0].handle(UnitChanged(UNIT, "active", "running", main_pid=self.pid))
@@ -52,6 +54,7 @@ class FakeSystemd:
 
 class FakeFreezer:
     def __init__(self) -> None:
+        self.deny: list[str] = []
         self.frozen_until: dict[str, float] = {}
         self.refuse: dict[str, str] = {}
 
@@ -92,6 +95,7 @@ class Setup:
         self.config = tmp / "config.toml"
         self.config.write_bytes(GOOD)
         holder: list[SighupGuard] = []
+        self.lock = asyncio.Lock()  # the runner's repair lock
         self.systemd = FakeSystemd(holder, self.proc)
         self.freezer = FakeFreezer()
         self.settings = SighupSettings.model_validate(
@@ -99,7 +103,7 @@ class Setup:
         )
         ctx = GuardContext(systemd=self.systemd, probe=FakeProbe(), probe_socket="/x.sock", probe_timeout=1,
                            config=self.config, good=GoodConfigs(tmp / "good"), freezer=self.freezer,
-                           state_file=tmp / "state" / "sighup.json", exclusive=_no_lock,
+                           state_file=tmp / "state" / "sighup.json", exclusive=lambda: self.lock,
                            closing=lambda: False, dropin_root=tmp / "root", proc=self.proc)  # fmt: skip
         self.guard = SighupGuard(self.settings, daemon_mode, ctx, Reporter(self.sink), self.clock)
         holder.append(self.guard)
@@ -121,11 +125,6 @@ class Setup:
     @property
     def dropin(self) -> Path:
         return dropin.dropin_path(UNIT, False, self.tmp / "root")
-
-
-@contextlib.asynccontextmanager
-async def _no_lock() -> AsyncIterator[None]:
-    yield
 
 
 async def test_single_sighups_are_reported_each_and_a_storm_once_with_its_end(tmp_path: Path) -> None:
@@ -191,6 +190,7 @@ async def test_sighups_without_a_change_cause_no_restart_and_a_change_one(tmp_pa
     for _ in range(50):
         s.sighup()
         s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)  # past the settle time of a write
     await s.guard.step()
     assert s.systemd.restarts == 1
     (applied,) = s.with_outcome("reload-applied")
@@ -206,14 +206,17 @@ async def test_changes_within_the_interval_are_coalesced_into_one_later_restart(
     s = Setup(tmp_path, "coalesce")
     write_status(s.proc, 100, ignores_hup=True)
     s.containerd_runs()
+    await s.guard.step()  # the mode is entered
     s.config.write_bytes(GOOD + b"# 1\n")
     s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)  # past the settle time of a write
     await s.guard.step()
     assert s.systemd.restarts == 1
     s.config.write_bytes(GOOD + b"# 2\n")
     s.guard.handle(FileChanged(str(s.config)))
     s.config.write_bytes(GOOD + b"# 3\n")
     s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)  # past the settle time of a write
     await s.guard.step()
     assert s.systemd.restarts == 1  # within the interval
     s.clock.advance(30)
@@ -226,9 +229,11 @@ async def test_a_change_containerd_would_refuse_is_reported_and_not_applied(tmp_
     s = Setup(tmp_path, "coalesce")
     write_status(s.proc, 100, ignores_hup=True)
     s.containerd_runs()
+    await s.guard.step()  # the mode is entered
     s.config.write_bytes(b"[plugins\n")
     s.guard.handle(FileChanged(str(s.config)))
     s.sighup()
+    s.clock.advance(1)  # past the settle time of a write
     await s.guard.step()
     assert s.systemd.restarts == 0
     (refused,) = s.with_outcome("reload-refused")
@@ -303,6 +308,8 @@ async def test_a_change_made_while_nodemedic_was_down_is_applied_when_it_is_back
     again.config.write_bytes(GOOD + b"# changed while nodemedic was down\n")
     write_status(again.proc, 100, ignores_hup=True)
     again.containerd_runs()
+    await again.guard.step()  # the mode is entered: the change is due after the settle time
+    again.clock.advance(1)
     await again.guard.step()
     assert again.systemd.restarts == 1
     assert again.with_outcome("reload-applied")
@@ -317,3 +324,104 @@ async def test_turning_observe_off_installs_what_was_only_reported(tmp_path: Pat
     await s.guard.step()
     assert s.dropin.exists()
     assert "dropin-installed" in s.outcomes()
+
+
+async def entered(mode: str, tmp_path: Path) -> Setup:
+    """A coalesce setup whose containerd already ignores SIGHUP, with the mode entered."""
+    s = Setup(tmp_path, mode)
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    return s
+
+
+async def test_a_config_that_appears_later_is_applied(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    s.config.unlink()
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    s.config.write_bytes(GOOD)
+    s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)
+    await s.guard.step()
+    assert s.systemd.restarts == 1
+
+
+async def test_a_reload_waiting_for_a_repair_checks_again_under_the_lock(tmp_path: Path) -> None:
+    s = await entered("coalesce", tmp_path)
+    s.config.write_bytes(GOOD + b"# change\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)
+    async with s.lock:  # a repair is running...
+        turn = asyncio.create_task(s.guard.step())
+        await asyncio.sleep(0.05)
+        assert not turn.done()
+        s.config.write_bytes(GOOD)  # ...and restores the content containerd runs with
+    await turn
+    assert s.systemd.restarts == 0
+
+
+async def test_a_write_during_a_restart_waits_a_whole_interval(tmp_path: Path) -> None:
+    s = await entered("coalesce", tmp_path)
+
+    def written_meanwhile() -> None:
+        s.config.write_bytes(GOOD + b"# second\n")
+        s.guard.handle(FileChanged(str(s.config)))
+
+    s.config.write_bytes(GOOD + b"# first\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)
+    s.systemd.during_restart = written_meanwhile
+    await s.guard.step()
+    s.systemd.during_restart = lambda: None
+    assert s.systemd.restarts == 1
+    s.clock.advance(1)
+    await s.guard.step()
+    assert s.systemd.restarts == 1
+    s.clock.advance(30)
+    await s.guard.step()
+    assert s.systemd.restarts == 2
+
+
+async def test_after_leaving_coalesce_changes_are_applied_until_a_stock_start(
+    tmp_path: Path,
+) -> None:
+    s = await entered("coalesce", tmp_path)
+    s.guard.replace(SighupSettings(mode="observe"), "enforce")
+    await s.guard.step()
+    assert not s.dropin.exists()
+    assert "keeps applying" in s.with_outcome("dropin-removed")[0].message
+    s.systemd.ignore_after_restart = False
+    s.config.write_bytes(GOOD + b"# change\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(1)
+    await s.guard.step()
+    assert s.systemd.restarts == 1  # the change was not lost
+    s.config.write_bytes(GOOD + b"# another\n")
+    s.guard.handle(FileChanged(str(s.config)))
+    s.clock.advance(60)
+    await s.guard.step()
+    assert s.systemd.restarts == 1  # containerd is stock again: its own SIGHUP handling applies
+
+
+async def test_a_sender_whose_cgroup_vanishes_is_not_frozen_and_nothing_crashes(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "throttle")
+
+    def vanished(cgroup: str) -> str | None:
+        raise FileNotFoundError(cgroup)
+
+    s.freezer.refusal = vanished  # type: ignore[method-assign]
+    for _ in range(5):
+        s.sighup()
+    await s.guard.step()
+    assert s.freezer.frozen_until == {}
+    assert "could not be read" in s.with_outcome("refused")[0].fields["DETAIL"]
+
+
+async def test_a_reload_takes_the_new_deny_list_but_keeps_the_unit_until_a_restart(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "throttle")
+    s.guard.replace(SighupSettings(mode="throttle", unit="other.service", throttle={"deny": ["x.service"]}),
+                    "enforce")  # fmt: skip
+    assert s.freezer.deny == ["x.service"]
+    assert s.guard.settings.unit == UNIT

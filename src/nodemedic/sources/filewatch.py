@@ -18,7 +18,8 @@ from nodemedic.events import Event, FileChanged
 
 log = logging.getLogger(__name__)
 
-MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.CREATE | Mask.DELETE | Mask.ONLYDIR
+# Not CREATE: a new file is still empty then; its CLOSE_WRITE follows once it is written.
+MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR
 
 
 class FileWatcher:

@@ -33,6 +33,7 @@ class FakeSystemd:
         self._guard = guard
         self._proc = proc
         self.ignore_after_restart = True
+        self.kills: list[int] = []
         self.during_restart: Callable[[], None] = lambda: None
 
     async def state(self, unit: str) -> UnitState:
@@ -44,6 +45,9 @@ class FakeSystemd:
         self.pid += 1
         write_status(self._proc, self.pid, ignores_hup=self.ignore_after_restart)
         self._guard[0].handle(UnitChanged(UNIT, "active", "running", main_pid=self.pid))
+
+    async def kill(self, unit: str, signal: int) -> None:
+        self.kills.append(signal)
 
     async def exec_start(self, unit: str) -> list[list[str]]:
         return [["/usr/bin/containerd"]]
@@ -164,6 +168,7 @@ async def test_coalesce_installs_the_dropin_and_restarts_once_to_apply_it(tmp_pa
     assert "ExecStart=/usr/bin/env --ignore-signal=HUP /usr/bin/containerd" in text
     assert s.systemd.reloads == 1
     assert s.systemd.restarts == 1
+    assert s.systemd.kills == [9]  # abrupt, as the SIGHUP was: the socket file stays on disk
     assert s.outcomes()[-1] == "dropin-applied"
     await s.guard.step()
     assert s.systemd.restarts == 1  # applied: no second restart

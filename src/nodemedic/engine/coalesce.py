@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 from pathlib import Path
 
 from nodemedic.clock import Clock
@@ -310,6 +311,8 @@ class Coalescer:
         try:
             self._say(RecordKind.ACTION, f"restarting {unit} to {why}", UNIT=unit, OUTCOME="started",
                       ACTION="restart-unit")  # fmt: skip
+            if self.settings.coalesce.restart == "kill":  # the socket file stays: no hostPath window
+                await self.ctx.systemd.kill(unit, signal.SIGKILL)
             await self.ctx.systemd.restart(unit, RESTART_TIMEOUT)
             deadline = self._clock.monotonic() + NEW_PID_WAIT
             while self.main_pid == old and self._clock.monotonic() < deadline:

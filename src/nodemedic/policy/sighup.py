@@ -58,6 +58,13 @@ class CoalesceSettings(_Strict):
     interval: Duration = 30.0
     """At most one config-driven restart of containerd per interval; requests in between are
     coalesced into the next one."""
+    restart: Literal["kill", "clean"] = "kill"
+    """How containerd is restarted to apply a change (or the drop-in). ``kill``: SIGKILL to its main
+    process, then started at once: the abrupt exit the toolkit's SIGHUP caused in stock, but without
+    systemd's RestartSec wait, and the socket file stays on disk until the new containerd replaces
+    it, so a pod's hostPath mount cannot turn the missing path into a directory meanwhile. Running
+    containers survive either way. ``clean``: ``systemctl restart`` (SIGTERM: containerd removes its
+    socket on the way down, and the path is missing until it is back, about 0.1 s)."""
     restart_to_apply: bool = True
     """Restart containerd once so that the drop-in takes effect now (never while a repair runs).
     If false, it takes effect at containerd's next start, whatever causes it."""

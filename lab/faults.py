@@ -53,7 +53,7 @@ def sighup_policy(mode: str, **tables: dict[str, object]) -> str:
     section["proc"] = "/host/proc"
     for name, values in tables.items():
         for key, value in values.items():
-            section[name][key] = value  # type: ignore[index]
+            section[name][key] = value
     return tomlkit.dumps(doc)
 
 

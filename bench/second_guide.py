@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "syste
 from lab.faults import SOCKET, realtime, records, start_nodemedic, wait_for
 from lab.image import ensure_image
 from lab.node import Node
-from test_second_guide import META_DB, exhaust_fds, fd_rule_enforced, opt_in
+from test_second_guide import META_DB, exhaust_fds, fd_rule_enforced, opt_in, rule_enforced
 
 from stats import summary
 
@@ -49,7 +49,7 @@ def fds(image: Path) -> tuple[float, float]:
 
 def socket_mode(image: Path) -> tuple[float, float]:
     with Node.boot(image=image) as node:
-        start_nodemedic(node)
+        start_nodemedic(node, policy=rule_enforced("containerd-socket-mode"))  # opt-in, as in the test
         fault = float(node.sh(f"{NOW}; chmod 000 {SOCKET}").stdout.split()[0])
         rule = "containerd-socket-mode"
         return first(node, rule, kind="detected") - fault, first(node, rule, outcome="repaired") - fault

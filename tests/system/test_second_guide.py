@@ -34,13 +34,18 @@ HOLD_FDS = ("import socket, time\nheld = []\nfor _ in range({n}):\n    s = socke
             "    s.connect('{sock}')\n    held.append(s)\ntime.sleep(3600)\n")  # fmt: skip
 
 
-def fd_rule_enforced() -> str:
-    text = SHIPPED_POLICY.read_text()
-    rule = re.compile(r'(name = "containerd-fd-exhaustion"\n(?:.*\n){0,3}?)mode = "observe"')
-    assert rule.search(text), "the shipped fd rule has mode = observe"
-    # The node's systemd caps LimitNOFILE at 20000 (containerd's "infinity" there): ask for less.
-    text = text.replace("limit = 1048576", "limit = 16384", 1)
+def rule_enforced(name: str, text: str | None = None) -> str:
+    """The shipped policy with an opt-in rule (shipped with mode = "observe") turned on."""
+    text = text if text is not None else SHIPPED_POLICY.read_text()
+    rule = re.compile(rf'(name = "{name}"\n(?:.*\n){{0,3}}?)mode = "observe"')
+    assert rule.search(text), f"the shipped {name} rule has mode = observe"
     return rule.sub(r'\1mode = "enforce"', text, count=1)
+
+
+def fd_rule_enforced() -> str:
+    # The node's systemd caps LimitNOFILE at 20000 (containerd's "infinity" there): ask for less.
+    text = SHIPPED_POLICY.read_text().replace("limit = 1048576", "limit = 16384", 1)
+    return rule_enforced("containerd-fd-exhaustion", text)
 
 
 def soft_limit(node: Node) -> int:
@@ -111,7 +116,10 @@ def test_fd_exhaustion_in_the_shipped_observe_mode_changes_nothing(node: Node) -
 def test_a_socket_with_the_wrong_mode(node_factory: Callable[..., Node], mode: str) -> None:
     node = node_factory(containers=True)
     run_container(node, "app")
-    start_nodemedic(node, mode=mode)
+    # shipped in observe; a rule's own mode wins over [daemon]'s, so observe keeps the shipped one
+    start_nodemedic(
+        node, mode=mode, policy=rule_enforced("containerd-socket-mode") if mode == "enforce" else None
+    )
     old = node.unit_property("containerd.service", "MainPID")
     node.run("chmod", "000", SOCKET)
     outcome = "repaired" if mode == "enforce" else "observed"

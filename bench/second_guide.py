@@ -9,6 +9,10 @@ before it is made, nodemedic's records by their own journald timestamps. Detecti
   daemon-reload, restart with the SIGKILL fallback, new limit checked, containerd answering).
 - socket mode: `chmod 000` on the socket; recovery = the repaired record (restart, 0660 again).
 - corrupted metadata database: meta.db zeroed, containerd started; detection = the reported record.
+- CPU pressure: 3 nice-19 busy loops in containerd's cgroup (threshold lowered to 10 %, as in the
+  lab test); detection = the reported record.
+- known bugs: containerd 1.6.20 is in the shipped list; from nodemedic's start to the record.
+OOM kills and SELinux/AppArmor denials cannot be made in the lab (docs/operations.md).
 
     .venv/bin/python bench/second_guide.py --runs 3
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "system"))
 
-from lab.faults import SOCKET, realtime, records, start_nodemedic, wait_for
+from lab.faults import SHIPPED_POLICY, SOCKET, realtime, records, start_nodemedic, wait_for
 from lab.image import ensure_image
 from lab.node import Node
 from test_second_guide import META_DB, exhaust_fds, fd_rule_enforced, opt_in, rule_enforced
@@ -33,8 +37,7 @@ NOW = "date +%s.%N"
 
 
 def first(node: Node, rule: str, **fields: str) -> float:
-    found = wait_for(lambda: records(node, rule=rule, **fields), 60, f"{rule} {fields}")
-    return realtime(found[0])  # type: ignore[index]
+    return first_record(node, rule=rule, **fields)
 
 
 def fds(image: Path) -> tuple[float, float]:
@@ -66,6 +69,34 @@ def state_corrupted(image: Path) -> float:
         return first(node, "containerd-state-corrupted", outcome="reported") - fault
 
 
+def cpu_pressure(image: Path) -> float:
+    """Real CPU pressure in containerd's cgroup (3 nice-19 busy loops, threshold lowered to 10 %, as
+    in the lab test); detection = the reported record."""
+    with Node.boot(image=image) as node:
+        policy = SHIPPED_POLICY.read_text().replace(
+            'resource = "cpu"\nline = "some"\nabove = 60.0', 'resource = "cpu"\nline = "some"\nabove = 10.0'
+        )
+        start_nodemedic(node, policy=policy)
+        cgroup = "/sys/fs/cgroup/system.slice/containerd.service/cgroup.procs"
+        hog = f"sh -c 'echo $$ > {cgroup}; exec nice -n 19 timeout 20 sh -c \"while :; do :; done\"'"
+        fault = float(node.sh(f"{NOW}; " + " & ".join([hog] * 3) + " & true").stdout.split()[0])
+        return first(node, "containerd-starved", outcome="reported") - fault
+
+
+def known_bugs(image: Path) -> float:
+    """containerd 1.6.20 against the shipped known_bugs list; from nodemedic's start (its started
+    record) to the reported record."""
+    with Node.boot(image=image) as node:
+        start_nodemedic(node)
+        started = first_record(node, kind="daemon", outcome="started")
+        return first(node, "containerd-known-bugs", outcome="reported") - started
+
+
+def first_record(node: Node, **fields: str) -> float:
+    found = wait_for(lambda: records(node, **fields), 60, f"{fields}")
+    return realtime(found[0])  # type: ignore[index]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,12 +107,16 @@ def main() -> int:
     fd_runs = [fds(image) for _ in range(args.runs)]
     sock_runs = [socket_mode(image) for _ in range(args.runs)]
     db_runs = [state_corrupted(image) for _ in range(args.runs)]
+    cpu_runs = [cpu_pressure(image) for _ in range(args.runs)]
+    bug_runs = [known_bugs(image) for _ in range(args.runs)]
     print("\nsecond field guide (containerd 1.6.20, lab node, shipped policy, resources every 5 s)")
     print(summary("fd exhaustion -> detection record", [d for d, _ in fd_runs], unit="s"))
     print(summary("fd exhaustion -> repaired (limit raised)", [r for _, r in fd_runs], unit="s"))
     print(summary("socket chmod 000 -> detection record", [d for d, _ in sock_runs], unit="s"))
     print(summary("socket chmod 000 -> repaired (0660 again)", [r for _, r in sock_runs], unit="s"))
     print(summary("corrupted meta.db -> reported", db_runs, unit="s"))
+    print(summary("cpu pressure in containerd's cgroup -> reported", cpu_runs, unit="s"))
+    print(summary("containerd with known bugs -> reported (from nodemedic's start)", bug_runs, unit="s"))
     print(f"\nreproduce: .venv/bin/python bench/second_guide.py --runs {args.runs}")
     return 0
 

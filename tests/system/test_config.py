@@ -12,12 +12,24 @@ from lab.node import Node
 
 pytestmark = pytest.mark.system
 RULE = "containerd-config-broken"
+EDITED = "containerd-config-edited-broken"
 CONFIG = "/etc/containerd/config.toml"
 BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image = "pause"\\n'
 
 
-def policy(settle: str) -> str:
-    return SHIPPED_POLICY.read_text().replace('settle = "1m"', f'settle = "{settle}"')
+def policy(settle: str, *, edited_rule: bool = False) -> str:
+    """The shipped policy with a shorter ``settle``. The CASE C tests below are about containerd meeting
+    a broken file at its start (written while nodemedic was not watching, or before a reboot): they
+    leave out the rule that catches the write itself while containerd runs, tested at the end."""
+    import tomlkit
+
+    text = SHIPPED_POLICY.read_text().replace('settle = "1m"', f'settle = "{settle}"')
+    if edited_rule:
+        return text
+    doc = tomlkit.parse(text)
+    rules = doc["rule"]
+    del rules[[r["name"] for r in rules].index(EDITED)]  # type: ignore[union-attr]
+    return tomlkit.dumps(doc)
 
 
 def break_config_and_restart(node: Node) -> None:
@@ -64,14 +76,11 @@ def test_observe_mode_keeps_the_broken_config(node: Node) -> None:
     assert not containerd_serving(node)
 
 
-EDITED = "containerd-config-edited-broken"
-
-
 @pytest.mark.parametrize("mode", ["enforce", "observe"])
 def test_an_edit_containerd_would_refuse_is_caught_while_it_runs(node: Node, mode: str) -> None:
     """No restart needed to see it: the write itself is caught; containerd keeps running."""
     good = node.run("sha256sum", CONFIG).stdout.split()[0]
-    start_nodemedic(node, mode=mode, policy=policy("1s"))
+    start_nodemedic(node, mode=mode, policy=policy("1s", edited_rule=True))
     wait_for(lambda: records(node, outcome="config-kept"), 15, "a last-known-good copy")
     pid = node.unit_property("containerd.service", "MainPID")
 
@@ -86,4 +95,15 @@ def test_an_edit_containerd_would_refuse_is_caught_while_it_runs(node: Node, mod
         [aside] = node.sh(f"ls {CONFIG}.broken-*").stdout.split()
         assert node.sh(f"cat {aside}").stdout == BROKEN.replace("\\n", "\n"), "the edit is kept aside"
     assert node.unit_property("containerd.service", "MainPID") == pid, "containerd was not restarted"
+    assert containerd_serving(node)
+
+
+def test_an_edit_containerd_would_refuse_is_left_alone_without_a_good_copy(node: Node) -> None:
+    """No default is generated under a running containerd: it would drop settings (nvidia runtime)."""
+    start_nodemedic(node, policy=policy("1h", edited_rule=True))  # no copy will have been taken
+    node.sh(f"printf '{BROKEN}' > {CONFIG}")
+    wait_for(lambda: records(node, rule=EDITED, outcome="nothing-to-do"), 15, "the nothing-to-do record")
+    [skipped] = records(node, rule=EDITED, action="restore-config", outcome="skipped")
+    assert "no last-known-good copy" in skipped["NODEMEDIC_DETAIL"]
+    assert node.sh(f"cat {CONFIG}").stdout == BROKEN.replace("\\n", "\n"), "left for a human"
     assert containerd_serving(node)

@@ -61,3 +61,13 @@ def test_copies_are_content_addressed_and_pruned(tmp_path: Path) -> None:
     assert len(store.copies()) == 2
     assert store.latest() == newest
     assert not first.exists()
+
+
+async def test_without_a_copy_and_generate_false_the_broken_file_is_left(tmp_path: Path) -> None:
+    _, ctx, config, _ = setup(tmp_path)
+    action = RestoreConfig(RestoreConfigParams(do="restore-config", path=str(config), generate=False))
+    config.write_bytes(BROKEN)
+    skip = await action.check(ctx)
+    assert isinstance(skip, Skip)
+    assert "no last-known-good copy" in skip.reason
+    assert config.read_bytes() == BROKEN

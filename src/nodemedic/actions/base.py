@@ -57,6 +57,7 @@ class ActionContext:
     quarantine_dir: Path
     good_configs: GoodConfigs | None = None  # last-known-good copies of containerd's config
     event: Event | None = None  # what fired the rule (e.g. the journal line naming left-over PIDs)
+    changed: tuple[str, ...] = ()  # the actions of this repair that changed something so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Step:
     paths: tuple[str, ...] = ()
     detail: str = ""
     data: dict[str, str] = field(default_factory=dict)
+    changes: bool = True  # False for a step that only looks (verify-containerd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,10 @@ class RestoreConfigParams(BaseModel):
     do: Literal["restore-config"]
     path: str = "/etc/containerd/config.toml"
     """containerd's config; it must be ``[daemon.config_backup].path``, whose copies are used."""
+    generate: bool = True
+    """With no last-known-good copy, write ``containerd config default`` (SystemdCgroup = true). False:
+    without a copy nothing is done and the broken file stays for a human (e.g. while containerd
+    still runs on its old config, a default would drop settings such as the nvidia runtime)."""
 
 
 class RestoreConfig:
@@ -42,6 +46,11 @@ class RestoreConfig:
         if problem is None:
             return Skip(f"{self.path} loads; a healthy config is never touched")
         good = ctx.good_configs.latest() if ctx.good_configs else None
+        if good is None and not self.params.generate:
+            return Skip(
+                f"{self.path} does not load ({problem}) and there is no last-known-good copy; "
+                "left for a human (generate = false)"
+            )
         source = f"the last-known-good copy {good.name}" if good else "`containerd config default`"
         return Step(f"restore {self.path} from {source}", paths=(str(self.path),),
                     detail=problem, data={"good": str(good) if good else ""})  # fmt: skip

@@ -38,6 +38,9 @@ class RestartUnitParams(_UnitParams):
     do: Literal["restart-unit"]
     if_exists: bool = True
     """Skip without error when the unit is not installed (e.g. kubelet on a plain containerd host)."""
+    after_change: bool = False
+    """Only if an earlier action of the same repair changed something (e.g. kubelet after containerd
+    was restarted): a repair whose other actions all found nothing to do does not restart it."""
 
 
 class StopUnit:
@@ -101,6 +104,8 @@ class RestartUnit:
         state = await ctx.units.state(self.params.unit)
         if not state.exists and self.params.if_exists:
             return Skip(f"{self.params.unit} is not installed")
+        if self.params.after_change and not ctx.changed:
+            return Skip(f"nothing was changed before it: {self.params.unit} is not restarted")
         return Step(f"restart {self.params.unit}", unit=self.params.unit)
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:

@@ -356,6 +356,7 @@ class Runner:
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
             try:
+                ctx = dataclasses.replace(ctx, changed=tuple(applied))
                 step = await action.check(ctx)
                 if isinstance(step, Skip):
                     self.report(RecordKind.ACTION, f"{action.name}: nothing to do: {step.reason}",
@@ -373,7 +374,8 @@ class Runner:
                     stopped.append(step.unit)
                 if action.name == "start-unit" and step.unit in stopped:
                     stopped.remove(step.unit)
-                applied.append(action.name)
+                if step.changes:
+                    applied.append(action.name)
                 done = await action.apply(ctx, step)
                 checked = await action.verify(ctx, step)
             except (NodemedicError, OSError) as exc:  # OSError: the file system said no

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 from nodemedic.errors import DropinError
+from nodemedic.state import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +115,7 @@ def install_dropin(path: Path, text: str) -> bool:
             raise DropinError(f"{path} exists and is not nodemedic's (no marker line): remove it by hand")
         if path.read_text(encoding="utf-8") == text:
             return False
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, mode=0o644)
     return True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -430,3 +431,25 @@ async def test_a_reload_takes_the_new_deny_list_but_keeps_the_unit_until_a_resta
                     "enforce")  # fmt: skip
     assert s.freezer.deny == ["x.service"]
     assert s.guard.settings.unit == UNIT
+
+
+async def test_a_freeze_cut_off_by_the_stop_finishes_and_is_thawed(tmp_path: Path) -> None:
+    import time
+
+    s = Setup(tmp_path, "throttle")
+    slow_freeze = s.freezer.freeze
+
+    def freeze(cgroup: str, until_wall: float) -> None:
+        time.sleep(0.3)  # the kernel takes its time
+        slow_freeze(cgroup, until_wall)
+
+    s.freezer.freeze = freeze  # type: ignore[method-assign]
+    for _ in range(5):
+        s.sighup()
+    task = asyncio.create_task(s.guard.run())
+    await asyncio.sleep(0.1)  # the freeze is under way in its thread
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert s.freezer.frozen_until == {}
+    assert "thawed" in s.outcomes()

@@ -37,6 +37,7 @@ SIGHUP = 1
 RULE = "sighup"  # NODEMEDIC_RULE of the guard's records
 TRACE_COVERS = 10.0  # a D-Bus death this soon after a traced SIGHUP is that same signal
 TICK = 1.0
+FREEZE_GRACE = 5.0  # at stop, how long a freeze under way may take to finish before all is thawed
 RESTART_SOURCES = ("unit", "trace", "tracefs", "proc")  # [sighup] keys read once, at start-up
 
 
@@ -139,7 +140,12 @@ class SighupGuard:
                     await asyncio.wait_for(self._wake.wait(), self._next_wait())
                 self._wake.clear()
         finally:
-            # whatever the mode now, nothing nodemedic froze stays frozen (ExecStopPost does it too)
+            # whatever the mode now, nothing nodemedic froze stays frozen (ExecStopPost does it too);
+            # a freeze still under way is let finish first, or it could freeze after the thaw
+            inflight = self.throttle.inflight
+            if inflight is not None and not inflight.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait({inflight}, timeout=FREEZE_GRACE)
             with contextlib.suppress(OSError):
                 self.throttle.thawed(self.ctx.freezer.thaw_all(), "nodemedic is stopping")
 

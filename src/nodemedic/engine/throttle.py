@@ -25,6 +25,7 @@ class Throttler:
         self.ctx, self._say, self._clock = ctx, say, clock
         self.daemon_mode: Mode = "enforce"
         self._over: dict[str, str] = {}  # cgroup -> sender: over budget, to be judged and frozen
+        self.inflight: asyncio.Future[None] | None = None  # the freeze under way, if any
         self._told: set[str] = set()
         self.configure(settings)
 
@@ -73,8 +74,12 @@ class Throttler:
                       "exceeds its SIGHUP budget", CGROUP=cgroup, SENDERS=sender, MODE="observe",
                       OUTCOME="would-do", ACTION="freeze-sender")  # fmt: skip
             return
+        # shielded: a freeze cut off by nodemedic's stop must finish before the exit-time thaw
+        self.inflight = asyncio.ensure_future(
+            asyncio.to_thread(freezer.freeze, cgroup, self._clock.wall() + t.cooldown)
+        )
         try:
-            await asyncio.to_thread(freezer.freeze, cgroup, self._clock.wall() + t.cooldown)
+            await asyncio.shield(self.inflight)
         except ACTION_ERRORS as exc:
             self._say(RecordKind.ERROR, f"could not freeze {cgroup}: {exc}", CGROUP=cgroup, SENDERS=sender,
                       OUTCOME="failed", ACTION="freeze-sender")  # fmt: skip

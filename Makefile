@@ -47,6 +47,7 @@ bench: deps
 	$(PY) bench/socket_dir.py
 	$(PY) bench/hung.py
 	$(PY) bench/sighup_storm.py
+	$(PY) bench/second_guide.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from nodemedic import __version__
 from nodemedic.app import App
+from nodemedic.engine.sighup import RESTART_SOURCES
 from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.model import DaemonSettings, Policy
@@ -176,12 +177,8 @@ def _needs_restart(new: DaemonSettings, old: DaemonSettings) -> bool:
 def _sighup_needs_restart(new: Policy, old: Policy) -> bool:
     """[sighup] mode and its settings apply at once; turning it on or off, or its sources, at restart."""
     a, b = new.sighup, old.sighup
-    return (a.mode == "off") != (b.mode == "off") or (a.unit, a.trace, a.tracefs, a.proc) != (
-        b.unit,
-        b.trace,
-        b.tracefs,
-        b.proc,
-    )
+    sources = [(getattr(a, k), getattr(b, k)) for k in RESTART_SOURCES]
+    return (a.mode == "off") != (b.mode == "off") or any(x != y for x, y in sources)
 
 
 def _watchdog_interval() -> float:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from nodemedic.actions.base import UnitState
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import FileChanged, SignalSeen, UnitChanged
@@ -36,9 +35,6 @@ class FakeSystemd:
         self.ignore_after_restart = True
         self.kills: list[int] = []
         self.during_restart: Callable[[], None] = lambda: None
-
-    async def state(self, unit: str) -> UnitState:
-        return UnitState("loaded", "active", "running")
 
     async def restart(self, unit: str, timeout: float) -> None:
         self.restarts += 1
@@ -132,6 +128,15 @@ class Setup:
         return dropin.dropin_path(UNIT, False, self.tmp / "root")
 
 
+async def entered(mode: str, tmp_path: Path) -> Setup:
+    """A coalesce setup whose containerd already ignores SIGHUP, with the mode entered."""
+    s = Setup(tmp_path, mode)
+    write_status(s.proc, 100, ignores_hup=True)
+    s.containerd_runs()
+    await s.guard.step()
+    return s
+
+
 async def test_single_sighups_are_reported_each_and_a_storm_once_with_its_end(tmp_path: Path) -> None:
     s = Setup(tmp_path, "observe")
     s.containerd_runs()
@@ -176,18 +181,12 @@ async def test_coalesce_installs_the_dropin_and_restarts_once_to_apply_it(tmp_pa
 
 
 async def test_coalesce_does_not_restart_a_containerd_that_already_ignores_sighup(tmp_path: Path) -> None:
-    s = Setup(tmp_path, "coalesce")
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()
+    s = await entered("coalesce", tmp_path)
     assert s.systemd.restarts == 0
 
 
 async def test_sighups_without_a_change_cause_no_restart_and_a_change_one(tmp_path: Path) -> None:
-    s = Setup(tmp_path, "coalesce")
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()
+    s = await entered("coalesce", tmp_path)
     for _ in range(50):
         s.sighup()
         await s.guard.step()
@@ -201,7 +200,7 @@ async def test_sighups_without_a_change_cause_no_restart_and_a_change_one(tmp_pa
     assert s.systemd.restarts == 1
     (applied,) = s.with_outcome("reload-applied")
     assert applied.fields["SIGNALS"] == "100"
-    assert (tmp_path / "good").glob("*.toml")  # the content that ran is kept first
+    assert list((tmp_path / "good").glob("*.toml"))  # the content that ran is kept first
     for _ in range(5):
         s.sighup()
         await s.guard.step()
@@ -209,10 +208,7 @@ async def test_sighups_without_a_change_cause_no_restart_and_a_change_one(tmp_pa
 
 
 async def test_changes_within_the_interval_are_coalesced_into_one_later_restart(tmp_path: Path) -> None:
-    s = Setup(tmp_path, "coalesce")
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()  # the mode is entered
+    s = await entered("coalesce", tmp_path)
     s.config.write_bytes(GOOD + b"# 1\n")
     s.guard.handle(FileChanged(str(s.config)))
     s.clock.advance(1)  # past the settle time of a write
@@ -232,10 +228,7 @@ async def test_changes_within_the_interval_are_coalesced_into_one_later_restart(
 
 
 async def test_a_change_containerd_would_refuse_is_reported_and_not_applied(tmp_path: Path) -> None:
-    s = Setup(tmp_path, "coalesce")
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()  # the mode is entered
+    s = await entered("coalesce", tmp_path)
     s.config.write_bytes(b"[plugins\n")
     s.guard.handle(FileChanged(str(s.config)))
     s.sighup()
@@ -305,10 +298,7 @@ async def test_leaving_throttle_thaws_everything(tmp_path: Path) -> None:
 
 
 async def test_a_change_made_while_nodemedic_was_down_is_applied_when_it_is_back(tmp_path: Path) -> None:
-    s = Setup(tmp_path, "coalesce")
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()
+    await entered("coalesce", tmp_path)  # the first nodemedic: it records what containerd runs
     assert (tmp_path / "state" / "sighup.json").exists()
     again = Setup(tmp_path, "coalesce")  # same state dir; containerd kept pid 100
     again.config.write_bytes(GOOD + b"# changed while nodemedic was down\n")
@@ -330,15 +320,6 @@ async def test_turning_observe_off_installs_what_was_only_reported(tmp_path: Pat
     await s.guard.step()
     assert s.dropin.exists()
     assert "dropin-installed" in s.outcomes()
-
-
-async def entered(mode: str, tmp_path: Path) -> Setup:
-    """A coalesce setup whose containerd already ignores SIGHUP, with the mode entered."""
-    s = Setup(tmp_path, mode)
-    write_status(s.proc, 100, ignores_hup=True)
-    s.containerd_runs()
-    await s.guard.step()
-    return s
 
 
 async def test_a_config_that_appears_later_is_applied(tmp_path: Path) -> None:

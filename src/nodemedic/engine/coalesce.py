@@ -29,6 +29,7 @@ from nodemedic.policy.model import Mode
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.report import RecordKind
 from nodemedic.sighup import dropin
+from nodemedic.sources.procview import ProcView
 from nodemedic.state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -344,14 +345,9 @@ class Coalescer:
             return None
 
     def _started(self) -> str:
-        """The main process's start time (field 22 of /proc/PID/stat): with the PID, it names the
-        process across a reboot that reused the PID."""
-        try:
-            stat = (self.ctx.proc / str(self.main_pid) / "stat").read_text()
-        except OSError:
-            return ""
-        fields = stat.rsplit(")", 1)[-1].split()
-        return fields[19] if len(fields) > 19 else ""
+        """The main process's start time: with the PID, it names the process across a reboot that
+        reused the PID."""
+        return ProcView(self.ctx.proc).start_time(self.main_pid)
 
     def _persist(self) -> None:
         if self._applied is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from nodemedic.actions.base import UnitState, VersionProbe
+from nodemedic.actions.base import VersionProbe
 from nodemedic.configs import GoodConfigs
 from nodemedic.report import RecordKind
 
@@ -18,8 +18,6 @@ ACTION_ERRORS = (OSError, EOFError, RuntimeError, ValueError)  # NodemedicError 
 
 class GuardSystemd(Protocol):
     """What the guard needs from systemd (SystemdBus in the daemon)."""
-
-    async def state(self, unit: str) -> UnitState: ...
 
     async def restart(self, unit: str, timeout: float) -> None: ...
 

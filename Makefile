@@ -7,7 +7,7 @@ APT_PACKAGES := debootstrap systemd-container zstd libsystemd-dev pkg-config gcc
                 dbus-daemon systemd-journal-remote iproute2 rpm
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit component system bench docs packages lab-image lab-shell deps apt clean
+.PHONY: demo test lint unit component system fuzz bench docs packages lab-image lab-shell deps apt clean
 
 deps: apt $(STAMP)
 
@@ -39,6 +39,10 @@ system: deps
 	$(PY) -m pytest -m system tests/system
 
 test: lint unit component system
+
+# Property tests (tests/unit/test_fuzz_*.py) with many more cases than `make test` runs; long.
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m unit --timeout=0 tests/unit -k fuzz
 
 demo: deps
 	$(PY) -m lab.demo

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nodemedic.actions.base import ActionContext
+from nodemedic.actions.base import ActionContext, Step
 from nodemedic.engine.runner import Runner
 from nodemedic.events import JournalLine, PathChanged, PathKind, UnitChanged
 from nodemedic.policy.load import parse_policy
@@ -371,3 +371,166 @@ async def test_a_malformed_state_file_is_moved_aside(harness: Callable[..., Harn
     Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(state_dir))
     assert list(state_dir.glob("state.json.corrupt-*"))
     assert h.sink.of(RecordKind.ERROR)[-1].fields["OUTCOME"] == "state-reset"
+
+
+class Broken:
+    """remove-socket-dir with a bug: ``phase`` (check, apply or verify) raises ``error``."""
+
+    name = "remove-socket-dir"
+
+    def __init__(self, phase: str, error: BaseException) -> None:
+        self.phase, self.error = phase, error
+
+    def __call__(self, params: object) -> Broken:
+        return self
+
+    async def _maybe_raise(self, phase: str) -> None:
+        if phase == self.phase:
+            raise self.error
+
+    async def check(self, ctx: ActionContext) -> Step:
+        await self._maybe_raise("check")
+        return Step("remove the directory", paths=("x",))
+
+    async def apply(self, ctx: ActionContext, step: Step) -> str:
+        await self._maybe_raise("apply")
+        return ""
+
+    async def verify(self, ctx: ActionContext, step: Step) -> str:
+        await self._maybe_raise("verify")
+        return ""
+
+
+@pytest.fixture
+def broken(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, BaseException], None]:
+    from nodemedic.actions import registry
+    from nodemedic.actions.socket_dir import RemoveSocketDirParams
+
+    def install(phase: str, error: BaseException) -> None:
+        params: type[Any] = RemoveSocketDirParams
+        monkeypatch.setitem(registry.ACTIONS, params, Broken(phase, error))
+
+    return install
+
+
+def assert_nothing_counted(h: Harness) -> None:
+    """An internal error is nodemedic's fault: no budget spent, backoff and breaker untouched."""
+    state = h.runner.states["socket-path-is-directory"]
+    assert h.runner.budget.spent == []
+    assert state.backoff.failures == 0
+    assert state.breaker.state == "closed"
+    assert state.breaker.recent_failures == []
+
+
+async def test_a_bug_after_the_stop_starts_the_unit_again(
+    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None]
+) -> None:
+    broken("apply", KeyError("runc"))  # as tomlkit's NonExistentKey on a containerd 2.x config
+    h = harness()
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    assert h.units.calls == [("stop", "containerd.service"), ("start", "containerd.service")]
+    assert h.units.active["containerd.service"] == "active"
+    assert h.outcomes() == [("stop-unit", "done"), ("remove-socket-dir", "failed"), ("compensate", "done")]
+    failed = h.sink.of(RecordKind.ACTION)[1]
+    assert "KeyError('runc')" in failed.fields["DETAIL"]
+    [error] = h.sink.of(RecordKind.ERROR)
+    assert error.fields["OUTCOME"] == "internal-error"
+    assert "KeyError('runc')" in error.fields["DETAIL"]
+    assert h.sink.of(RecordKind.OUTCOME) == [], "not a failed repair: no not-repaired outcome"
+    assert_nothing_counted(h)
+
+
+async def test_internal_errors_in_checks_never_open_the_breaker(
+    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None]
+) -> None:
+    """Three forged lines that trip a bug (finding: 3 of the budget's repairs, then the breaker)."""
+    broken("check", ValueError("Exceeds the limit (4300 digits) for integer string conversion"))
+    h = harness()
+    h.runner.budget.repairs = 1
+    for _ in range(3):
+        h.sock.mkdir(exist_ok=True)
+        h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+        await h.settle()
+    assert [r.fields["OUTCOME"] for r in h.sink.of(RecordKind.ERROR)] == ["internal-error"] * 3
+    assert h.units.calls.count(("start", "containerd.service")) == 3, "each stop is compensated"
+    assert h.sink.of(RecordKind.ESCALATED) == []
+    assert not [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") in ("held", "deferred")]
+    assert_nothing_counted(h)
+
+
+async def test_an_internal_error_in_the_confirm_step_is_reported_not_counted(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    class CrashingProbe(FakeProbe):
+        async def version(self, socket: str, timeout: float) -> str:
+            raise RecursionError("maximum recursion depth exceeded")
+
+    h = harness(probe=CrashingProbe())
+    confirm = h.runner.policy.rule[0].confirm
+    assert confirm is not None
+    rule = h.runner.policy.rule[0].model_copy(update={"confirm": confirm.model_copy(update={"probe": True})})
+    h.runner.replace_policy(h.runner.policy.model_copy(update={"rule": [rule]}))
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()  # the task ends normally: no exception left in it
+    [error] = h.sink.of(RecordKind.ERROR)
+    assert error.fields["OUTCOME"] == "internal-error"
+    assert "RecursionError" in error.fields["DETAIL"]
+    assert h.units.calls == []
+    assert_nothing_counted(h)
+    assert not h.runner.states["socket-path-is-directory"].running
+
+
+async def test_a_repair_cancelled_after_the_stop_starts_the_unit_again(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodemedic.actions import registry
+    from nodemedic.actions.socket_dir import RemoveSocketDirParams
+
+    entered = asyncio.Event()
+
+    class Hanging(Broken):
+        async def apply(self, ctx: ActionContext, step: Step) -> str:
+            entered.set()
+            await asyncio.Event().wait()  # until cancelled (nodemedic stopping)
+            return ""
+
+    params: type[Any] = RemoveSocketDirParams
+    monkeypatch.setitem(registry.ACTIONS, params, Hanging("none", KeyError()))
+    h = harness()
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    [task] = h.tasks
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.units.calls == [("stop", "containerd.service"), ("start", "containerd.service")]
+    assert ("compensate", "done") in h.outcomes()
+    assert_nothing_counted(h)
+
+
+async def test_compensation_is_bounded(
+    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from nodemedic.engine import runner
+
+    broken("apply", KeyError("x"))
+    monkeypatch.setattr(runner, "COMPENSATE_TIMEOUT", 0.05)
+    units = FakeUnits()
+
+    async def hanging_start(unit: str, timeout: float) -> None:
+        units.calls.append(("start", unit))
+        await asyncio.Event().wait()  # a systemd that never answers
+
+    units.start = hanging_start  # type: ignore[method-assign]
+    h = harness(units=units)
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await asyncio.wait_for(h.settle(), 5)
+    compensate = [r for r in h.sink.of(RecordKind.ACTION) if r.fields["ACTION"] == "compensate"]
+    assert [r.fields["OUTCOME"] for r in compensate] == ["failed"]
+    assert "may still be stopped" in compensate[0].message

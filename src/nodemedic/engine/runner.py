@@ -114,6 +114,7 @@ class Runner:
         self._one_at_a_time = asyncio.Lock()  # repairs never overlap (two rules, one containerd)
         self.closing = False  # set at shutdown: no new repair starts
         self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
+        self._compensating: set[asyncio.Future[None]] = set()  # starts that outlive a cancelled repair
         self.replace_policy(policy)
         self._restore()
         self.take_resets()
@@ -255,7 +256,12 @@ class Runner:
 
     async def _run(self, m: Match, mode: str, state: RuleState, retry: bool = False) -> None:
         try:
-            if await self._confirmed_now(m.rule):
+            confirmed = await self._confirmed_now(m.rule)
+        except Exception as exc:  # e.g. a config check that fails on crafted content
+            self._internal_error(m.rule, exc, {"RULE": m.rule.name, "MODE": mode}, "confirm")
+            confirmed = False
+        try:
+            if confirmed:
                 await self._handle_incident(m, mode, state, retry)
         finally:  # whatever happened, the rule may decide again
             state.running = False
@@ -303,14 +309,21 @@ class Runner:
             else:
                 failure = await self._actions(rule, mode, common, started, m.event, applied)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
-            log.exception("rule %s crashed", rule.name)
-            self.report(RecordKind.ERROR, f"{rule.name}: internal error: {exc}", **common,
-                        OUTCOME="failed", DETAIL=repr(exc))  # fmt: skip
-            failure = f"internal error: {exc!r}"
+            self._internal_error(rule, exc, common, "repair")
+            return
         if mode == "enforce" and failure is None and not applied and rule.action:
             self._nothing_done(m, state, common, started)
             return
         self._conclude(m, mode, state, failure, common, started)
+
+    def _internal_error(self, rule: Rule, exc: Exception, common: dict[str, str], step: str) -> None:
+        """nodemedic's own fault, not the node's: no budget is spent and neither backoff nor breaker
+        moves, so input that trips a bug (a forged journal line, say) cannot switch repairs off.
+        The units the repair stopped were started again by ``_actions``."""
+        log.debug("rule %s: internal error in its %s", rule.name, step, exc_info=exc)
+        self.report(RecordKind.ERROR,
+                    f"{rule.name}: internal error in its {step} (a nodemedic bug, not counted as a failed "
+                    f"repair): {exc!r}", **common, OUTCOME="internal-error", DETAIL=repr(exc))  # fmt: skip
 
     def _nothing_done(self, m: Match, state: RuleState, common: dict[str, str], started: float) -> None:
         """Every action's check found nothing to do (e.g. the shims systemd named all serve
@@ -334,16 +347,36 @@ class Runner:
         node is no worse than before nodemedic acted."""
         stopped: list[str] = []
         ctx = dataclasses.replace(self.ctx, event=event)  # actions may need what fired the rule
-        failure = await self._steps(ctx, rule, mode, common, started, stopped, applied)
-        if failure is not None:
-            await self._compensate(stopped, common, started)
+        failure: str | None = "interrupted"  # kept if _steps raises: a bug, or shutdown's cancel
+        try:
+            failure = await self._steps(ctx, rule, mode, common, started, stopped, applied)
+        finally:  # whatever ended the repair, nobody else would start the stopped units again
+            if failure is not None and stopped:
+                await self._compensate_bounded(stopped, common, started)
         return failure
+
+    async def _compensate_bounded(self, stopped: list[str], common: dict[str, str], started: float) -> None:
+        """Start the units again within COMPENSATE_TIMEOUT, also in a task being cancelled at
+        shutdown: the starts run shielded, and a second cancel stops only the wait for them."""
+        job = asyncio.ensure_future(self._compensate(list(stopped), common, started))
+        self._compensating.add(job)
+        job.add_done_callback(self._compensating.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(job), COMPENSATE_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, TimeoutError):
+                job.cancel()
+            detail = f"{', '.join(stopped)} may still be stopped: starting again did not finish ({exc!r})"
+            self.report(RecordKind.ACTION, detail, **common, ACTION="compensate", UNIT=" ".join(stopped),
+                        OUTCOME="failed", DETAIL=detail, ELAPSED_MS=self._ms(started))  # fmt: skip
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _compensate(self, stopped: list[str], common: dict[str, str], started: float) -> None:
         for unit in stopped:
             try:
                 await self.ctx.units.start(unit, COMPENSATE_TIMEOUT)
-            except (NodemedicError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the next unit is still started
                 outcome, detail = "failed", f"{unit} could not be started again: {exc}"
             else:
                 outcome, detail = "done", f"{unit} started again after the failed repair"
@@ -382,6 +415,11 @@ class Runner:
                 self.report(RecordKind.ACTION, f"{action.name} failed: {exc}", **fields,
                             OUTCOME="failed", DETAIL=str(exc), ELAPSED_MS=self._ms(started))  # fmt: skip
                 return f"{action.name}: {exc}"
+            except Exception as exc:  # a bug: recorded here, reported as one by _handle_incident
+                self.report(RecordKind.ACTION, f"{action.name} failed with an internal error: {exc!r}",
+                            **fields, OUTCOME="failed", DETAIL=repr(exc),
+                            ELAPSED_MS=self._ms(started))  # fmt: skip
+                raise
             detail = "; ".join(d for d in (done, checked) if d)
             self.report(RecordKind.ACTION, f"{step.summary}: done" + (f" ({detail})" if detail else ""),
                         **fields, **where, OUTCOME="done", DETAIL=detail,

@@ -132,3 +132,95 @@ async def test_a_repair_whose_actions_all_find_nothing_to_do_spends_no_budget(tm
     outcomes = [r.fields.get("OUTCOME") for r in sink.records if r.kind.name == "OUTCOME"]
     assert outcomes == ["nothing-to-do"] * 3
     assert runner.budget.spent == []
+
+
+POD_SCOPE = (
+    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/cri-containerd-ab12.scope"
+)
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "proven"),
+    [
+        ("0::/system.slice/containerd.service\n", True),
+        # a legacy host: the unified line is "/", the name=systemd line names the unit
+        (
+            "12:cpu,cpuacct:/system.slice/containerd.service\n1:name=systemd:/system.slice/containerd.service\n"
+            "0::/\n",
+            True,
+        ),
+        # a pod's cgroup with a child named after the unit: held the substring check
+        (f"0::{POD_SCOPE}/containerd.service\n", False),
+        ("0::/kubepods/besteffort/pod1234/ab12/containerd.service\n", False),
+        ("0::/system.slice/containerd.service/nested\n", False),
+        ("0::/system.slice/containerd.service.d-x.scope\n", False),
+        ("0::/../lab-other/system.slice/containerd.service\n", False),  # another node's systemd
+        # only the unified line counts; a v1 controller line naming the unit does not
+        (f"4:memory:/system.slice/containerd.service\n0::{POD_SCOPE}\n", False),
+        ("0::/system.slice/containerd.service\n".replace("\n", " extra\n"), False),
+        (b"0::/system.slice/\xff\xfe.service\n", False),
+    ],
+)
+def test_the_cgroup_must_be_the_units_own(tmp_path: Path, cgroup: str | bytes, proven: bool) -> None:
+    proc = tmp_path / "proc"
+    process(proc, 100, shim("gone"))
+    (proc / "100" / "cgroup").write_bytes(cgroup if isinstance(cgroup, bytes) else cgroup.encode())
+    kill = KillOrphanedShims(KillOrphanedShimsParams(do="kill-orphaned-shims", bundles=str(tmp_path / "b"),
+                                                     proc=str(proc)))  # fmt: skip
+    assert (kill.not_orphaned(100) is None) is proven
+    if not proven:
+        assert kill.not_orphaned(100) == "not in containerd.service's cgroup"
+
+
+def test_without_children_files_nothing_is_proven(kill: KillOrphanedShims, tmp_path: Path) -> None:
+    """A kernel without CONFIG_PROC_CHILDREN has no task/*/children: fail closed, never kill."""
+    proc = tmp_path / "proc"
+    (proc / "100" / "task" / "100" / "children").unlink()
+    why = kill.not_orphaned(100)
+    assert why is not None
+    assert "cannot tell whether it has child processes" in why
+    # a second thread without the file is enough to keep it
+    (proc / "100" / "task" / "100" / "children").write_text("")
+    (proc / "100" / "task" / "101").mkdir()
+    assert "cannot tell" in (kill.not_orphaned(100) or "")
+    # no threads listed at all, or no task folder: nothing proven either
+    (proc / "100" / "task" / "101").rmdir()
+    (proc / "100" / "task" / "100" / "children").unlink()
+    (proc / "100" / "task" / "100").rmdir()
+    assert "cannot tell" in (kill.not_orphaned(100) or "")
+    (proc / "100" / "task").rmdir()
+    assert "cannot tell" in (kill.not_orphaned(100) or "")
+
+
+@pytest.mark.parametrize("task", ["..", ".", "a/../../gone"])
+def test_a_crafted_task_id_is_not_looked_up_elsewhere(tmp_path: Path, task: str) -> None:
+    proc = tmp_path / "proc"
+    process(proc, 100, shim(task))
+    kill = KillOrphanedShims(KillOrphanedShimsParams(do="kill-orphaned-shims", bundles=str(tmp_path / "b"),
+                                                     proc=str(proc)))  # fmt: skip
+    assert kill.not_orphaned(100) == "its namespace or task id is unknown"
+
+
+@pytest.mark.parametrize(
+    "pid",
+    [
+        "9" * 4301,  # int() refuses more than 4,300 digits: ValueError, a spent repair
+        "99999999999",  # 11 digits
+        "4194305",  # above PID_MAX_LIMIT
+        "0",
+        "\u0661\u0660\u0660",  # Arabic-Indic "100": int() would accept it
+    ],
+)
+async def test_a_forged_pid_is_not_a_pid(kill: KillOrphanedShims, pid: str) -> None:
+    step = await kill.check(ctx(f"Found left-over process {pid} (containerd-shim) in control group x."))
+    assert step == Skip("no left-over shim named by systemd")
+
+
+async def test_a_huge_pid_next_to_a_real_one_leaves_the_real_one(kill: KillOrphanedShims) -> None:
+    message = (
+        f"Found left-over process {'9' * 5000} (containerd-shim) x "
+        "Found left-over process 100 (containerd-shim) in control group while starting unit."
+    )
+    step = await kill.check(ctx(message))
+    assert isinstance(step, Step)
+    assert step.data["pids"] == "100"

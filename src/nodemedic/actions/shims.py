@@ -4,8 +4,12 @@ Left-over shims are normal with KillMode=process: a shim must survive a containe
 serving a running container is never killed. A PID named by systemd ("Found left-over process N
 (containerd-shim...) in control group while starting unit") is proven orphaned only if all hold:
 1. it is a containerd-shim process (its argv[0]);
-2. it is in containerd.service's cgroup (what systemd reported);
-3. it has no child process: a shim serving a container is that container's parent;
+2. it is in containerd.service's own cgroup (what systemd reported): the cgroup2 ``0::`` line (or
+   a legacy host's ``name=systemd`` line) names the unit under slices only, so a pod's cgroup with a
+   child named ``containerd.service`` is not it;
+3. it has no child process: a shim serving a container is that container's parent. Every thread's
+   ``task/*/children`` must be read; without them (a kernel without CONFIG_PROC_CHILDREN) nothing
+   is proven and nothing is killed;
 4. containerd's task bundle for its -namespace/-id is gone, so containerd can never reattach to it.
 The signal goes through a pidfd opened before the proof is re-checked, so a PID reused in between
 is never hit.
@@ -14,7 +18,6 @@ is never hit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal as signals
@@ -26,8 +29,12 @@ from pydantic import BaseModel, ConfigDict
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
 from nodemedic.events import JournalLine
+from nodemedic.policy.paths import AbsolutePath
+from nodemedic.sources.procview import cgroup_from_text, outside_namespace
 
-LEFT_OVER = re.compile(r"Found left-over process (\d+) \((containerd-shim[^)]*)\)")
+# A PID is at most 7 digits (PID_MAX_LIMIT); 10 bounds what int() is given, ASCII digits only.
+LEFT_OVER = re.compile(r"Found left-over process ([0-9]{1,10}) \((containerd-shim[^)]*)\)")
+PID_MAX_LIMIT = 4_194_304  # the kernel's hard limit: no pid_max is larger
 
 
 class KillOrphanedShimsParams(BaseModel):
@@ -38,9 +45,9 @@ class KillOrphanedShimsParams(BaseModel):
     do: Literal["kill-orphaned-shims"]
     unit: str = "containerd.service"
     """The unit whose cgroup the shims must be in."""
-    bundles: str = "/run/containerd/io.containerd.runtime.v2.task"
+    bundles: AbsolutePath = "/run/containerd/io.containerd.runtime.v2.task"
     """containerd's task state: <bundles>/<namespace>/<id> exists for every task it can reattach to."""
-    proc: str = "/proc"
+    proc: AbsolutePath = "/proc"
     """Where processes are read (a test may point it elsewhere)."""
 
 
@@ -52,11 +59,7 @@ class KillOrphanedShims:
 
     async def check(self, ctx: ActionContext) -> Step | Skip:
         event = ctx.event
-        named = (
-            [int(p) for p in LEFT_OVER.findall(event.message) for p in p[:1]]
-            if isinstance(event, JournalLine)
-            else []
-        )
+        named = _named_pids(event.message) if isinstance(event, JournalLine) else []
         if not named:
             return Skip("no left-over shim named by systemd")
         verdicts = {pid: self.not_orphaned(pid) for pid in named}
@@ -96,39 +99,76 @@ class KillOrphanedShims:
 
     def _alive(self, pid: int) -> bool:
         try:
-            status = Path(self.params.proc, str(pid), "status").read_text()
-        except FileNotFoundError:
+            status = Path(self.params.proc, str(pid), "status").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
             return False
-        return "State:\tZ" not in status and self.not_orphaned(pid) is None
+        return b"State:\tZ" not in status and self.not_orphaned(pid) is None
 
     def not_orphaned(self, pid: int) -> str | None:
         """Why ``pid`` is not a proven orphan, or None if it is one."""
         base = Path(self.params.proc, str(pid))
         try:
             argv = base.joinpath("cmdline").read_bytes().split(b"\0")
-            cgroup = base.joinpath("cgroup").read_text()
+            cgroup = cgroup_from_text(base.joinpath("cgroup").read_bytes().decode(errors="replace"))
         except (FileNotFoundError, ProcessLookupError):
             return "no such process"
+        except OSError as err:
+            return f"cannot read {base}: {err}"
         args = [a.decode(errors="replace") for a in argv if a]
         if not args or not os.path.basename(args[0]).startswith("containerd-shim"):
             return "not a containerd shim"
-        if f"/{self.params.unit}" not in cgroup:
+        if not is_unit_cgroup(cgroup, self.params.unit):
             return f"not in {self.params.unit}'s cgroup"
-        if self._has_children(pid):
-            return "it has child processes (a container)"
+        if why := self._children(pid):
+            return why
         namespace, task = _flag(args, "-namespace"), _flag(args, "-id")
-        if not namespace or not task:
+        if not _plain_name(namespace) or not _plain_name(task):
             return "its namespace or task id is unknown"
-        if Path(self.params.bundles, namespace, task).exists():
-            return f"containerd still has task {namespace}/{task}"
+        try:
+            if Path(self.params.bundles, namespace, task).exists():
+                return f"containerd still has task {namespace}/{task}"
+        except OSError as err:
+            return f"cannot tell whether containerd still has task {namespace}/{task}: {err}"
         return None
 
-    def _has_children(self, pid: int) -> bool:
-        for task in Path(self.params.proc, str(pid), "task").glob("*/children"):
-            with contextlib.suppress(FileNotFoundError):
-                if task.read_text().strip():
-                    return True
+    def _children(self, pid: int) -> str | None:
+        """Why ``pid`` may have a child process, or None if it has none. Fails closed: a thread
+        whose children file cannot be read could be the parent of a container."""
+        tasks = Path(self.params.proc, str(pid), "task")
+        try:
+            threads = [t for t in os.listdir(tasks) if t.isdecimal()]
+        except OSError as err:
+            return f"its threads cannot be listed ({err}): cannot tell whether it has child processes"
+        if not threads:
+            return "it has no threads listed: cannot tell whether it has child processes"
+        for thread in threads:
+            try:
+                if tasks.joinpath(thread, "children").read_bytes().strip():
+                    return "it has child processes (a container)"
+            except OSError as err:
+                return (f"cannot tell whether it has child processes ({err}; without "
+                        "CONFIG_PROC_CHILDREN the kernel has no task/*/children)")  # fmt: skip
+        return None
+
+
+def _named_pids(message: str) -> list[int]:
+    """The PIDs systemd names in ``message``; a number no PID can be is not one."""
+    return [pid for pid in (int(p) for p, _ in LEFT_OVER.findall(message)) if 0 < pid <= PID_MAX_LIMIT]
+
+
+def is_unit_cgroup(cgroup: str, unit: str) -> bool:
+    """``cgroup`` (from ``cgroup_from_text``) is ``unit``'s own cgroup: systemd puts a service
+    right under its slice (``/system.slice/containerd.service``). A cgroup below a pod's or a
+    container's, named like the unit (``.../cri-containerd-<id>.scope/containerd.service``), is not."""
+    parts = cgroup.split("/")
+    if parts[0] != "" or parts[-1] != unit or outside_namespace(cgroup):
         return False
+    return all(part.endswith(".slice") for part in parts[1:-1])
+
+
+def _plain_name(name: str) -> bool:
+    """A single path component: a crafted -namespace or -id must not point elsewhere."""
+    return bool(name) and name not in (".", "..") and "/" not in name
 
 
 def _flag(args: list[str], name: str) -> str:

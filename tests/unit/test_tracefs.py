@@ -339,3 +339,35 @@ async def test_tracefs_without_the_signal_event_is_reported(harness: Harness, tm
     await asyncio.wait_for(harness.source.run(), 5)
     (state,) = harness.states
     assert "no trace event events/signal/signal_generate" in state
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # int() refuses more than 4,300 digits (ValueError); no kernel field has more than 10
+        line("bash", 1, 2).replace("sig=1", "sig=" + "1" * 4301),
+        line("bash", 1, 2).replace("pid=2", "pid=" + "2" * 4301),
+        line("bash", 1, 2).replace("res=0", "res=-" + "9" * 11),
+        line("bash", 1, 2).replace("bash-1 ", "bash-" + "1" * 11 + " "),
+        # digits that are not ASCII: int() would turn them into a PID the line never named
+        line("bash", 1, 2).replace("pid=2", "pid=\u0662"),
+        line("bash", 1, 2).replace("-1 ", "-\u0661 "),
+        # longer than any kernel line (its two .* would cost quadratic time)
+        line("bash", 1, 2).replace("comm=containerd", "comm=" + "x" * 600),
+    ],
+)
+def test_parse_line_drops_crafted_numbers(text: str) -> None:
+    assert parse_line(text) is None
+
+
+def test_the_longest_real_line_still_parses() -> None:
+    """Two 15-byte comms (TASK_COMM_LEN 16) and every field at its widest."""
+    text = (
+        f"{'n' * 15}-4194304 (4194304) [1023] d.Hs1. 4294967295.999999: signal_generate: "
+        f"sig=-2147483648 errno=-2147483648 code=-2147483648 comm={'c' * 15} pid=4194304 "
+        "grp=-2147483648 res=-2147483648"
+    )
+    assert len(text) < 512
+    parsed = parse_line(text)
+    assert parsed is not None
+    assert (parsed.sender_pid, parsed.target_pid, parsed.code) == (4194304, 4194304, -2147483648)

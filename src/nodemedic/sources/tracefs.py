@@ -42,12 +42,18 @@ READ_SIZE = 65536
 
 # ``<task comm>-<pid> [(<tgid>)] [<cpu>] [<flags>] <seconds>: signal_generate: sig=... res=...``
 # The task comm may hold spaces and dashes (the PID follows the last dash); the target comm may
-# hold spaces (anchored on the fields after it).
+# hold spaces (anchored on the fields after it). Numbers are ASCII digits, at most 10 of them (the
+# kernel prints 32-bit ints): what int() is given stays bounded, and a longer number drops the line.
+_INT = r"-?[0-9]{1,10}"
 _LINE = re.compile(
-    r"^\s*(?P<task>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[\d+\]\s+(?:\S+\s+)?[\d.]+:\s+"
-    r"signal_generate:\s+sig=(?P<sig>-?\d+) errno=(?P<errno>-?\d+) code=(?P<code>-?\d+) "
-    r"comm=(?P<comm>.*) pid=(?P<target>\d+) grp=(?P<grp>-?\d+) res=(?P<res>-?\d+)\s*$"
+    rf"^\s*(?P<task>.*)-(?P<pid>[0-9]{{1,10}})\s+(?:\(\s*[0-9-]{{1,11}}\)\s+)?\[[0-9]{{1,10}}\]\s+"
+    rf"(?:\S+\s+)?[0-9.]{{1,32}}:\s+signal_generate:\s+sig=(?P<sig>{_INT}) errno=(?P<errno>{_INT}) "
+    rf"code=(?P<code>{_INT}) comm=(?P<comm>.*) pid=(?P<target>[0-9]{{1,10}}) grp=(?P<grp>{_INT}) "
+    rf"res=(?P<res>{_INT})\s*$"
 )
+# A signal_generate line is under 200 characters (two comms of at most 15 bytes): a longer one is
+# not the kernel's, and is dropped before the regex (whose two ``.*`` would cost quadratic time).
+MAX_LINE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,8 @@ class TraceLine:
 
 def parse_line(line: str) -> TraceLine | None:
     """A ``signal_generate`` line of trace_pipe, or None for anything else (lost-events markers)."""
+    if len(line) > MAX_LINE:
+        return None
     match = _LINE.match(line)
     if match is None:
         return None

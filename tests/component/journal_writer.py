@@ -88,12 +88,13 @@ def containerd_says(message: str | bytes, pid: int = 2345) -> dict[str, str | by
 
 
 def systemd_says(message: str, about: str = CONTAINERD) -> dict[str, str | bytes]:
-    """A line systemd (PID 1) logged about a unit: the unit is in UNIT=, not _SYSTEMD_UNIT=."""
+    """A line systemd (PID 1, root) logged about a unit: the unit is in UNIT=, not _SYSTEMD_UNIT=."""
     return {
         "MESSAGE": message,
         "PRIORITY": "5",
         "SYSLOG_IDENTIFIER": "systemd",
         "_PID": "1",
+        "_UID": "0",
         "_COMM": "systemd",
         "_SYSTEMD_UNIT": "init.scope",
         "UNIT": about,

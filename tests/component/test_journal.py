@@ -204,3 +204,30 @@ async def test_a_journal_without_entries_of_the_unit_yet(journal_dir: Path, curs
         await writer.write(kubelet_says("kubelet started"))
         await writer.write(containerd_says(IS_A_DIRECTORY))
         assert (await line(events)).message == IS_A_DIRECTORY
+
+
+async def test_a_forged_unit_field_is_not_containerd(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """Any local client can send UNIT=containerd.service; only PID 1 (root) speaks for a unit so."""
+    forged = {
+        "MESSAGE": LEFT_OVER,
+        "UNIT": CONTAINERD,
+        "SYSLOG_IDENTIFIER": "systemd",
+        "_PID": "4242",
+        "_UID": "1000",
+        "_SYSTEMD_UNIT": "user@1000.service",
+        "_TRANSPORT": "journal",
+    }
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(
+            forged,
+            {**forged, "_UID": "0", "_SYSTEMD_UNIT": "nodemedic.service"},  # root, but not PID 1
+            {**forged, "_PID": "1"},  # PID 1 of a user namespace, not root there
+            {**forged, "_TRANSPORT": "kernel", "_SYSTEMD_UNIT": ""},  # kernel lines are the kernel's
+            systemd_says(LEFT_OVER),
+        )
+        got = await line(events)
+
+    assert (got.unit, got.message, got.pid) == (CONTAINERD, LEFT_OVER, 1)
+    assert events.pending() == []

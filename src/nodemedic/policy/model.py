@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
 from nodemedic.policy.duration import Duration
+from nodemedic.policy.patterns import Regex
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.policy.signals import Signal
 
@@ -134,11 +135,14 @@ class PathTrigger(Strict):
 
 
 class JournalTrigger(Strict):
-    """Fires when a journal line from or about ``unit`` matches ``pattern`` (a Python regex)."""
+    """Fires when a journal line from or about ``unit`` matches ``pattern`` (an RE2 regex)."""
 
     source: Literal["journal"]
-    pattern: re.Pattern[str]
-    """Regular expression searched in the MESSAGE field; compiled when the policy loads."""
+    pattern: Regex
+    """Regular expression searched in the first 8 KiB of the MESSAGE field; compiled with RE2 when
+    the policy loads (Python syntax, less backreferences and lookarounds; matching takes time linear
+    in the line). Anchor it to the line's shape (``^containerd: ...``): an unanchored pattern also
+    fires on a line that merely quotes the text, such as a pod's command echoed in an error."""
     unit: str = "containerd.service"
     """The unit whose lines (and systemd's lines about it) are searched; ``"kernel"``: the kernel's."""
 

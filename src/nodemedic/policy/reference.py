@@ -27,6 +27,7 @@ from nodemedic.actions.registry import ActionSpec
 from nodemedic.policy import model, sighup
 from nodemedic.policy.duration import parse_duration
 from nodemedic.policy.load import DEFAULT_POLICY
+from nodemedic.policy.patterns import Regex
 
 # The only hand-written structure: which TOML table each model (or discriminated union) is, in order.
 SECTIONS: tuple[tuple[str, Any], ...] = (
@@ -212,7 +213,7 @@ def _describe(tp: Any, metadata: list[Any], links: dict[object, str], where: str
         return _one_of(typing.get_args(tp))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _one_of([m.value for m in tp])
-    if tp is re.Pattern or origin is re.Pattern:
+    if tp is re.Pattern or origin is re.Pattern or tp is Regex:
         return "regular expressions" if plural else "regular expression"
     if tp in _SCALARS:
         return _SCALARS[tp][1 if plural else 0]
@@ -295,7 +296,7 @@ def _toml(value: object) -> str:
         return repr(value)
     if isinstance(value, str | Path):
         return json.dumps(str(value), ensure_ascii=False)
-    if isinstance(value, re.Pattern):
+    if isinstance(value, re.Pattern | Regex):
         return f"'{value.pattern}'"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"

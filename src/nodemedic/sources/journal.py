@@ -3,13 +3,20 @@
 The reader is driven by its file descriptor on the event loop (no thread, no sleep loop). The
 cursor of the last entry handled is kept in the state directory, so a restarted daemon neither
 misses nor replays entries; with no cursor it starts at the end of the journal.
+
+Any local process can write an entry with any field it likes (``UNIT=containerd.service``,
+``SYSLOG_IDENTIFIER=containerd``); only the fields whose names start with ``_`` are journald's own,
+taken from the sender's credentials and cgroup. Which unit a line belongs to is decided from those
+alone: the sender's unit (``_SYSTEMD_UNIT``); ``UNIT=`` only on a line from systemd itself (``_PID``
+1, ``_UID`` 0), which is how systemd names the unit it speaks of; the kernel by ``_TRANSPORT``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,14 @@ log = logging.getLogger(__name__)
 # AppArmor denials), which no unit owns.
 KERNEL = "kernel"
 KERNEL_TRANSPORTS = ("kernel", "audit")
+# systemd's own lines about a unit: sent by PID 1 as root, the unit named in UNIT=.
+SYSTEMD_PID = 1
+ROOT_UID = 0
+_NUMBER = re.compile(r"[0-9]{1,10}")
+# MESSAGE is cut to its first 8 KiB (the policy's patterns search no further either): the lines rules
+# look for are under 1 KiB, and journald takes entries up to 32 MiB from any local client, which
+# every rule's pattern would otherwise search, and every event and record would carry.
+MESSAGE_LIMIT = 8192
 
 
 class JournalFollower:
@@ -100,19 +115,15 @@ class JournalFollower:
                 self._emit(line)
         self._save_cursor()
 
-    def _line(self, entry: dict[str, Any]) -> JournalLine | None:
-        unit = entry.get("UNIT")
-        if unit not in self.units:
-            unit = entry.get("_SYSTEMD_UNIT")
-        if unit not in self.units and KERNEL in self.units and entry.get("_TRANSPORT") in KERNEL_TRANSPORTS:
-            unit = KERNEL
-        if unit not in self.units:
+    def _line(self, entry: Mapping[str, object]) -> JournalLine | None:
+        unit = attribute(entry, self.units)
+        if unit is None:
             return None
         return JournalLine(
-            unit=str(unit),
-            message=_text(entry.get("MESSAGE")),
-            identifier=_text(entry.get("SYSLOG_IDENTIFIER")),
-            pid=_int(entry.get("_PID")),
+            unit=unit,
+            message=_text(entry.get("MESSAGE"), MESSAGE_LIMIT),
+            identifier=_text(entry.get("SYSLOG_IDENTIFIER"), 256),
+            pid=_number(entry.get("_PID")) or 0,
             cursor=self._cursor,
             at=self._clock.monotonic(),
         )
@@ -139,19 +150,42 @@ class JournalFollower:
             log.warning("cannot save the journal cursor to %s", self._cursor_file, exc_info=True)
 
 
-def _text(value: object) -> str:
-    """A journal field as text: binary fields are decoded leniently, repeated fields joined."""
+def attribute(entry: Mapping[str, object], units: Collection[str]) -> str | None:
+    """The followed unit (or KERNEL) an entry belongs to, judged by the fields journald sets itself."""
+    if entry.get("_TRANSPORT") in KERNEL_TRANSPORTS:
+        return KERNEL if KERNEL in units else None
+    from_systemd = _number(entry.get("_PID")) == SYSTEMD_PID and _number(entry.get("_UID")) == ROOT_UID
+    for unit in (entry.get("UNIT") if from_systemd else None, entry.get("_SYSTEMD_UNIT")):
+        if isinstance(unit, str) and unit != KERNEL and unit in units:
+            return unit
+    return None
+
+
+def _text(value: object, limit: int) -> str:
+    """A journal field as text, at most ``limit`` characters: binary fields are decoded leniently,
+    repeated fields joined. The rest is cut before it is decoded (an entry may hold 32 MiB)."""
     if value is None:
         return ""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return value[: 4 * limit].decode("utf-8", "replace")[:limit]
     if isinstance(value, list):
-        return "\n".join(_text(v) for v in value)
-    return str(value)
+        parts: list[str] = []
+        size = 0
+        for one in value:
+            if size >= limit:
+                break
+            parts.append(_text(one, limit - size))
+            size += len(parts[-1]) + 1
+        return "\n".join(parts)[:limit]
+    return str(value)[:limit]
 
 
-def _int(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return 0
+def _number(value: object) -> int | None:
+    """A PID or UID field: a plain decimal number (journald's own are), anything else is none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        return int(value)
+    return None

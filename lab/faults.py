@@ -100,6 +100,34 @@ def make_directory_at(
     return float(node.sh(script).stdout.split()[0])
 
 
+HOSTILE_ENTRIES = {
+    "data": "file",
+    "sub/data.hardlink": "file",
+    "pipe": "fifo",
+    "pod.sock": "socket",
+    "root": "symlink",
+    "shadow": "symlink",
+    "sub": "directory",
+}
+"""What `make_hostile_directory_at` puts in the directory, by path inside it, with their kinds."""
+
+
+def make_hostile_directory_at(node: Node, path: str, *, data: str = "pod data") -> float:
+    """A directory at ``path`` holding what a hostile pod could leave in its hostPath mount: a file
+    (``data``) and a hard link to it, a FIFO, a unix socket, and symlinks to ``/`` and to
+    /etc/shadow (see HOSTILE_ENTRIES). Made aside in /run/containerd, then renamed into place at
+    once, so nodemedic sees it whole. Returns the node's wall-clock time of the fault."""
+    prep = "/run/containerd/.lab-hostile-prep"
+    bind = "import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])"
+    script = (
+        f"rm -rf {prep} && mkdir -p {prep}/sub && printf %s '{data}' > {prep}/data "
+        f"&& ln {prep}/data {prep}/sub/data.hardlink && mkfifo {prep}/pipe "
+        f"&& python3 -c '{bind}' {prep}/pod.sock && ln -s / {prep}/root && ln -s /etc/shadow {prep}/shadow "
+        f"&& rm -f {path} && date +%s.%N && mv -T {prep} {path}"
+    )
+    return float(node.sh(script).stdout.split()[0])
+
+
 def realtime(record: dict[str, str]) -> float:
     """A journal entry's wall-clock time in seconds."""
     return int(record["__REALTIME_TIMESTAMP"]) / 1e6

@@ -291,6 +291,18 @@ async def test_a_deep_tree_is_walked_to_max_depth(root: Path, tmp_path: Path) ->
     assert (aside / deep.relative_to(root / "containerd.sock") / "bottom").read_text() == "deep"
 
 
+async def test_the_deepest_walk_allowed_fits_in_the_stack_and_the_descriptors(
+    root: Path, tmp_path: Path
+) -> None:
+    deep = root / "containerd.sock"
+    for _ in range(120):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    await repair(root, tmp_path, max_depth=100)
+    _, manifest, _ = quarantined(tmp_path)
+    assert manifest["skipped"] == ["at max_depth (100): not entered"]
+
+
 async def test_a_million_entries_stop_at_max_entries(root: Path, tmp_path: Path) -> None:
     sock = root / "containerd.sock"
     (sock / "many").mkdir(parents=True)

@@ -81,9 +81,9 @@ class RemoveSocketDirParams(BaseModel):
     max_entries: int = Field(default=10_000, ge=1)
     """Most entries (files, folders, links, ...) walked in one directory; the rest is not walked,
     and each folder left unfinished is listed as skipped."""
-    max_depth: int = Field(default=32, ge=1, le=256)
+    max_depth: int = Field(default=32, ge=1, le=100)
     """Deepest level walked (1: the directory's own entries); a folder at this level is listed as
-    skipped, not entered."""
+    skipped, not entered. At most 100: the walk holds a few descriptors and stack frames a level."""
     max_seconds: Duration = Field(default=10.0, gt=0)
     """How long the copy may take (containerd waits for it); past it the rest is listed as skipped.
     Removing the aside copy after a complete copy gets as long again."""

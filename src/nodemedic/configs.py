@@ -4,17 +4,30 @@ A copy is taken only once containerd has run healthy with that content for a whi
 engine/lastgood.py decides when); copies are content-addressed (sha256) and the newest ``keep``
 are kept. Validation is containerd's own: ``containerd --config FILE config dump`` loads the file
 as containerd does; without the binary, a TOML parse is the fallback.
+
+The file is read as hostile input (a pod with a hostPath mount of /etc/containerd can write it):
+only a regular file, never through a symlink at its path, without blocking, at most
+MAX_CONFIG_BYTES. A symlinked config.toml is reported as a problem: nodemedic neither follows
+nor replaces it (restore-config refuses it), so a node that links its config elsewhere gets a
+record saying so, not a repair.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import signal
+import stat
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
+from nodemedic.errors import ConfigFileError, DefaultConfigError
 from nodemedic.state import atomic_write
 
 if sys.version_info >= (3, 11):
@@ -23,6 +36,20 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONTAINERD = "containerd"
+# Real configs are 7-15 KiB (containerd's default is 7 KiB, each extra runtime about 1 KiB), so
+# 1 MiB leaves a wide margin while bounding the cost of a crafted file: measured at 1 MiB, a
+# parse peaks at about 110 MB in tomllib and 105 MB in `containerd config dump` (4 MiB: 450 MB),
+# which fits nodemedic.service's MemoryMax=.
+MAX_CONFIG_BYTES = 1 << 20
+# `containerd config dump` answers in well under a second; a config that makes it wait longer
+# (``imports`` of a FIFO, say) would hang containerd's own start as well.
+CONTAINERD_CHECK_TIMEOUT = 30.0
+# Where the runc options live: containerd 1.x (config version 2), then 2.x (version 3).
+RUNC_RUNTIME_PATHS = (
+    ("plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes", "runc"),
+    ("plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes", "runc"),
+)
+_PROBLEM_CHARS = 500  # of containerd's message: it may echo a crafted file's content
 
 
 class GoodConfigs:
@@ -59,47 +86,149 @@ class GoodConfigs:
         return copies[0] if copies else None
 
 
-async def config_problem(path: Path) -> str | None:
-    """Why containerd would refuse the config at ``path``, or None if it loads."""
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words for a record."""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def not_regular(path: Path, mode: int) -> ConfigFileError:
+    return ConfigFileError(
+        f"{path} is {file_kind(mode)}, not a regular file: nodemedic neither follows nor replaces it "
+        "(put a regular file there by hand)"
+    )
+
+
+def read_config(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``, read without following a symlink there, without
+    blocking (a FIFO), and at most MAX_CONFIG_BYTES (a link to /dev/zero, a crafted huge file).
+    FileNotFoundError if there is none; ConfigFileError if it is not a file nodemedic reads."""
+    found = os.lstat(path)  # a device or FIFO is refused before any open (opening one can act)
+    if not stat.S_ISREG(found.st_mode):
+        raise not_regular(path, found.st_mode)
     try:
-        content = await asyncio.to_thread(path.read_bytes)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a symlink since the lstat
+            raise not_regular(path, stat.S_IFLNK) from exc
+        raise
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise not_regular(path, opened.st_mode)
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a containerd "
+                              "config nodemedic parses (real ones are a few KiB)")  # fmt: skip
+    return b"".join(chunks)
+
+
+async def config_problem(path: Path) -> str | None:
+    """Why containerd would refuse the config at ``path``, or None if it loads. Never raises on
+    the file's content or kind: a crafted file is a problem like any other."""
+    try:
+        content = await asyncio.to_thread(read_config, path)
     except FileNotFoundError:
         return f"{path} is missing"
+    except ConfigFileError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
+    problem = await asyncio.to_thread(toml_problem, content)
+    if problem is not None:
+        return problem
+    binary = shutil.which(CONTAINERD)
+    return None if binary is None else await _containerd_problem(binary, path)
+
+
+def toml_problem(content: bytes) -> str | None:
+    """Why ``content`` is not TOML, or None. tomllib's own errors and what a crafted file gets out
+    of it instead (RecursionError from deep nesting, ValueError from a 5,000-digit integer, memory)
+    are all "not valid TOML"."""
     try:
         tomllib.loads(content.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except RecursionError:
+        return "not valid TOML: nested too deeply"
+    except MemoryError:
+        return "not valid TOML: too large to parse"
+    except ValueError as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors too
         return f"not valid TOML: {exc}"
-    binary = shutil.which(CONTAINERD)
-    if binary is None:
-        return None
+    return None
+
+
+async def _containerd_problem(binary: str, path: Path) -> str | None:
+    """containerd's own verdict: ``config dump`` loads the file (imports included) as a start would."""
     proc = await asyncio.create_subprocess_exec(
         binary, "--config", str(path), "config", "dump",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), CONTAINERD_CHECK_TIMEOUT)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on 3.10
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
         return (
-            err.decode("utf-8", "replace").strip().splitlines()[-1]
-            if err.strip()
-            else "refused by containerd"
+            f"containerd did not load it within {CONTAINERD_CHECK_TIMEOUT:.0f} s (imports a FIFO or device?)"
         )
-    return None
+    if proc.returncode == 0:
+        return None
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    if lines:
+        return lines[-1][:_PROBLEM_CHARS]
+    code = proc.returncode or 0
+    return (
+        f"refused by containerd (killed by {signal.Signals(-code).name})"
+        if code < 0
+        else "refused by containerd"
+    )
 
 
 async def default_config() -> bytes:
-    """``containerd config default`` with SystemdCgroup = true for runc (what Kubernetes needs)."""
+    """``containerd config default`` with SystemdCgroup = true for runc (what Kubernetes needs),
+    for containerd 1.x and 2.x alike."""
     import tomlkit
 
     binary = shutil.which(CONTAINERD)
     if binary is None:
-        raise FileNotFoundError("containerd is not installed: cannot generate a default config")
+        raise DefaultConfigError("containerd is not installed: cannot generate a default config")
     proc = await asyncio.create_subprocess_exec(
         binary, "config", "default", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"containerd config default failed: {err.decode(errors='replace').strip()}")
-    doc = tomlkit.parse(out.decode())
-    runc = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["runc"]
-    runc["options"]["SystemdCgroup"] = True
+        raise DefaultConfigError(f"containerd config default failed: {err.decode(errors='replace').strip()}")
+    try:
+        doc = tomlkit.parse(out.decode())
+    except (ValueError, tomlkit.exceptions.TOMLKitError) as exc:
+        raise DefaultConfigError(f"containerd config default printed no valid TOML: {exc}") from exc
+    _runc_options(doc)["SystemdCgroup"] = True
     return tomlkit.dumps(doc).encode()
+
+
+def _runc_options(doc: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The runc runtime's ``options`` table, under whichever plugin this containerd has."""
+    import tomlkit
+
+    for keys in RUNC_RUNTIME_PATHS:
+        table: Any = doc
+        for key in keys:
+            table = table.get(key) if isinstance(table, MutableMapping) else None
+        if isinstance(table, MutableMapping):
+            if "options" not in table:
+                table["options"] = tomlkit.table()
+            options = table["options"]
+            if isinstance(options, MutableMapping):
+                return options
+    wanted = " or ".join(f'plugins."{keys[1]}".containerd.runtimes.runc' for keys in RUNC_RUNTIME_PATHS)
+    raise DefaultConfigError(
+        f"`containerd config default` has no runc runtime table ({wanted}) to set SystemdCgroup on: "
+        "restore config.toml by hand or keep a last-known-good copy"
+    )

@@ -47,3 +47,13 @@ class FreezeRefusedError(NodemedicError, PermissionError):
 
 class FreezeFailedError(NodemedicError, RuntimeError):
     """Freezing or thawing a cgroup was asked of the kernel but did not take effect."""
+
+
+class ConfigFileError(NodemedicError, OSError):
+    """containerd's config is not a file nodemedic reads: not a regular file (a symlink, FIFO,
+    directory or device at its path), or larger than any real containerd config."""
+
+
+class DefaultConfigError(NodemedicError, RuntimeError):
+    """``containerd config default`` failed or printed a config without the runc runtime to set
+    SystemdCgroup on: nothing to restore from."""

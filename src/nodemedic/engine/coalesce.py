@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 
 from nodemedic.clock import Clock
-from nodemedic.configs import config_problem
+from nodemedic.configs import config_problem, read_config
 from nodemedic.engine.sighup_context import ACTION_ERRORS, GuardContext, Say
 from nodemedic.events import UnitChanged
 from nodemedic.policy.model import Mode
@@ -338,7 +338,7 @@ class Coalescer:
     def _read_config(self) -> bytes | None:
         """The config's bytes; b"" if there is none; None if it cannot be read."""
         try:
-            return self.ctx.config.read_bytes()
+            return read_config(self.ctx.config)  # no symlink, FIFO or device followed; bounded
         except FileNotFoundError:
             return b""
         except OSError:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from nodemedic.actions.base import VersionProbe
-from nodemedic.configs import GoodConfigs, config_problem
+from nodemedic.configs import GoodConfigs, config_problem, read_config
 from nodemedic.errors import ProbeError
 from nodemedic.events import Event, UnitChanged
 from nodemedic.report import RecordKind, Reporter
@@ -47,12 +47,12 @@ class LastGoodKeeper:
 
     async def _judge(self, pid: int) -> None:
         try:
-            started_with = await asyncio.to_thread(self.path.read_bytes)
+            started_with = await asyncio.to_thread(read_config, self.path)
         except OSError:
             return
         await asyncio.sleep(self.settle)
         with contextlib.suppress(OSError):
-            if self._pid != pid or await asyncio.to_thread(self.path.read_bytes) != started_with:
+            if self._pid != pid or await asyncio.to_thread(read_config, self.path) != started_with:
                 return  # restarted, or edited since: not the content that ran
             try:
                 await self._probe.version(self._socket, self._timeout)

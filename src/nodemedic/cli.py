@@ -18,7 +18,13 @@ from nodemedic import __version__
 from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, PolicyError, UnitControlError, UnknownRuleError
 from nodemedic.policy.edit import set_mode
-from nodemedic.policy.load import DEFAULT_POLICY, load_policy, parse_policy_text, read_policy_text
+from nodemedic.policy.load import (
+    DEFAULT_POLICY,
+    load_policy,
+    parse_policy_text,
+    read_policy_text,
+    salvage_state_dir,
+)
 from nodemedic.policy.model import DaemonSettings, Mode, Policy
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.sighup.dropin import ignores_sighup, remove_dropins
@@ -189,18 +195,28 @@ def _sighup_restore(args: argparse.Namespace) -> int:
 
 
 def _settings_for_cleanup(path: Path) -> tuple[DaemonSettings, SighupSettings]:
-    """The policy's settings, or the defaults where it cannot be read: cleaning up never waits for a fix."""
+    """The policy's settings; where it cannot be loaded, its ``[daemon].state_dir`` if that much can
+    be read, else the default: cleaning up never waits for a fix."""
     try:
         policy = load_policy(path)
-    except (PolicyError, OSError) as exc:
-        log.warning("cannot use the policy %s (%s); using the default state directory and unit", path, exc)
-        return DaemonSettings(), SighupSettings()
+    except Exception as exc:  # whatever the failure, ExecStopPost must still thaw
+        state_dir = salvage_state_dir(path)
+        daemon = DaemonSettings() if state_dir is None else DaemonSettings(state_dir=state_dir)
+        first = exc.problems[0] if isinstance(exc, PolicyError) and exc.problems else repr(exc)
+        whose = "the default" if state_dir is None else "the policy's own"
+        log.warning("cannot use the policy %s (%s); using %s state directory %s and the default unit %s",
+                    path, first, whose, daemon.state_dir, SighupSettings().unit)  # fmt: skip
+        return daemon, SighupSettings()
     return policy.daemon, policy.sighup
 
 
 def _thaw_all(state_dir: Path) -> int:
     freezer = Freezer(registry=state_dir / REGISTRY_NAME)
-    thawed = freezer.thaw_all()
+    try:
+        thawed = freezer.thaw_all()
+    except (NodemedicError, OSError, ValueError) as exc:  # e.g. an unreadable registry
+        print(f"could not thaw what {freezer.registry} lists: {exc}", file=sys.stderr)
+        return 1
     for cgroup in thawed:
         print(f"thawed {cgroup}")
     if not thawed and not freezer.failed:

@@ -126,12 +126,14 @@ class Daemon:
         self.notify("RELOADING=1")
         try:
             policy = load_policy(path)
-        except PolicyError as exc:
+        except Exception as exc:  # a reload never ends the daemon: a bug in loading is refused too
+            problems = exc.problems if isinstance(exc, PolicyError) else [f"internal error: {exc!r}"]
+            log.debug("reload refused", exc_info=True)
             self.app.report(
                 RecordKind.ERROR,
                 f"reload refused, the policy in force stays: {exc}",
                 OUTCOME="refused",
-                DETAIL="; ".join(exc.problems),
+                DETAIL="; ".join(problems),
                 PATH=str(path),
             )
         else:

@@ -6,6 +6,7 @@ import difflib
 import os
 import stat
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -195,3 +196,99 @@ def test_reset_files_a_request_the_daemon_takes(tmp_path: Path, monkeypatch: pyt
     assert StateStore(state).take_resets() == ["socket-path-is-directory"]
     assert calls == [("is-active", "--quiet", "nodemedic.service")]
     assert cli.main(["reset", "no-such-rule", "--policy", str(policy)]) == 1
+
+
+# ---- hostile policies: check says which line, thaw thaws anyway (issue 11, finding 6) --------------
+
+HOSTILE = {
+    "nested-arrays": b"[daemon]\nwatch_units = " + b"[" * 2000 + b"]" * 2000 + b"\n",
+    "huge-int": b"[daemon.budget]\nrepairs = " + b"9" * 5000 + b"\n",
+    "invalid-utf8": b'[daemon]\nmode = "observe"\n# \xff\xfe\n',
+    "binary": bytes(range(256)),
+    "nan-interval": b"[daemon.probe]\ninterval = nan\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_check_refuses_a_hostile_policy_with_its_line_and_no_traceback(
+    policy: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy.write_bytes(HOSTILE[name])
+    assert cli.main(["check", str(policy)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[0] == f"invalid policy {policy}: 1 problem(s)"
+    assert err.splitlines()[1].startswith(f"{policy}:"), err
+    assert err.splitlines()[1].split(":")[1].isdigit(), err
+
+
+def test_check_refuses_a_directory_or_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for path, kind in ((tmp_path / "dir", "a directory"), (tmp_path / "fifo", "not a regular file")):
+        assert cli.main(["check", str(path)]) == 1  # a FIFO opened blocking would hang here
+        err = capsys.readouterr().err
+        assert f"{path}: {kind} (mode " in err
+        assert "Traceback" not in err
+
+
+class FakeFreezer:
+    registries: ClassVar[list[Path]] = []
+
+    def __init__(self, registry: Path) -> None:
+        self.registry = registry
+        self.failed: dict[str, str] = {}
+        FakeFreezer.registries.append(registry)
+
+    def thaw_all(self) -> list[str]:
+        return ["/system.slice/toolkit.service"]
+
+
+@pytest.fixture
+def freezer(monkeypatch: pytest.MonkeyPatch) -> type[FakeFreezer]:
+    FakeFreezer.registries = []
+    monkeypatch.setattr(cli, "Freezer", FakeFreezer)
+    return FakeFreezer
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_thaw_thaws_whatever_the_policy(
+    policy: Path, name: str, freezer: type[FakeFreezer], capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    policy.write_bytes(HOSTILE[name])
+    assert cli.main(["thaw", "--policy", str(policy)]) == 0
+    assert freezer.registries == [Path("/var/lib/nodemedic/frozen.json")]
+    assert capsys.readouterr().out == "thawed /system.slice/toolkit.service\n"
+    assert f"cannot use the policy {policy}" in caplog.text
+    assert "using the default state directory /var/lib/nodemedic" in caplog.text
+
+
+def test_thaw_finds_the_state_dir_of_a_policy_with_a_broken_rule(
+    policy: Path, freezer: type[FakeFreezer], caplog: pytest.LogCaptureFixture
+) -> None:
+    text = policy.read_text().replace('state_dir = "/var/lib/nodemedic"', 'state_dir = "/srv/nm"')
+    policy.write_text(text.replace('do = "stop-unit"', 'do = "halt"'))
+    assert cli.main(["thaw", "--policy", str(policy)]) == 0
+    assert freezer.registries == [Path("/srv/nm/frozen.json")]
+    assert "using the policy's own state directory /srv/nm" in caplog.text
+
+
+def test_thaw_survives_a_loader_bug_and_an_unreadable_registry(
+    policy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "frozen.json").write_bytes(b"\xff\xfe not json")
+    policy.write_text(
+        policy.read_text().replace('state_dir = "/var/lib/nodemedic"', f'state_dir = "{state}"')
+    )
+
+    def broken(path: Path) -> None:
+        raise RuntimeError("a bug in loading")
+
+    monkeypatch.setattr(cli, "load_policy", broken)
+    assert cli.main(["thaw", "--policy", str(policy)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not thaw what {state / 'frozen.json'} lists" in err
+    assert "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,50 @@ async def test_a_source_with_nothing_to_watch_ends_quietly(tmp_path: Path) -> No
     shutdown.set()
     await asyncio.wait_for(task, 5)
     assert sink.of(RecordKind.ERROR) == []
+
+
+async def test_reload_keeps_the_policy_in_force_whatever_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile or broken file, or a bug in loading, is refused with a record; the daemon lives on."""
+    from nodemedic import daemon as daemon_module
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SHIPPED.read_text())
+    sink, notes = MemorySink(), []
+    app = make_app(policy, sink)
+    in_force = app.runner.policy
+    shutdown, reload = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
+    await until(lambda: any(n.startswith("READY=1") for n in notes))
+
+    hostile = [
+        b"[daemon]\nwatch_units = " + b"[" * 2000 + b"]" * 2000 + b"\n",
+        b"[daemon.budget]\nrepairs = " + b"9" * 5000 + b"\n",
+        b"[daemon.budget]\nwindow = nan\n",
+        b"# \xff\n",
+    ]
+    for n, text in enumerate(hostile, 1):
+        policy.write_bytes(text)
+        reload.set()
+        await until(lambda n=n: len(sink.of(RecordKind.ERROR)) == n)  # type: ignore[misc]
+        assert sink.of(RecordKind.ERROR)[-1].fields["DETAIL"].split(":")[0].isdigit()
+    policy.unlink()
+    os.mkfifo(policy)
+    reload.set()
+    await until(lambda: len(sink.of(RecordKind.ERROR)) == len(hostile) + 1)
+    assert "not a regular file" in sink.of(RecordKind.ERROR)[-1].fields["DETAIL"]
+
+    def broken(path: Path) -> None:
+        raise RuntimeError("a bug in loading")
+
+    monkeypatch.setattr(daemon_module, "load_policy", broken)
+    reload.set()
+    await until(lambda: len(sink.of(RecordKind.ERROR)) == len(hostile) + 2)
+    record = sink.of(RecordKind.ERROR)[-1]
+    assert record.fields["OUTCOME"] == "refused"
+    assert record.fields["DETAIL"] == "internal error: RuntimeError('a bug in loading')"
+    assert not task.done()
+    assert app.runner.policy is in_force
+    shutdown.set()
+    await asyncio.wait_for(task, 5)

@@ -388,3 +388,253 @@ def test_trigger_on_an_unwatched_unit_is_refused(tmp_path: Path) -> None:
         PolicyError, match=r"journal trigger on docker.service, which is not in \[daemon\].journal_units"
     ):
         load_policy(write(tmp_path, text))
+
+
+# ---- hostile files: every failure to load is a PolicyError with a line (issue 11, finding 6) -------
+
+
+def only_problem(text: str) -> str:
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(text)
+    [problem] = err.value.problems
+    return problem
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        ("[daemon]\nwatch_units = " + "[" * 2000 + "]" * 2000 + "\n", 2, "nested more than 16 deep"),
+        ("a = 1\nb = " + "{ c = " * 2000 + "1" + " }" * 2000 + "\n", 2, "nested more than 16 deep"),
+        ("[daemon]\nwatch_units = " + "[" * 20 + "]" * 20 + "\n", 2, "nested more than 16 deep"),
+        ("# ok\n" + "a." * 30 + "b = 1\n", 2, "a key of dotted parts more than 16 deep"),
+        ("[" + ".".join(["t"] * 30) + "]\n", 1, "a key of dotted parts more than 16 deep"),
+        # tomllib's memory grows with the square of a key's parts: 1.5 GB at 20,000
+        ("a" + ".a" * 300_000 + " = 1\n", 1, "a key of dotted parts more than 16 deep"),
+        ("[daemon.budget]\nrepairs = " + "9" * 5000 + "\n", 2, "a number with more than 4300 digits"),
+        ("[daemon.budget]\n\nrepairs = 0x" + "f" * 40 + "\n", 3, "integer out of TOML's 64-bit range"),
+        ('[[rule]]\nname = "r"\nx = [[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]\n', 3, "nested more than"),
+    ],
+    ids=[
+        "arrays-2000",
+        "inline-tables-2000",
+        "arrays-20",
+        "dotted-key-30",
+        "dotted-header-30",
+        "dotted-key-300000",
+        "int-5000-digits",
+        "hex-160-bits",
+        "arrays-in-a-rule",
+    ],
+)
+def test_hostile_toml_is_a_policy_error_with_its_line(text: str, line: int, expected: str) -> None:
+    problem = only_problem(text)
+    assert problem.startswith(f"{line}: "), problem
+    assert expected in problem
+
+
+def test_brackets_inside_strings_and_comments_are_not_nesting() -> None:
+    text = (
+        'x = "' + "[" * 40 + '"\ny = \'\'\'\n' + "{" * 40 + "\n'''\n# " + "[" * 40
+        + '\nz = """\\"""' + "[" * 40 + '"""\n[[rule]]\nname = "r"\n'
+    )  # fmt: skip
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(text)
+    assert err.value.problems[:3] == ["1: x: unknown key", "2: y: unknown key", "6: z: unknown key"]
+
+
+def write_bytes(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_bytes(data)
+    return path
+
+
+def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
+    path = write_bytes(tmp_path, b'[daemon]\nmode = "observe"\n# caf\xe9\n')
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert err.value.problems == ["3: not UTF-8 text (byte 0xe9): save the file as UTF-8"]
+
+
+def test_binary_is_a_policy_error_with_a_line(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as err:
+        load_policy(write_bytes(tmp_path, b"\x7fELF\x02\x01\x01\x00\x00\x00\n\x00\x00"))
+    assert err.value.problems[0].startswith("1: "), err.value.problems
+
+
+def loads_within(path: Path, seconds: float = 5.0, *, check_owner: bool = True) -> PolicyError:
+    """load_policy(path) in a thread: a FIFO must not block it (the test fails instead of hanging)."""
+    import threading
+
+    caught: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _catch(caught, path, check_owner), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"loading {path} blocked"
+    [exc] = caught
+    assert isinstance(exc, PolicyError), repr(exc)
+    return exc
+
+
+def _catch(into: list[BaseException], path: Path, check_owner: bool) -> None:
+    try:
+        load_policy(path, check_owner=check_owner)
+    except BaseException as exc:  # the test checks what it is
+        into.append(exc)
+
+
+def test_a_directory_fifo_or_device_at_the_policy_path(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    assert loads_within(tmp_path / "dir").problems[0].startswith("a directory (mode 40")
+    assert loads_within(tmp_path / "fifo").problems[0].startswith("not a regular file (mode 10")
+    assert (
+        loads_within(tmp_path / "zero", check_owner=False)
+        .problems[0]
+        .startswith("not a regular file (mode 20")
+    )
+
+
+def test_a_huge_file_and_a_symlink_loop(tmp_path: Path) -> None:
+    big = write(tmp_path, "# padding\n" * 200_000)
+    assert loads_within(big).problems == ["larger than 1024 KiB: not a policy file"]
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert "cannot read" in loads_within(tmp_path / "a").problems[0]
+
+
+def test_state_dir_is_salvaged_from_a_policy_that_does_not_load(tmp_path: Path) -> None:
+    from nodemedic.policy.load import salvage_state_dir
+
+    text = '[daemon]\nstate_dir = "/srv/nm"\n[[rule]]\nname = "Broken Name"\n'
+    assert salvage_state_dir(write(tmp_path, text)) == Path("/srv/nm")
+    assert salvage_state_dir(write(tmp_path, '[daemon]\nstate_dir = "srv/nm"\n')) is None
+    assert salvage_state_dir(write(tmp_path, "x = " + "[" * 3000)) is None
+    assert salvage_state_dir(tmp_path / "absent.toml") is None
+
+
+# ---- values that load but cannot work (issue 11, finding 7) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [float("nan"), float("inf"), -float("inf"), 1e308, 10**5000, -(10**5000), "99999999999h"],
+    ids=["nan", "inf", "-inf", "1e308", "10**5000", "-10**5000", "99999999999h"],
+)
+def test_durations_are_finite_and_bounded(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_the_longest_duration_is_30_days() -> None:
+    assert parse_duration("720h") == 30 * 24 * 3600
+    with pytest.raises(ValueError, match=r'longer than the longest duration allowed, 30 days \("720h"\)'):
+        parse_duration("721h")
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "expected"),
+    [
+        ("daemon.budget", "window", "nan", "nan is not a duration"),
+        ("daemon.budget", "window", "inf", "inf is not a duration"),
+        ("daemon.budget", "window", '"0s"', "must be longer than 0"),
+        ("daemon.probe", "interval", "nan", "nan is not a duration"),
+        ("daemon.probe", "interval", '"1ms"', "an interval must be at least 100ms"),
+        ("daemon.probe", "interval", "0", "an interval must be at least 100ms"),
+        ("daemon.probe", "timeout", "0", "must be longer than 0"),
+        ("daemon.resources", "interval", '"10ms"', "an interval must be at least 100ms"),
+        ("daemon.config_backup", "settle", "-inf", "-inf is not a duration"),
+        ("sighup.throttle", "per", "0", "must be longer than 0"),
+        ("sighup.storm", "window", "1e300", "longer than the longest duration allowed"),
+        ("sighup.coalesce", "interval", "nan", "nan is not a duration"),
+    ],
+)
+def test_bad_durations_in_the_policy(table: str, key: str, value: str, expected: str) -> None:
+    text = f"[{table}]\n{key} = {value}\n"
+    problem = only_problem(text)
+    assert problem.startswith(f"2: {table}.{key}: "), problem
+    assert expected in problem
+
+
+RULE_WITH = """
+[[rule]]
+name = "r"
+[[rule.trigger]]
+source = "signal"
+signal = {signal}
+[[rule.action]]
+do = "signal-unit"
+unit = "containerd.service"
+signal = {signal}
+"""
+
+
+@pytest.mark.parametrize("signal", ["32", "34", "40", "64", "0", "65", '"SIGRTMIN"', '"RTMAX"', "-1"])
+def test_only_standard_signals_load(signal: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(RULE_WITH.format(signal=signal))
+    assert [p.split(":")[0] for p in err.value.problems] == ["6", "10"]
+    assert "is not a signal nodemedic can use" in err.value.problems[0]
+    assert "a number 1-31 (real-time signals are refused)" in err.value.problems[0]
+
+
+@pytest.mark.parametrize(("signal", "number"), [("1", 1), ('"HUP"', 1), ('"sigterm"', 15), ("31", 31)])
+def test_standard_signals_load(signal: str, number: int) -> None:
+    policy = parse_policy_text(RULE_WITH.format(signal=signal))
+    assert policy.rule[0].trigger[0].signal == number  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("daemon", "state_dir"),
+        ("daemon", "quarantine_dir"),
+        ("daemon.config_backup", "path"),
+        ("daemon.probe", "socket"),
+        ("sighup", "proc"),
+        ("sighup", "tracefs"),
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["var/lib/nodemedic", "/var/lib/../etc", "/var//lib", "/var/lib/", "/", "/a/./b"]
+)
+def test_settings_paths_are_absolute_and_normalised(table: str, key: str, path: str) -> None:
+    problem = only_problem(f'[{table}]\n{key} = "{path}"\n')
+    assert problem.startswith(f"2: {table}.{key}: {path!r} must be an absolute, normalised path: "), problem
+
+
+@pytest.mark.parametrize(
+    ("action", "key"),
+    [
+        ("restore-config", "path"),
+        ("kill-orphaned-shims", "bundles"),
+        ("kill-orphaned-shims", "proc"),
+        ("verify-containerd", "socket"),
+        ("raise-nofile-limit", "dropin_root"),
+    ],
+)
+def test_action_paths_are_absolute_and_normalised(action: str, key: str) -> None:
+    text = MINIMAL_RULE.replace(
+        'do = "start-unit"\nunit = "containerd.service"', f'do = "{action}"\n{key} = "proc"'
+    )
+    where = f"{line_of(text, key + ' = ')}: rule[0] ('r').action[0].{key}"
+    problem = only_problem(text)
+    assert problem.startswith(f"{where}: 'proc' must be an absolute, normalised path"), problem
+
+
+def test_a_path_with_a_nul_is_refused() -> None:
+    problem = only_problem('[daemon]\nstate_dir = "/var/lib/nm\\u0000x"\n')
+    assert problem == (
+        "2: daemon.state_dir: '/var/lib/nm\\x00x' contains a NUL character, which no path can hold: remove it"
+    )
+
+
+def test_confirm_paths_are_absolute() -> None:
+    text = (
+        MINIMAL_RULE
+        + '[rule.confirm]\npaths = ["containerd.sock"]\nkind = "directory"\nconfig_broken = "c.toml"\n'
+    )
+    with pytest.raises(PolicyError) as err:
+        parse_policy_text(text)
+    where = [p.split(": ")[1] for p in err.value.problems]
+    assert where == ["rule[0] ('r').confirm.paths[0]", "rule[0] ('r').confirm.config_broken"]

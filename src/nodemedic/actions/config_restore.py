@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.configs import config_problem, default_config
 from nodemedic.errors import RepairFailedError
+from nodemedic.policy.paths import AbsolutePath
 from nodemedic.state import atomic_write
 
 
@@ -26,7 +27,7 @@ class RestoreConfigParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     do: Literal["restore-config"]
-    path: str = "/etc/containerd/config.toml"
+    path: AbsolutePath = "/etc/containerd/config.toml"
     """containerd's config; it must be ``[daemon.config_backup].path``, whose copies are used."""
     generate: bool = True
     """With no last-known-good copy, write ``containerd config default`` (SystemdCgroup = true). False:

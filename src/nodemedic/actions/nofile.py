@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError, UnitControlError, UnsafePathError
-from nodemedic.policy.duration import Duration
+from nodemedic.policy.duration import Duration, PositiveDuration
+from nodemedic.policy.paths import AbsolutePath
 from nodemedic.procfs import soft_nofile
 from nodemedic.state import atomic_write
 
@@ -38,11 +39,11 @@ class RaiseNofileLimitParams(BaseModel):
     """The unit whose limit is raised."""
     limit: int = Field(default=1048576, ge=1024)
     """The new soft and hard RLIMIT_NOFILE."""
-    dropin_root: str = "/run/systemd/system"
+    dropin_root: AbsolutePath = "/run/systemd/system"
     """Where the drop-in folder ``<unit>.d`` is made (runtime: gone at reboot)."""
     name: str = Field(default="90-nodemedic-nofile.conf", pattern=r"^[A-Za-z0-9_.-]+\.conf$")
     """The drop-in's file name; it sorts after most operators' drop-ins, whose settings it overrides."""
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
     """How long the restart may take."""
     stop_grace: Duration = 10.0
     """How long containerd may take to stop gracefully before its main process is sent SIGKILL (as

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
-from nodemedic.policy.duration import Duration
+from nodemedic.policy.duration import PositiveDuration
 
 
 class _UnitParams(BaseModel):
@@ -16,7 +16,7 @@ class _UnitParams(BaseModel):
 
     unit: str
     """The systemd unit, e.g. ``containerd.service``."""
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
     """How long systemd's job may take."""
 
 

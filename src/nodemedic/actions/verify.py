@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import ProbeError, RepairFailedError
-from nodemedic.policy.duration import Duration
+from nodemedic.policy.duration import PositiveDuration
+from nodemedic.policy.paths import AbsolutePath
 
 RETRY_INTERVAL = 0.05
 
@@ -22,11 +23,11 @@ class VerifyContainerdParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     do: Literal["verify-containerd"]
-    socket: str = "/run/containerd/containerd.sock"
+    socket: AbsolutePath = "/run/containerd/containerd.sock"
     """containerd's main gRPC socket."""
-    timeout: Duration = 15.0
+    timeout: PositiveDuration = 15.0
     """The deadline for containerd to answer after the repair."""
-    request_timeout: Duration = 1.0
+    request_timeout: PositiveDuration = 1.0
     """The deadline of each Version request."""
 
 

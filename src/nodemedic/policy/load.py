@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import stat
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from nodemedic.errors import PolicyError
-from nodemedic.policy.model import Policy
+from nodemedic.policy.model import DaemonSettings, Policy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,6 +22,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_POLICY = Path("/etc/nodemedic/policy.toml")
+MAX_POLICY_BYTES = 1 << 20
+"""The largest policy file read (the shipped one is about 23 KiB)."""
+MAX_NESTING = 16
+"""The deepest nesting of tables and arrays (the shipped policy needs 7)."""
+_INT64 = range(-(2**63), 2**63)  # TOML's integers; a bigger one would overflow where it is used
 _TAG_NAMES = {"do": "action", "source": "trigger source"}
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 
@@ -37,11 +43,54 @@ def read_policy_text(path: Path, *, check_owner: bool = True) -> str:
     try:
         if check_owner:
             check_permissions(path)
-        return path.read_text(encoding="utf-8")
+        raw = _read_regular_file(path)
     except FileNotFoundError as exc:
         raise PolicyError(str(path), ["file not found"]) from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise PolicyError(str(path), [f"cannot read: {exc}"]) from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise PolicyError(
+            str(path), [f"{line}: not UTF-8 text (byte 0x{byte}): save the file as UTF-8"]
+        ) from exc
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """At most `MAX_POLICY_BYTES` of a regular file. Non-blocking, so a FIFO at the path cannot hang
+    a reload or the ExecStopPost thaw; symlinks are followed (a linked policy is supported: whether
+    its folder is safe is `check_permissions`' business)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise PolicyError(str(path), [f"{kind} (mode {mode:o}): give the path of a policy file"])
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_POLICY_BYTES:
+                raise PolicyError(str(path), [f"larger than {MAX_POLICY_BYTES >> 10} KiB: not a policy file"])
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def salvage_state_dir(path: Path) -> Path | None:
+    """``[daemon].state_dir`` of a policy that does not load as a whole (a broken rule, say), so
+    that ``nodemedic thaw`` finds the cgroups it froze; None where even that cannot be read. The
+    file must still pass `check_permissions`: its state_dir decides what is thawed."""
+    try:
+        data = _parse_toml(read_policy_text(path), str(path))
+        daemon = data.get("daemon")
+        if _shape_problem(data, {}) or not isinstance(daemon, dict) or "state_dir" not in daemon:
+            return None
+        return DaemonSettings.model_validate({"state_dir": daemon["state_dir"]}).state_dir
+    except (PolicyError, ValidationError):
+        return None
 
 
 def check_permissions(path: Path) -> None:
@@ -49,7 +98,7 @@ def check_permissions(path: Path) -> None:
 
     The file (symlinks followed) and the directories holding it must be owned by root and not
     writable by group or others."""
-    real = path.resolve()
+    real = Path(os.path.realpath(path))  # unlike resolve(), no RuntimeError on a symlink loop
     targets = dict.fromkeys([path, path.parent, real.parent])
     problems = []
     for target in targets:
@@ -66,28 +115,110 @@ def check_permissions(path: Path) -> None:
 
 def parse_policy_text(text: str, origin: str = "<policy>") -> Policy:
     """Parse TOML ``text`` and validate it; each problem starts with its line (``57: ...``)."""
+    data = _parse_toml(text, origin)
+    lines = key_lines(text)
+    if problem := _shape_problem(data, lines):
+        raise PolicyError(origin, [problem])
+    return _validate(data, origin, lines)
+
+
+def _parse_toml(text: str, origin: str) -> dict[str, Any]:
+    if problem := _structure_problem(text):
+        raise PolicyError(origin, [problem])
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = _TOML_LINE.search(str(exc))
-        prefix = f"{line.group(1)}: " if line else ""
+        where = _TOML_LINE.search(str(exc))
+        prefix = f"{where.group(1) if where else text.count(chr(10)) + 1}: "  # else: at end of document
         raise PolicyError(origin, [f"{prefix}not valid TOML: {exc}"]) from exc
-    return _validate(data, origin, text)
+    except ValueError as exc:  # int(): more digits than sys.get_int_max_str_digits()
+        limit = sys.get_int_max_str_digits()
+        digits = re.search(rf"[0-9_]{{{limit + 1},}}", text)
+        at = text.count("\n", 0, digits.start()) + 1 if digits else 1
+        raise PolicyError(
+            origin, [f"{at}: a number with more than {limit} digits: not a policy value"]
+        ) from exc
 
 
 def parse_policy(data: dict[str, object], origin: str = "<policy>") -> Policy:
     """Validate already parsed TOML (no lines known)."""
-    return _validate(data, origin, None)
+    if problem := _shape_problem(data, {}):
+        raise PolicyError(origin, [problem])
+    return _validate(data, origin, {})
 
 
-def _validate(data: dict[str, object], origin: str, text: str | None) -> Policy:
+def _validate(data: dict[str, object], origin: str, lines: dict[KeyPath, int]) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        lines = key_lines(text) if text is not None else {}
         found = [_describe(err, data, lines) for err in exc.errors()]
         found.sort(key=lambda problem: problem[0] or 0)
         raise PolicyError(origin, [f"{line}: {msg}" if line else msg for line, msg in found]) from exc
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+        # A validator that let a non-ValueError through is nodemedic's bug; the policy still
+        # cannot be used, and callers (reload, thaw) only ever have PolicyError to handle.
+        problem = f"cannot be validated ({type(exc).__name__}: {exc}): a bug in nodemedic, please report it"
+        raise PolicyError(origin, [problem]) from exc
+
+
+def _shape_problem(data: dict[str, Any], lines: dict[KeyPath, int]) -> str | None:
+    """What no policy has, checked before pydantic (which recurses): nesting deeper than
+    `MAX_NESTING` and integers outside TOML's 64 bits. Iterative, so any depth is safe."""
+    stack: list[tuple[KeyPath, object]] = [((), data)]
+    while stack:
+        key, node = stack.pop()
+        if len(key) > MAX_NESTING:
+            return _at(key, lines, f"nested more than {MAX_NESTING} deep: a policy needs no such depth")
+        if isinstance(node, int) and not isinstance(node, bool) and node not in _INT64:
+            return _at(key, lines, "integer out of TOML's 64-bit range: write a smaller number")
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend(((*key, k), v) for k, v in items)
+    return None
+
+
+def _at(key: KeyPath, lines: dict[KeyPath, int], msg: str) -> str:
+    line = _line_of(key, lines)
+    where = ".".join(str(k) for k in key[:MAX_NESTING])
+    return f"{line}: {where}: {msg}" if line else f"{where}: {msg}"
+
+
+_TOKEN = re.compile(
+    r'"""(?:[^\\]|\\.)*?""""{0,2}'
+    r"|'''.*?''''{0,2}"  # multi-line strings (2 more quotes may close them)
+    r'|"(?:[^"\\\n]|\\.)*"'
+    r"|'[^'\n]*'|#[^\n]*"  # one-line strings, comments
+    r"|[A-Za-z0-9_:+-]+|[ \t\r]+|\n|.",  # bare words (keys, numbers, dates), blanks, the rest
+    re.DOTALL,
+)
+
+
+def _structure_problem(text: str) -> str | None:
+    """Brackets nested, or a key dotted, deeper than `MAX_NESTING`, found in one linear pass before
+    tomllib sees the text: it recurses on brackets, and its memory grows with the square of a
+    key's parts (a 20,000-part key takes 1.5 GB)."""
+    depth = parts = 0
+    line = 1
+    in_value = dot = False
+    for match in _TOKEN.finditer(text):
+        tok = match.group()
+        if tok[0] in "\"'" or tok[0].isalnum() or tok[0] in "_-":
+            parts, dot = (parts + 1 if dot else 1), False
+        elif tok == ".":
+            dot = parts > 0
+        elif not tok.isspace() or tok == "\n":
+            parts = 0
+        if tok in "[{" and (in_value or depth):
+            depth += 1
+        elif tok in "]}" and depth:
+            depth -= 1
+        elif tok == "=" and not depth:
+            in_value = True
+        if depth > MAX_NESTING or parts > MAX_NESTING:
+            what = "arrays or inline tables nested" if depth > MAX_NESTING else "a key of dotted parts"
+            return f"{line}: {what} more than {MAX_NESTING} deep: a policy needs no such depth"
+        line += tok.count("\n")
+        in_value = in_value and not (tok == "\n" and not depth)
+    return None
 
 
 def _describe(err: Any, data: dict[str, object], lines: dict[KeyPath, int]) -> tuple[int | None, str]:
@@ -105,7 +236,23 @@ def _describe(err: Any, data: dict[str, object], lines: dict[KeyPath, int]) -> t
     elif err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")  # our validators' own messages say it all
     where, key = _key_path(loc, data)
-    return _line_of(key, lines), (f"{where}: {msg}" if where else msg)
+    line = _line_of(key, lines) if key else _whole_policy_line(msg, data, lines)
+    return line, (f"{where}: {msg}" if where else msg)
+
+
+def _whole_policy_line(msg: str, data: dict[str, object], lines: dict[KeyPath, int]) -> int | None:
+    """The line of a check across the whole policy (unique names, watched units): the rule named
+    first in ``msg`` (a repeated name: its second rule), else the first ``[table].key`` it names."""
+    rules = data.get("rule")
+    names = [r.get("name") if isinstance(r, dict) else None for r in rules] if isinstance(rules, list) else []
+    key: KeyPath = ("daemon", "watch_units")
+    if (repeated := re.search(r"repeated: ([a-z0-9-]+)", msg)) and names.count(repeated.group(1)) > 1:
+        key = ("rule", [i for i, n in enumerate(names) if n == repeated.group(1)][1])
+    elif (rule := re.search(r"rule '([a-z0-9-]+)'", msg)) and rule.group(1) in names:
+        key = ("rule", names.index(rule.group(1)), "name")
+    elif table := re.search(r"\[([a-z_.]+)\]\.([a-z_]+)", msg):
+        key = (*table.group(1).split("."), table.group(2))
+    return _line_of(key, lines)
 
 
 def _line_of(key: KeyPath, lines: dict[KeyPath, int]) -> int | None:
@@ -122,7 +269,12 @@ def _key_path(loc: list[object], data: dict[str, object]) -> tuple[str, KeyPath]
     parts: list[str] = []
     key: list[str | int] = []
     node: object = data
+    after_index = False
     for part in loc:
+        if after_index and isinstance(node, dict) and part in (node.get("do"), node.get("source")):
+            after_index = False
+            continue  # pydantic names the union member chosen by its tag (source = "signal" too)
+        after_index = isinstance(part, int)
         if isinstance(part, int) and isinstance(node, list) and part < len(node):
             node = node[part]
             name = node.get("name") if isinstance(node, dict) else None
@@ -131,8 +283,6 @@ def _key_path(loc: list[object], data: dict[str, object]) -> tuple[str, KeyPath]
         elif isinstance(node, dict) and part in node:
             node = node[part]
             parts.append(str(part))
-        elif isinstance(node, dict) and part in (node.get("do"), node.get("source")):
-            continue  # pydantic names the union member chosen by its tag; TOML has no such key
         else:
             parts.append(str(part))
             node = None
@@ -147,7 +297,8 @@ def key_lines(text: str) -> dict[KeyPath, int]:
     the layout but not positions, so this is a small scanner; tomllib has already checked the syntax.
     """
     scanner = _KeyScanner(text)
-    with contextlib.suppress(IndexError, ValueError):  # lines are a help, never in the way of problems
+    # lines are a help, never in the way of problems
+    with contextlib.suppress(IndexError, ValueError, RecursionError):
         scanner.scan()
     return scanner.lines
 

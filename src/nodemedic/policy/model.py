@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal as signals
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,19 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
-from nodemedic.policy.duration import Duration
+from nodemedic.policy.duration import Duration, Interval, PositiveDuration
+from nodemedic.policy.paths import AbsoluteDir, AbsolutePath, absolute_path
 from nodemedic.policy.patterns import Regex
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.policy.signals import Signal
 
 Mode = Literal["enforce", "observe"]
 RULE_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
-
-
-def absolute_path(path: str) -> str:
-    if not path.startswith("/") or path.endswith("/") or "/../" in path + "/":
-        raise ValueError(f"{path!r} must be an absolute, normalised path")
-    return path
 
 
 class Strict(BaseModel):
@@ -38,18 +34,18 @@ class Strict(BaseModel):
 class ProbeSettings(Strict):
     """containerd's liveness probe: a real request (its Version API) over its socket."""
 
-    socket: str = "/run/containerd/containerd.sock"
+    socket: AbsolutePath = "/run/containerd/containerd.sock"
     """containerd's main gRPC socket."""
-    interval: Duration = 5.0
+    interval: Interval = 5.0
     """Time between two requests."""
-    timeout: Duration = 2.0
+    timeout: PositiveDuration = 2.0
     """How long one request may take before it counts as failed."""
 
 
 class ConfigBackup(Strict):
     """Last-known-good copies of containerd's config, for ``restore-config``."""
 
-    path: str = "/etc/containerd/config.toml"
+    path: AbsolutePath = "/etc/containerd/config.toml"
     """containerd's config file."""
     unit: str = "containerd.service"
     """The unit that loads it; followed over D-Bus, so it must be in ``[daemon].watch_units``."""
@@ -64,7 +60,7 @@ class ResourceSettings(Strict):
     ``version`` triggers: one periodic reading of each check some rule uses, and none while no rule
     uses one."""
 
-    interval: Duration = 5.0
+    interval: Interval = 5.0
     """Time between two readings."""
     unit: str = "containerd.service"
     """The unit whose main process (file descriptors) and cgroup (pressure, OOM kills) are read;
@@ -76,7 +72,7 @@ class RepairBudget(Strict):
 
     repairs: int = Field(default=10, ge=1)
     """At most this many repairs (enforce mode, all rules together)..."""
-    window: Duration = 3600.0
+    window: PositiveDuration = 3600.0
     """...within this sliding window. Beyond it nodemedic only reports, and says so."""
 
 
@@ -86,10 +82,10 @@ class DaemonSettings(Strict):
     mode: Mode = "enforce"
     """``enforce`` repairs; ``observe`` reports what would be done and touches nothing."""
 
-    state_dir: Path = Path("/var/lib/nodemedic")
+    state_dir: AbsoluteDir = Path("/var/lib/nodemedic")
     """Where nodemedic keeps its state (journal cursor) and the quarantine."""
 
-    quarantine_dir: Path | None = None
+    quarantine_dir: AbsoluteDir | None = None
     """Where moved-aside files go; default ``<state_dir>/quarantine``. Never emptied by nodemedic."""
 
     watch_units: list[str] = Field(default=["containerd.service", "kubelet.service"])
@@ -235,7 +231,7 @@ class SocketModeTrigger(Strict):
     missing or not a socket is another rule's business and fires nothing here)."""
 
     source: Literal["socket-mode"]
-    path: str = "/run/containerd/containerd.sock"
+    path: AbsolutePath = "/run/containerd/containerd.sock"
     """The socket to look at."""
     mode: str = "0660"
     """Its expected permission bits, in octal (containerd creates its socket 0660)."""
@@ -290,7 +286,7 @@ class Confirm(Strict):
     """Whether to act, checked against the real state at decision time (not the event's word for it):
     a path's kind, that a unit was not stopped by an operator, that containerd really does not answer."""
 
-    paths: list[str] = Field(default_factory=list)
+    paths: list[AbsolutePath] = Field(default_factory=list)
     """Paths to check; the condition holds if any one of them is of ``kind``. Empty: no path check."""
     kind: PathKind | None = None
     """What one of ``paths`` must be found to be (the path itself, never a symlink's target)."""
@@ -298,7 +294,7 @@ class Confirm(Strict):
     """A unit that must not have been stopped by someone else: after an operator's ``systemctl stop``
     (the unit is inactive and nodemedic did not stop it) the rule does not act, because nodemedic
     does not start what a human stopped. It acts again once the unit has been started."""
-    config_broken: str | None = None
+    config_broken: AbsolutePath | None = None
     """Act only if containerd would refuse this config file right now (``containerd config dump``)."""
     probe: bool = False
     """Act only if containerd does not answer a Version request right now (``[daemon.probe]``'s socket
@@ -317,7 +313,7 @@ class Conditions(Strict):
     occurrences: int = Field(default=1, ge=1)
     """The rule's triggers must have fired this many times... (each source's report counts once:
     inotify, the journal and D-Bus may each report the same incident)"""
-    within: Duration = 60.0
+    within: PositiveDuration = 60.0
     """...within this window."""
     unit: str | None = None
     """A unit whose current state, as last reported over D-Bus, must match ``active_state`` and
@@ -333,7 +329,7 @@ class Backoff(Strict):
 
     initial: Duration = 5.0
     """Delay after the first failure."""
-    factor: float = Field(default=2.0, ge=1.0)
+    factor: float = Field(default=2.0, ge=1.0, le=10.0)
     """Growth of the delay with each further failure."""
     max: Duration = 300.0
     """Longest delay."""
@@ -352,9 +348,9 @@ class Breaker(Strict):
 
     failures: int = Field(default=3, ge=1)
     """Failed repairs that open the breaker..."""
-    window: Duration = 900.0
+    window: PositiveDuration = 900.0
     """...when they fall within this window."""
-    cooldown: Duration = 3600.0
+    cooldown: PositiveDuration = 3600.0
     """How long the breaker stays open before one trial repair."""
 
 
@@ -398,8 +394,8 @@ class Policy(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:
-        names = [r.name for r in self.rule]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        counts = Counter(r.name for r in self.rule)  # linear: a policy file may hold 10,000 rules
+        dupes = sorted(n for n, count in counts.items() if count > 1)
         if dupes:
             raise ValueError(f"rule names must be unique; repeated: {', '.join(dupes)}")
         return self

@@ -62,7 +62,11 @@ act (its confirm condition, checked against the real state at decision time) and
 ordered actions). `[sighup]` says how SIGHUP storms against containerd are seen and damped.
 The shipped policy, `policy/policy.toml`, is commented and a good place to start.
 
-Durations are written as text: `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds).
+Durations are written as text: `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds);
+each is finite and at most 30 days (`"720h"`). Timeouts, windows, cooldowns and the SIGHUP
+intervals must be longer than 0, and the probe's and the resource watcher's intervals at least
+`"100ms"`. Paths are absolute and normalised (no `.`, `..`, `//` or trailing `/`); signals are
+the standard ones, 1-31, by name or number.
 Check a policy with `nodemedic check {DEFAULT_POLICY}`; it prints every error and exits
 non-zero if there is one. Apply it with `systemctl reload nodemedic`."""
 

@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nodemedic.policy.duration import Duration
+from nodemedic.policy.duration import PositiveDuration
+from nodemedic.policy.paths import AbsoluteDir
 
 SighupMode = Literal["off", "observe", "coalesce", "throttle"]
 
@@ -42,7 +43,7 @@ class StormSettings(_Strict):
 
     signals: int = Field(default=3, ge=1)
     """More than this many SIGHUPs..."""
-    window: Duration = 60.0
+    window: PositiveDuration = 60.0
     """...within this sliding window make a storm. It ends after a whole window without one."""
 
 
@@ -55,7 +56,7 @@ class CoalesceSettings(_Strict):
     persistent: bool = False
     """Write the drop-in to /etc/systemd/system (it survives a reboot) instead of
     /run/systemd/system (a reboot reverts to stock)."""
-    interval: Duration = 30.0
+    interval: PositiveDuration = 30.0
     """At most one config-driven restart of containerd per interval; requests in between are
     coalesced into the next one."""
     restart: Literal["kill", "clean"] = "kill"
@@ -80,9 +81,9 @@ class ThrottleSettings(_Strict):
     """SIGHUPs a sender may send at once."""
     refill: int = Field(default=1, ge=1)
     """Tokens given back..."""
-    per: Duration = 60.0
+    per: PositiveDuration = 60.0
     """...per this period."""
-    cooldown: Duration = 300.0
+    cooldown: PositiveDuration = 300.0
     """How long an offending sender stays frozen."""
     deny: list[str] = Field(default_factory=lambda: list(DEFAULT_DENY))
     """Never frozen: a sender whose cgroup path has a component matching one of these shell
@@ -111,9 +112,9 @@ class SighupSettings(_Strict):
     trace: bool = True
     """Use the kernel's trace to see every SIGHUP and its sender. Without tracefs (or with false)
     only deaths by SIGHUP are seen, over D-Bus, with no sender and nothing for coalesce to absorb."""
-    tracefs: Path = Path("/sys/kernel/tracing")
+    tracefs: AbsoluteDir = Path("/sys/kernel/tracing")
     """Where tracefs is mounted."""
-    proc: Path = Path("/proc")
+    proc: AbsoluteDir = Path("/proc")
     """A /proc of the kernel's initial PID namespace, where the trace's PIDs are looked up (on a
     node that is /proc; the lab binds the host's)."""
     storm: StormSettings = StormSettings()

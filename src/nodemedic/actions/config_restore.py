@@ -1,12 +1,19 @@
 """Restore containerd's config.toml from the last-known-good copy (CASE C). A config containerd
-loads is never touched; a broken one is renamed aside (``config.toml.broken-<UTC time>``, never
-deleted) and the good copy written in its place, byte for byte, with the file's mode and owner.
-With no good copy: ``containerd config default`` with SystemdCgroup = true."""
+loads is never touched; a broken one is kept aside (hard-linked as ``config.toml.broken-<UTC
+time>``, never deleted) and the good copy renamed over it, byte for byte, with the file's mode
+(setuid, setgid, sticky and world-write dropped) and owner: config.toml exists at every moment.
+With no good copy: ``containerd config default`` with SystemdCgroup = true.
+
+Everything is done relative to the folder's fd and nothing through a name that could have been
+swapped: a symlink, FIFO, directory or device at config.toml is refused, never followed, and the
+mode and owner are set on the new file's fd before it takes the name."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -15,10 +22,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.configs import config_problem, default_config
-from nodemedic.errors import RepairFailedError
+from nodemedic.configs import config_problem, default_config, file_kind, read_config
+from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.policy.paths import AbsolutePath
-from nodemedic.state import atomic_write
+from nodemedic.state import fsync_directory
+
+# Not taken over from the broken file: setuid/setgid/sticky mean nothing on a config but could be
+# a plant, and a config.toml anyone may write lets anyone choose what containerd runs as root.
+DROPPED_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
+DEFAULT_MODE = 0o644  # containerd's packages install config.toml 0644 root:root
 
 
 class RestoreConfigParams(BaseModel):
@@ -46,6 +58,7 @@ class RestoreConfig:
         problem = await config_problem(self.path)
         if problem is None:
             return Skip(f"{self.path} loads; a healthy config is never touched")
+        await asyncio.to_thread(self._require_regular_file)
         good = ctx.good_configs.latest() if ctx.good_configs else None
         if good is None and not self.params.generate:
             return Skip(
@@ -58,23 +71,8 @@ class RestoreConfig:
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         good = Path(step.data["good"]) if step.data.get("good") else None
-        content = await asyncio.to_thread(good.read_bytes) if good else await default_config()
+        content = await asyncio.to_thread(read_config, good) if good else await default_config()
         return await asyncio.to_thread(self._replace, ctx, content, good)
-
-    def _replace(self, ctx: ActionContext, content: bytes, good: Path | None) -> str:
-        aside = self._move_aside(ctx)
-        mode, uid, gid = 0o644, 0, 0
-        if aside is not None:
-            st = aside.stat()
-            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-        atomic_write(self.path, content.decode("utf-8", "surrogateescape"))
-        written = self.path.stat()
-        if (written.st_uid, written.st_gid) != (uid, gid):  # needs CAP_CHOWN: only when it must
-            os.chown(self.path, uid, gid)
-        os.chmod(self.path, mode)
-        kept = f"broken file kept as {aside}" if aside else f"{self.path} was missing"
-        origin = f"last-known-good copy {good.name}" if good else "generated default (SystemdCgroup = true)"
-        return f"{kept}; wrote the {origin}"
 
     async def verify(self, ctx: ActionContext, step: Step) -> str:
         problem = await config_problem(self.path)
@@ -85,18 +83,94 @@ class RestoreConfig:
             raise RepairFailedError(f"{self.path} differs from {good} after the restore")
         return f"{self.path} loads"
 
-    def _move_aside(self, ctx: ActionContext) -> Path | None:
-        if not self.path.exists():
+    def _require_regular_file(self) -> None:
+        """A missing file or a regular one may be replaced; anything else is left for a human."""
+        try:
+            found = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(found.st_mode):
+            raise self._refused(found.st_mode)
+
+    def _refused(self, mode: int) -> UnsafePathError:
+        return UnsafePathError(
+            f"{self.path} is {file_kind(mode)}, not a regular file: restore-config neither follows "
+            "nor replaces it (look at what made it, then put a regular config.toml there by hand)"
+        )
+
+    def _replace(self, ctx: ActionContext, content: bytes, good: Path | None) -> str:
+        folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            kept = self._link_aside(ctx, folder)
+            if kept is None:
+                mode, uid, gid = DEFAULT_MODE, 0, 0
+            else:
+                mode, uid, gid = (
+                    stat.S_IMODE(kept[1].st_mode) & ~DROPPED_MODE_BITS,
+                    kept[1].st_uid,
+                    kept[1].st_gid,
+                )
+            _write_over(folder, self.path.name, content, mode, uid, gid)
+        finally:
+            os.close(folder)
+        aside = f"broken file kept as {self.path.with_name(kept[0])}" if kept else f"{self.path} was missing"
+        origin = f"last-known-good copy {good.name}" if good else "generated default (SystemdCgroup = true)"
+        return f"{aside}; wrote the {origin}"
+
+    def _link_aside(self, ctx: ActionContext, folder: int) -> tuple[str, os.stat_result] | None:
+        """Hard-link the broken file to a free ``.broken-<time>`` name (config.toml stays in
+        place); its name and what was linked, or None if there is no file. The link is taken
+        without following a symlink and checked to be the regular file examined."""
+        name = self.path.name
+        try:
+            before = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
             return None
+        if not stat.S_ISREG(before.st_mode):
+            raise self._refused(before.st_mode)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ctx.clock.wall()))
-        aside = self.path.with_name(f"{self.path.name}.broken-{stamp}")
-        n = 1
-        while aside.exists():
-            aside = self.path.with_name(f"{self.path.name}.broken-{stamp}.{n}")
-            n += 1
-        os.rename(self.path, aside)
-        return aside
+        aside, n = f"{name}.broken-{stamp}", 0
+        while True:
+            try:
+                os.link(name, aside, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                break
+            except FileExistsError:
+                n += 1
+                aside = f"{name}.broken-{stamp}.{n}"
+        kept = os.stat(aside, dir_fd=folder, follow_symlinks=False)
+        if (kept.st_dev, kept.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(kept.st_mode):
+            os.unlink(aside, dir_fd=folder)  # a link to whatever was swapped in: no follow either
+            raise UnsafePathError(f"{self.path} was replaced while it was being kept aside; nothing written")
+        return aside, kept
+
+
+def _write_over(folder: int, name: str, content: bytes, mode: int, uid: int, gid: int) -> None:
+    """Write ``content`` to a new file in ``folder``, give it ``mode`` and the owner on its fd,
+    fsync it, rename it over ``name`` and fsync the folder: ``name`` holds the old or the new
+    content at every moment, and the new content survives a crash once this returns."""
+    tmp = f".{name}.nodemedic-{secrets.token_hex(4)}"
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder
+    )
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            written = os.fstat(fd)
+            if (written.st_uid, written.st_gid) != (uid, gid):  # needs CAP_CHOWN: only when it must
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
+        raise
+    fsync_directory(folder)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
-    return a.read_bytes() == b.read_bytes()
+    return read_config(a) == read_config(b)

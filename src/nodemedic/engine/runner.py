@@ -363,8 +363,8 @@ class Runner:
         job.add_done_callback(self._compensating.discard)
         try:
             await asyncio.wait_for(asyncio.shield(job), COMPENSATE_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if isinstance(exc, TimeoutError):
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # not one class before 3.11
+            if isinstance(exc, asyncio.TimeoutError):
                 job.cancel()
             detail = f"{', '.join(stopped)} may still be stopped: starting again did not finish ({exc!r})"
             self.report(RecordKind.ACTION, detail, **common, ACTION="compensate", UNIT=" ".join(stopped),

@@ -60,7 +60,7 @@ def mutated_policies(draw: st.DrawFn) -> bytes:
             lines.insert(at, lines[at])
         elif op == "insert":
             lines.insert(at, draw(st.sampled_from(NASTY)) + b"\n")
-        elif op == "flip" and lines:
+        elif op == "flip" and lines and lines[at]:
             line = bytearray(lines[at])
             line[draw(st.integers(0, len(line) - 1))] = draw(st.integers(0, 255))
             lines[at] = bytes(line)

@@ -402,13 +402,17 @@ class Broken:
 
 
 @pytest.fixture
-def broken(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, BaseException], None]:
+def broken(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Give remove-socket-dir (which runs after stop-unit), or stop-unit itself, a bug."""
     from nodemedic.actions import registry
     from nodemedic.actions.socket_dir import RemoveSocketDirParams
+    from nodemedic.actions.units import StopUnitParams
 
-    def install(phase: str, error: BaseException) -> None:
-        params: type[Any] = RemoveSocketDirParams
-        monkeypatch.setitem(registry.ACTIONS, params, Broken(phase, error))
+    def install(phase: str, error: BaseException, action: str = "remove-socket-dir") -> None:
+        params: type[Any] = StopUnitParams if action == "stop-unit" else RemoveSocketDirParams
+        bug = Broken(phase, error)
+        bug.name = action
+        monkeypatch.setitem(registry.ACTIONS, params, bug)
 
     return install
 
@@ -423,7 +427,7 @@ def assert_nothing_counted(h: Harness) -> None:
 
 
 async def test_a_bug_after_the_stop_starts_the_unit_again(
-    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None]
+    harness: Callable[..., Harness], broken: Callable[..., None]
 ) -> None:
     broken("apply", KeyError("runc"))  # as tomlkit's NonExistentKey on a containerd 2.x config
     h = harness()
@@ -438,15 +442,20 @@ async def test_a_bug_after_the_stop_starts_the_unit_again(
     [error] = h.sink.of(RecordKind.ERROR)
     assert error.fields["OUTCOME"] == "internal-error"
     assert "KeyError('runc')" in error.fields["DETAIL"]
-    assert h.sink.of(RecordKind.OUTCOME) == [], "not a failed repair: no not-repaired outcome"
-    assert_nothing_counted(h)
+    # containerd was stopped and started: a failed repair like any other, so a bug the fault trips
+    # each time is bounded by the backoff, the breaker and the budget instead of looping
+    [outcome] = h.sink.of(RecordKind.OUTCOME)
+    assert outcome.fields["OUTCOME"] == "not-repaired"
+    assert "KeyError('runc')" in outcome.fields["DETAIL"]
+    assert len(h.runner.budget.spent) == 1
+    assert h.runner.states["socket-path-is-directory"].backoff.failures == 1
 
 
-async def test_internal_errors_in_checks_never_open_the_breaker(
-    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None]
+async def test_internal_errors_before_any_change_never_open_the_breaker(
+    harness: Callable[..., Harness], broken: Callable[..., None]
 ) -> None:
     """Three forged lines that trip a bug (finding: 3 of the budget's repairs, then the breaker)."""
-    broken("check", ValueError("Exceeds the limit (4300 digits) for integer string conversion"))
+    broken("check", ValueError("Exceeds the limit (4300 digits) for integer string conversion"), "stop-unit")
     h = harness()
     h.runner.budget.repairs = 1
     for _ in range(3):
@@ -454,10 +463,25 @@ async def test_internal_errors_in_checks_never_open_the_breaker(
         h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
         await h.settle()
     assert [r.fields["OUTCOME"] for r in h.sink.of(RecordKind.ERROR)] == ["internal-error"] * 3
-    assert h.units.calls.count(("start", "containerd.service")) == 3, "each stop is compensated"
+    assert h.units.calls == [], "the bug came before anything changed"
     assert h.sink.of(RecordKind.ESCALATED) == []
     assert not [r for r in h.sink.of(RecordKind.DECIDED) if r.fields.get("OUTCOME") in ("held", "deferred")]
     assert_nothing_counted(h)
+
+
+async def test_a_bug_after_each_stop_opens_the_breaker_instead_of_looping(
+    harness: Callable[..., Harness], broken: Callable[..., None]
+) -> None:
+    broken("check", ValueError("a bug the fault trips every time"))  # remove-socket-dir, after the stop
+    h = harness()
+    state = h.runner.states["socket-path-is-directory"]
+    for _ in range(6):
+        h.sock.mkdir(exist_ok=True)
+        state.backoff.not_before = 0.0  # the fault comes back after each backoff
+        h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+        await h.settle()
+    assert h.sink.of(RecordKind.ESCALATED), "repeated failures hand over to a human"
+    assert h.units.calls.count(("stop", "containerd.service")) == state.breaker.failures
 
 
 async def test_an_internal_error_in_the_confirm_step_is_reported_not_counted(
@@ -513,7 +537,7 @@ async def test_a_repair_cancelled_after_the_stop_starts_the_unit_again(
 
 
 async def test_compensation_is_bounded(
-    harness: Callable[..., Harness], broken: Callable[[str, BaseException], None],
+    harness: Callable[..., Harness], broken: Callable[..., None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     from nodemedic.engine import runner

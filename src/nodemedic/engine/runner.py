@@ -310,16 +310,21 @@ class Runner:
                 failure = await self._actions(rule, mode, common, started, m.event, applied)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             self._internal_error(rule, exc, common, "repair")
-            return
+            if not applied:
+                return
+            # It had changed the node (stopped containerd, say): counted as a failed repair, so a
+            # bug that the same fault trips each time cannot restart containerd in an endless loop.
+            failure = f"internal error after {', '.join(applied)}: {exc!r}"
         if mode == "enforce" and failure is None and not applied and rule.action:
             self._nothing_done(m, state, common, started)
             return
         self._conclude(m, mode, state, failure, common, started)
 
     def _internal_error(self, rule: Rule, exc: Exception, common: dict[str, str], step: str) -> None:
-        """nodemedic's own fault, not the node's: no budget is spent and neither backoff nor breaker
-        moves, so input that trips a bug (a forged journal line, say) cannot switch repairs off.
-        The units the repair stopped were started again by ``_actions``."""
+        """nodemedic's own fault, not the node's. Before anything changed no budget is spent and
+        neither backoff nor breaker moves, so input that trips a bug in a check (a forged journal
+        line, say) cannot switch repairs off; the caller counts a bug after a change as a failed
+        repair. The units the repair stopped were started again by ``_actions``."""
         log.debug("rule %s: internal error in its %s", rule.name, step, exc_info=exc)
         self.report(RecordKind.ERROR,
                     f"{rule.name}: internal error in its {step} (a nodemedic bug, not counted as a failed "

@@ -38,3 +38,12 @@ def test_delay_is_bounded_and_monotone_without_jitter(
     plain = Backoff(initial, factor, maximum)
     assert plain.delay(failures) <= plain.delay(failures + 1) + 1e-9
     assert d >= plain.delay(failures) * (1 - jitter) - 1e-9
+
+
+@pytest.mark.parametrize("failures", [1_025, 5_000, 10**9])
+def test_a_long_run_of_failures_stays_at_the_maximum(failures: int) -> None:
+    """factor ** (failures - 1) overflows a float after ~1,025 failures at factor 2 (OverflowError)."""
+    b = Backoff(initial=5.0, factor=2.0, maximum=300.0)  # floats, as the policy gives them
+    assert b.delay(failures) == 300
+    b.failures = failures
+    assert b.failed(0) == 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -25,7 +26,11 @@ class Backoff:
     def delay(self, failures: int) -> float:
         if failures <= 0:
             return 0.0
-        base = min(self.maximum, self.initial * self.factor ** (failures - 1))
+        try:
+            grown = self.initial * self.factor ** (failures - 1)
+        except OverflowError:  # float ** int past 1.8e308: a long run of failures, or a crafted state file
+            grown = math.inf
+        base = min(self.maximum, grown)
         if self.jitter:
             draw = (self.rng or random).random()
             base *= 1.0 - self.jitter * draw

@@ -220,6 +220,16 @@ def test_another_nodes_containerd_is_not_ours(fake: FakeProc) -> None:
     assert view.find_by_comm("containerd", "containerd.service") == []
 
 
+def test_a_pods_cgroup_named_like_the_unit_is_not_ours(fake: FakeProc) -> None:
+    """A pod may make a child cgroup named containerd.service and run a process named containerd
+    in it: a SIGHUP to that is not a SIGHUP to containerd (it ended with /containerd.service)."""
+    pod = "/kubepods.slice/kubepods-pod1.slice/cri-containerd-ab.scope/containerd.service"
+    fake.add(16800, comm="containerd", cgroup="/lab-1-0-ab" + pod, nspid=[16800, 40])
+    view = ProcView(fake.proc, own=fake.own)
+    assert not view.is_ours_in_unit(16800, "containerd.service")
+    assert view.find_by_comm("containerd", "containerd.service") == []
+
+
 def test_same_cgroup_other_pid_namespace_is_not_ours(fake: FakeProc) -> None:
     fake.add(17001, comm="containerd", cgroup="/lab-1-0-ab/system.slice/containerd.service",
              nspid=[17001, 5], pidns="pid:[4026532999]")  # fmt: skip

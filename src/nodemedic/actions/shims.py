@@ -30,7 +30,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
 from nodemedic.events import JournalLine
 from nodemedic.policy.paths import AbsolutePath
-from nodemedic.sources.procview import cgroup_from_text, outside_namespace
+from nodemedic.sources.procview import cgroup_from_text, is_unit_cgroup
 
 # A PID is at most 7 digits (PID_MAX_LIMIT); 10 bounds what int() is given, ASCII digits only.
 LEFT_OVER = re.compile(r"Found left-over process ([0-9]{1,10}) \((containerd-shim[^)]*)\)")
@@ -154,16 +154,6 @@ class KillOrphanedShims:
 def _named_pids(message: str) -> list[int]:
     """The PIDs systemd names in ``message``; a number no PID can be is not one."""
     return [pid for pid in (int(p) for p, _ in LEFT_OVER.findall(message)) if 0 < pid <= PID_MAX_LIMIT]
-
-
-def is_unit_cgroup(cgroup: str, unit: str) -> bool:
-    """``cgroup`` (from ``cgroup_from_text``) is ``unit``'s own cgroup: systemd puts a service
-    right under its slice (``/system.slice/containerd.service``). A cgroup below a pod's or a
-    container's, named like the unit (``.../cri-containerd-<id>.scope/containerd.service``), is not."""
-    parts = cgroup.split("/")
-    if parts[0] != "" or parts[-1] != unit or outside_namespace(cgroup):
-        return False
-    return all(part.endswith(".slice") for part in parts[1:-1])
 
 
 def _plain_name(name: str) -> bool:

@@ -75,6 +75,16 @@ def outside_namespace(cgroup: str) -> bool:
     return ".." in cgroup.split("/")
 
 
+def is_unit_cgroup(cgroup: str, unit: str) -> bool:
+    """``cgroup`` (from ``cgroup_from_text``) is ``unit``'s own cgroup: systemd puts a service
+    right under its slice (``/system.slice/containerd.service``). A cgroup below a pod's or a
+    container's, named like the unit (``.../cri-containerd-<id>.scope/containerd.service``), is not."""
+    parts = cgroup.split("/")
+    if parts[0] != "" or parts[-1] != unit or outside_namespace(cgroup):
+        return False
+    return all(part.endswith(".slice") for part in parts[1:-1])
+
+
 def unit_of(cgroup: str) -> str:
     """The systemd unit a cgroup belongs to: its last component ending in .service or .scope
     (``cri-containerd-<id>.scope`` is a Kubernetes container under the systemd driver). "" for a
@@ -195,7 +205,7 @@ class ProcView:
         """The process is in ``unit``'s cgroup as our systemd sees it (not another node's) and in
         our PID namespace: ``/…/<unit>`` inside our cgroup namespace."""
         cgroup = self.cgroup(pid)
-        if not cgroup or outside_namespace(cgroup) or not cgroup.endswith("/" + unit):
+        if not cgroup or not is_unit_cgroup(cgroup, unit):
             return False
         return self.in_our_pid_namespace(pid) is not False
 

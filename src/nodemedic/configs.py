@@ -27,7 +27,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from nodemedic.errors import ConfigFileError, DefaultConfigError
+from nodemedic.errors import ConfigCheckError, ConfigFileError, DefaultConfigError
 from nodemedic.state import atomic_write
 
 if sys.version_info >= (3, 11):
@@ -132,7 +132,8 @@ def read_config(path: Path) -> bytes:
 
 async def config_problem(path: Path) -> str | None:
     """Why containerd would refuse the config at ``path``, or None if it loads. Never raises on
-    the file's content or kind: a crafted file is a problem like any other."""
+    the file's content or kind: a crafted file is a problem like any other. Raises
+    ConfigCheckError when containerd's check was killed and so gave no verdict."""
     try:
         content = await asyncio.to_thread(read_config, path)
     except FileNotFoundError:
@@ -178,17 +179,23 @@ async def _containerd_problem(binary: str, path: Path) -> str | None:
         return (
             f"containerd did not load it within {CONTAINERD_CHECK_TIMEOUT:.0f} s (imports a FIFO or device?)"
         )
-    if proc.returncode == 0:
-        return None
-    lines = err.decode("utf-8", "replace").strip().splitlines()
-    if lines:
-        return lines[-1][:_PROBLEM_CHARS]
     code = proc.returncode or 0
-    return (
-        f"refused by containerd (killed by {signal.Signals(-code).name})"
-        if code < 0
-        else "refused by containerd"
-    )
+    if code == 0:
+        return None
+    if code < 0:  # killed, not refused: a valid edit must not be rolled back on a guess
+        raise ConfigCheckError(
+            f"`containerd config dump` of {path} was killed by {_signal_name(-code)}: cannot tell "
+            "whether it loads (out of memory? see MemoryMax= in docs/packaging.md); left as it is"
+        )
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1][:_PROBLEM_CHARS] if lines else "refused by containerd"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 async def default_config() -> bytes:

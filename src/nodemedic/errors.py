@@ -57,3 +57,9 @@ class ConfigFileError(NodemedicError, OSError):
 class DefaultConfigError(NodemedicError, RuntimeError):
     """``containerd config default`` failed or printed a config without the runc runtime to set
     SystemdCgroup on: nothing to restore from."""
+
+
+class ConfigCheckError(NodemedicError, ChildProcessError):
+    """containerd's own config check ended without a verdict (``containerd config dump`` killed by
+    a signal, e.g. the OOM killer at the unit's MemoryMax=): whether the file loads is not known,
+    so nothing is restored over it and no copy of it is kept."""

@@ -13,7 +13,7 @@ import pytest
 
 from nodemedic import configs
 from nodemedic.configs import MAX_CONFIG_BYTES, config_problem, default_config, read_config
-from nodemedic.errors import ConfigFileError, DefaultConfigError, NodemedicError
+from nodemedic.errors import ConfigCheckError, ConfigFileError, DefaultConfigError, NodemedicError
 from nodemedic.state import atomic_write
 
 if sys.version_info >= (3, 11):
@@ -162,6 +162,19 @@ async def test_a_containerd_check_that_hangs_is_a_problem_not_a_hang(
     problem = await config_problem(config)
     assert problem is not None
     assert "did not load it within" in problem
+
+
+async def test_a_containerd_check_killed_by_a_signal_gives_no_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OOM killer at MemoryMax= ends `config dump` with SIGKILL: that says nothing about the
+    file, so it must not read as "refused" (a valid edit would be rolled back to the good copy)."""
+    config = tmp_path / "config.toml"
+    config.write_text("version = 2\n")
+    fake_containerd(tmp_path, monkeypatch, 'echo "partial output" >&2; kill -KILL $$')
+    with pytest.raises(ConfigCheckError, match="killed by SIGKILL: cannot tell"):
+        await config_problem(config)
+    assert config.read_text() == "version = 2\n"
 
 
 def test_read_config_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:

@@ -507,6 +507,33 @@ async def test_an_internal_error_in_the_confirm_step_is_reported_not_counted(
     assert not h.runner.states["socket-path-is-directory"].running
 
 
+async def test_a_confirm_step_without_a_verdict_acts_on_nothing(
+    harness: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd's config check killed (OOM at MemoryMax=): not a bug, not a fault: not acting."""
+    from nodemedic.engine import runner
+    from nodemedic.errors import ConfigCheckError
+
+    async def killed(path: Path) -> str | None:
+        raise ConfigCheckError("`containerd config dump` was killed by SIGKILL: cannot tell")
+
+    monkeypatch.setattr(runner, "config_problem", killed)
+    h = harness()
+    confirm = h.runner.policy.rule[0].confirm
+    assert confirm is not None
+    update = {"config_broken": str(tmp_path / "config.toml")}
+    rule = h.runner.policy.rule[0].model_copy(update={"confirm": confirm.model_copy(update=update)})
+    h.runner.replace_policy(h.runner.policy.model_copy(update={"rule": [rule]}))
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    await h.settle()
+    [error] = h.sink.of(RecordKind.ERROR)
+    assert error.fields["OUTCOME"] == "unchecked"
+    assert "cannot tell" in error.fields["DETAIL"]
+    assert h.units.calls == []
+    assert_nothing_counted(h)
+
+
 async def test_a_repair_cancelled_after_the_stop_starts_the_unit_again(
     harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:

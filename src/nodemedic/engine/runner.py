@@ -257,6 +257,12 @@ class Runner:
     async def _run(self, m: Match, mode: str, state: RuleState, retry: bool = False) -> None:
         try:
             confirmed = await self._confirmed_now(m.rule)
+        except (NodemedicError, OSError) as exc:  # no verdict (a config check killed): do nothing
+            why = f"{m.rule.name}: cannot tell whether the fault is there: {exc}; not acting"
+            self.report(
+                RecordKind.ERROR, why, RULE=m.rule.name, MODE=mode, OUTCOME="unchecked", DETAIL=str(exc)
+            )
+            confirmed = False
         except Exception as exc:  # e.g. a config check that fails on crafted content
             self._internal_error(m.rule, exc, {"RULE": m.rule.name, "MODE": mode}, "confirm")
             confirmed = False

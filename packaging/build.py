@@ -50,7 +50,7 @@ MAX_SYMBOL = {"GLIBC": (2, 34), "LIBSYSTEMD": (249,), "GLIBCXX": (3, 4, 29), "CX
 SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
                "ld-linux-x86-64.so.2", "libgcc_s.so.1", "libsystemd.so.0", "libstdc++.so.6"}  # fmt: skip
 FROM_SOURCE = "systemd-python"
-DOCS = ("README.md", "docs/operations.md", "docs/policy.md", "docs/packaging.md")
+DOCS = ("README.md", "docs/operations.md", "docs/policy.md", "docs/packaging.md", "docs/reliability.md")
 IMPORTS = "nodemedic.cli, nodemedic.app, dbus_fast, asyncinotify, pydantic, tomlkit, grpc, google.protobuf, re2, systemd.journal, systemd.daemon"  # noqa: E501
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemedic.errors import ConfigCheckError, ConfigFileError, DefaultConfigError
-from nodemedic.state import atomic_write
+from nodemedic.state import atomic_write, set_aside
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,8 +82,18 @@ class GoodConfigs:
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def latest(self) -> Path | None:
-        copies = self.copies()
-        return copies[0] if copies else None
+        """The newest copy whose content still has its name's sha256; a damaged one (a disk error,
+        a hand edit) is moved aside (``NAME.corrupt-<time>``) and never restored."""
+        for copy in self.copies():
+            try:
+                content = read_config(copy)
+            except OSError as exc:
+                set_aside(copy, f"cannot read: {exc}")
+                continue
+            if hashlib.sha256(content).hexdigest() == copy.stem:
+                return copy
+            set_aside(copy, "its content no longer has the sha256 it is named after")
+        return None
 
 
 def file_kind(mode: int) -> str:

@@ -19,6 +19,7 @@ from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.model import DaemonSettings, Policy
 from nodemedic.report import RecordKind
+from nodemedic.state import take_set_aside
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,15 @@ class Daemon:
             VERSION=__version__,
             OUTCOME="started",
         )
+        self._report_set_aside()
         self.notify(f"READY=1\nSTATUS=watching {len(policy.rule)} rule(s)")
+
+    def _report_set_aside(self) -> None:
+        """State files found damaged (journal cursor, SIGHUP state, freezer registry, good copies)."""
+        for found in take_set_aside():
+            self.app.report(RecordKind.ERROR, f"state file {found.path} unusable ({found.why}); kept as "
+                            f"{found.kept_as} and not used", OUTCOME="state-reset", PATH=found.kept_as,
+                            DETAIL=found.why)  # fmt: skip
 
     async def _main_loop(self, tasks: list[asyncio.Task[None]]) -> None:
         running = list(tasks)
@@ -153,6 +162,7 @@ class Daemon:
             self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
                             OUTCOME="reloaded", PATH=str(path))  # fmt: skip
         self.app.runner.take_resets()
+        self._report_set_aside()
         self.notify("READY=1")
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:

@@ -63,3 +63,7 @@ class ConfigCheckError(NodemedicError, ChildProcessError):
     """containerd's own config check ended without a verdict (``containerd config dump`` killed by
     a signal, e.g. the OOM killer at the unit's MemoryMax=): whether the file loads is not known,
     so nothing is restored over it and no copy of it is kept."""
+
+
+class StateSaveError(NodemedicError, OSError):
+    """A state file could not be saved (a full or read-only state directory); nodemedic goes on."""

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from nodemedic.policy.sighup import SighupSettings
 from nodemedic.report import RecordKind
 from nodemedic.sighup import dropin
 from nodemedic.sources.procview import ProcView
-from nodemedic.state import atomic_write
+from nodemedic.state import load_checked, save_best_effort
 
 log = logging.getLogger(__name__)
 
 RESTART_TIMEOUT = 60.0
 NEW_PID_WAIT = 15.0
 ANSWER_WAIT = 10.0  # how long a restarted containerd may take to answer before its config is kept
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 SETTLE = 0.5  # a write is applied this long after it was seen, so a tool's second write joins it
 
 
@@ -353,10 +355,7 @@ class Coalescer:
         if self._applied is None:
             return
         self._persisted = {"main_pid": self.main_pid, "started": self._started(), "applied": self._applied}
-        try:
-            atomic_write(self.ctx.state_file, json.dumps(self._persisted))
-        except OSError as exc:
-            log.warning("could not save %s: %s", self.ctx.state_file, exc)
+        save_best_effort(self.ctx.state_file, json.dumps(self._persisted))  # a failure is said once
 
 
 def _digest(content: bytes) -> str:
@@ -364,8 +363,17 @@ def _digest(content: bytes) -> str:
 
 
 def _load_state(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """What `_persist` wrote, checked: a damaged file is moved aside, never trusted."""
+    return load_checked(path, _checked_state) or {}
+
+
+def _checked_state(text: str) -> dict[str, object]:
+    data = json.loads(text)
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("main_pid"), int)
+        and isinstance(data.get("started"), str)
+        and _SHA256.fullmatch(str(data.get("applied")))
+    ):
+        raise ValueError("not a nodemedic SIGHUP state file (main_pid, started, applied)")
+    return data

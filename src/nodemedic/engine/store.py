@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from nodemedic.state import atomic_write
+from nodemedic.errors import StateSaveError
+from nodemedic.state import SetAside, atomic_write, load_checked, note_save_failed, note_saved, set_aside
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -31,31 +31,28 @@ class StateStore:
 
     def load(self) -> dict[str, Any]:
         """The saved state, or an empty one. A corrupt file is moved aside, never deleted."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("version") != VERSION:
-                raise ValueError(f"not a nodemedic state file of version {VERSION}")
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            self.set_aside(str(exc))
-            return {}
-        return data
+        return load_checked(self.path, _checked_state, self._noted) or {}
 
     def set_aside(self, why: str) -> None:
         """Move an unusable state file aside (never deleted); the daemon starts clean."""
-        aside = self.path.with_name(
-            f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        )
-        try:
-            os.replace(self.path, aside)
-        except OSError:
-            aside = self.path
-        log.warning("state file %s unusable (%s); kept as %s, starting clean", self.path, why, aside)
-        self.corrupt = str(aside)
+        set_aside(self.path, why, self._noted)
+
+    def _noted(self, aside: SetAside) -> None:
+        self.corrupt = aside.kept_as  # the runner's start-up record says it
 
     def save(self, data: dict[str, Any]) -> None:
-        atomic_write(self.path, json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True) + "\n")
+        """Save atomically. StateSaveError on the first failure of a run only (the runner records
+        it): a full or read-only state folder is said once, and repairs go on regardless."""
+        try:
+            atomic_write(self.path, json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:
+            if note_save_failed(self.path, exc):
+                raise StateSaveError(exc.errno, f"{exc.strerror or exc}: {self.path} is not saved; repairs "
+                                     "go on with breakers, backoff and budget in memory only; free "
+                                     "space or make the state directory writable (said once until "
+                                     "a save works again)") from exc  # fmt: skip
+            return
+        note_saved(self.path)
 
     def request_reset(self, rule: str) -> Path:
         self.reset_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -74,5 +71,17 @@ class StateStore:
             if request.name.startswith("."):
                 continue  # an atomic write in progress
             names.append(request.name)
-            request.unlink(missing_ok=True)
+            try:
+                request.unlink(missing_ok=True)
+            except OSError as exc:  # read-only: taken again at each reload, which would undo the breaker
+                log.warning("cannot consume the reset request %s (%s): not applied; make the state "
+                            "directory writable and reset again", request, exc)  # fmt: skip
+                names.pop()
         return names
+
+
+def _checked_state(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise ValueError(f"not a nodemedic state file of version {VERSION}")
+    return data

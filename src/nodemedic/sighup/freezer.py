@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import os
 import posixpath
 import re
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from nodemedic.errors import FreezeFailedError, FreezeRefusedError
-from nodemedic.state import atomic_write
+from nodemedic.state import DAMAGED, SetAside, atomic_write, load_checked, note_set_aside
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +199,40 @@ class Freezer:
             self._save(entries)
 
     def _load(self) -> dict[str, float]:
-        try:
-            text = self.registry.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        try:
-            data = json.loads(text)
-            raw = data["frozen"] if isinstance(data, dict) and data.get("version") == VERSION else None
-            if not isinstance(raw, dict):
-                raise ValueError(f"not a nodemedic registry of version {VERSION}")
-        except (ValueError, KeyError) as exc:
-            return self._salvage(text, str(exc))
+        named: dict[str, float] = {}
+        read: list[bool] = []
+
+        def check(text: str) -> dict[str, float]:
+            read.append(True)
+            try:
+                return self._entries(text)
+            except DAMAGED:  # every cgroup path it names is due for thawing now
+                named.update({_normalise(m): 0.0 for m in re.findall(r'"(/[^"\\]*)"', text)})
+                raise
+
+        unusable: list[SetAside] = []
+        entries = load_checked(self.registry, check, unusable.append)
+        if entries is not None or not unusable:
+            return entries or {}
+        note_set_aside(unusable[0])  # for the daemon's record
+        if not read:  # not even text: what it named may still be frozen, and nobody would know
+            found = unusable[0]
+            raise FreezeFailedError(
+                f"{self.registry} unusable ({found.why}); kept as {found.kept_as}: thaw what it names by hand"
+            )
+        if named:
+            log.warning("%s: thawing what the unusable registry names: %s", self.registry, ", ".join(named))
+            try:
+                self._save(named)
+            except OSError as exc:  # a read-only state folder: thawed from memory all the same
+                log.warning("cannot save %s: %s", self.registry, exc)
+        return named
+
+    def _entries(self, text: str) -> dict[str, float]:
+        data = json.loads(text)
+        raw = data["frozen"] if isinstance(data, dict) and data.get("version") == VERSION else None
+        if not isinstance(raw, dict):
+            raise ValueError(f"not a nodemedic registry of version {VERSION}")
         entries = {}
         for cg, until in raw.items():
             try:
@@ -219,16 +241,6 @@ class Freezer:
                 log.warning("%s: entry %r: %r is not a time; thawing it now", self.registry, cg, until)
                 entries[_normalise(str(cg))] = 0.0
         return entries
-
-    def _salvage(self, text: str, why: str) -> dict[str, float]:
-        """An unreadable registry is kept aside; every cgroup path in it is due for thawing now."""
-        aside = self.registry.with_name(f"{self.registry.name}.corrupt-{int(time.time())}")
-        os.replace(self.registry, aside)
-        found = {_normalise(m): 0.0 for m in re.findall(r'"(/[^"\\]*)"', text)}
-        log.warning("%s unreadable (%s); kept as %s; thawing what it names: %s",
-                    self.registry, why, aside, ", ".join(found) or "nothing")  # fmt: skip
-        self._save(found)
-        return found
 
     def _save(self, entries: dict[str, float]) -> None:
         self.registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from nodemedic.clock import Clock
 from nodemedic.events import Event, JournalLine
-from nodemedic.state import atomic_write
+from nodemedic.state import load_checked, save_best_effort
 
 log = logging.getLogger(__name__)
 # Not a unit: "kernel" in the units followed means the kernel's own lines (OOM kills, SELinux and
@@ -33,6 +33,7 @@ KERNEL_TRANSPORTS = ("kernel", "audit")
 SYSTEMD_PID = 1
 ROOT_UID = 0
 _NUMBER = re.compile(r"[0-9]{1,10}")
+_CURSOR = re.compile(r"[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}")
 # MESSAGE is cut to its first 8 KiB (the policy's patterns search no further either): the lines rules
 # look for are under 1 KiB, and journald takes entries up to 32 MiB from any local client, which
 # every rule's pattern would otherwise search, and every event and record would carry.
@@ -131,23 +132,23 @@ class JournalFollower:
     def _load_cursor(self) -> str:
         if self._cursor_file is None:
             return ""
-        try:
-            return self._cursor_file.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return ""
-        except (OSError, UnicodeDecodeError):
-            log.warning("cannot read %s; starting at the end of the journal", self._cursor_file)
-            return ""
+        # a damaged file is moved aside (and reported at start-up): start at the end of the journal
+        return load_checked(self._cursor_file, _checked_cursor) or ""
 
     def _save_cursor(self) -> None:
         # The fd wakes on every write by any unit: write (and fsync) only when we moved on.
         if self._cursor_file is None or not self._cursor or self._cursor == self._saved:
             return
-        try:
-            atomic_write(self._cursor_file, self._cursor + "\n")
+        if save_best_effort(self._cursor_file, self._cursor + "\n"):  # a failure is said once
             self._saved = self._cursor
-        except OSError:
-            log.warning("cannot save the journal cursor to %s", self._cursor_file, exc_info=True)
+
+
+def _checked_cursor(text: str) -> str:
+    """A journal cursor as sd_journal_get_cursor() writes it (``s=...;i=...;b=...``), one line."""
+    cursor = text.strip()
+    if not _CURSOR.fullmatch(cursor):
+        raise ValueError(f"not a journal cursor: {cursor[:80]!r}")
+    return cursor
 
 
 def attribute(entry: Mapping[str, object], units: Collection[str]) -> str | None:

@@ -1,8 +1,10 @@
-"""Exponential backoff: a pure state machine driven by the caller's clock readings."""
+"""Exponential backoff: a pure state machine driven by the caller's clock readings.
+
+The readings are wall-clock times (the state is persisted across restarts and reboots), so the
+machine must bear the clock jumping: see ``_anchored``."""
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -24,14 +26,8 @@ class Backoff:
     rng: random.Random | None = None
 
     def delay(self, failures: int) -> float:
-        if failures <= 0:
-            return 0.0
-        try:
-            grown = self.initial * self.factor ** (failures - 1)
-        except OverflowError:  # float ** int past 1.8e308: a long run of failures, or a crafted state file
-            grown = math.inf
-        base = min(self.maximum, grown)
-        if self.jitter:
+        base = self.longest(failures)
+        if self.jitter and failures > 0:
             draw = (self.rng or random).random()
             base *= 1.0 - self.jitter * draw
         return base
@@ -48,7 +44,24 @@ class Backoff:
         self.not_before = 0.0
 
     def ready(self, now: float) -> bool:
-        return now >= self.not_before
+        return now >= self._anchored(now)
 
     def remaining(self, now: float) -> float:
-        return max(0.0, self.not_before - now)
+        return max(0.0, self._anchored(now) - now)
+
+    def longest(self, failures: int) -> float:
+        """The delay after ``failures`` failures before jitter shrinks it: the longest wait there is."""
+        if failures <= 0:
+            return 0.0
+        try:
+            return min(self.maximum, self.initial * self.factor ** (failures - 1))
+        except OverflowError:  # float ** int past 1.8e308: a long run of failures, or a crafted state file
+            return self.maximum
+
+    def _anchored(self, now: float) -> float:
+        """``not_before``, but never more than one full delay after ``now``: the wall clock set back
+        (NTP stepping, a hand, a wrong RTC at boot) would otherwise hold the rule for as long
+        again as the clock went back. A clock set forward ends the wait early: one attempt, and
+        a failure waits longer again (the budget and the breaker bound the rest)."""
+        self.not_before = min(self.not_before, now + self.longest(self.failures))
+        return self.not_before

@@ -2,7 +2,8 @@
 
 closed --N failures within window--> open --cooldown passed--> half-open (one trial)
 half-open --success--> closed;  half-open --failure--> open;  reset() --> closed.
-Wall-clock times, because the state is persisted and must survive a reboot.
+Wall-clock times, because the state is persisted and must survive a reboot; a clock set back is
+borne by ``_clamp``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> bool:
         """May a repair be attempted now? An open breaker turns half-open after its cooldown."""
+        self._clamp(now)
         if self.state == OPEN and now >= self.opened_at + self.cooldown:
             self.state = HALF_OPEN
         return self.state != OPEN
@@ -44,6 +46,7 @@ class CircuitBreaker:
 
     def failed(self, now: float, detail: str = "") -> bool:
         """Record a failed repair; True if this failure opened the breaker."""
+        self._clamp(now)
         self._remember(Attempt(now, False, detail))
         self.recent_failures = [t for t in self.recent_failures if t > now - self.window] + [now]
         if self.state == HALF_OPEN or len(self.recent_failures) >= self.failures:
@@ -51,6 +54,15 @@ class CircuitBreaker:
             self.opened_at = now
             return True
         return False
+
+    def _clamp(self, now: float) -> None:
+        """Times after ``now`` mean the wall clock was set back: they count as ``now``, so an open
+        breaker stays open at most one full cooldown after the jump is seen (not cooldown plus
+        however far the clock went back), and a failure window ends at most a window from now.
+        A clock set forward ends the cooldown early: half-open, one trial, then open again."""
+        if self.opened_at > now:
+            self.opened_at = now
+        self.recent_failures = [min(t, now) for t in self.recent_failures]
 
     def reset(self) -> None:
         self.state = CLOSED

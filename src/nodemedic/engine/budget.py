@@ -20,4 +20,7 @@ class RepairBudget:
         self.spent.append(now)
 
     def _forget(self, now: float) -> None:
-        self.spent = [t for t in self.spent if t > now - self.window]
+        # A repair "after now" means the wall clock was set back: it counts as spent now, so the
+        # window ends at most one window after the jump is seen, not that plus the jump. A clock
+        # set forward forgets what was spent: at most ``repairs`` more, never more at once.
+        self.spent = [min(t, now) for t in self.spent if t > now - self.window]

@@ -13,7 +13,7 @@ import pytest
 from nodemedic.actions.base import ActionContext, Step
 from nodemedic.engine.runner import Runner
 from nodemedic.events import JournalLine, PathChanged, PathKind, UnitChanged
-from nodemedic.policy.load import parse_policy
+from nodemedic.policy.load import parse_policy, parse_policy_text
 from nodemedic.policy.model import Policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
 
@@ -585,3 +585,98 @@ async def test_compensation_is_bounded(
     compensate = [r for r in h.sink.of(RecordKind.ACTION) if r.fields["ACTION"] == "compensate"]
     assert [r.fields["OUTCOME"] for r in compensate] == ["failed"]
     assert "may still be stopped" in compensate[0].message
+
+
+# ---- left-over shims: a healthy shim is no incident, an orphan is one per process -------------
+
+SHIPPED = Path(__file__).parents[2] / "policy" / "policy.toml"
+KILL_ACTION = 'do = "kill-orphaned-shims"\nunit = "containerd.service"\n'
+
+
+def left_over(pid: int) -> JournalLine:
+    return JournalLine("containerd.service", f"containerd.service: Found left-over process {pid} "
+                       "(containerd-shim) in control group while starting unit. Ignoring.")  # fmt: skip
+
+
+class ShimNode:
+    """The shipped policy's left-over-shims rule on a fake /proc: 200 serves a container, 100 is
+    a proven orphan. Its kill is replaced (the fake PIDs are not this machine's)."""
+
+    def __init__(self, tmp_path: Path, mode: str) -> None:
+        from .test_shims import process, shim
+
+        self.proc = tmp_path / "proc"
+        process(self.proc, 100, shim("gone"))
+        process(self.proc, 200, shim("app"), children="201 ")
+        text = SHIPPED.read_text().replace('mode = "enforce"', f'mode = "{mode}"', 1)
+        where = f'proc = "{self.proc}"\nbundles = "{tmp_path / "bundles"}"\n'
+        assert KILL_ACTION in text
+        policy = parse_policy_text(text.replace(KILL_ACTION, KILL_ACTION + where))
+        self.sink = MemorySink()
+        self.tasks: list[asyncio.Task[None]] = []
+        ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), tmp_path / "quarantine")
+        self.runner = Runner(policy, ctx, Reporter(self.sink), self._spawn)
+
+    def _spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def named(self, *pids: int) -> None:
+        for pid in pids:  # ExecStartPre= and ExecStart= each name every left-over process
+            self.runner.handle(left_over(pid))
+            while self.tasks:
+                await self.tasks.pop(0)
+
+    def incidents(self) -> set[str]:
+        return {r.fields["INCIDENT"] for r in self.sink.records if "INCIDENT" in r.fields}
+
+
+@pytest.fixture
+def no_real_kill(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from nodemedic.actions.shims import KillOrphanedShims
+
+    killed: list[str] = []
+
+    async def apply(self: KillOrphanedShims, ctx: ActionContext, step: Step) -> str:
+        killed.append(step.data["pids"])
+        (Path(self.params.proc) / step.data["pids"] / "cmdline").write_bytes(b"")  # as a zombie: gone
+        return "killed"
+
+    monkeypatch.setattr(KillOrphanedShims, "apply", apply)
+    return killed
+
+
+@pytest.mark.parametrize("mode", ["enforce", "observe"])
+async def test_a_shim_serving_a_container_writes_no_record(
+    tmp_path: Path, mode: str, no_real_kill: list[str]
+) -> None:
+    """Before: four records for each line naming a live shim (detected, decided, skipped, nothing to
+    do), eight per shim per containerd start."""
+    node = ShimNode(tmp_path, mode)
+    await node.named(200, 200, 200, 200)
+    assert node.sink.records == []
+    assert no_real_kill == []
+
+
+async def test_an_orphan_is_one_incident_however_often_systemd_names_it(
+    tmp_path: Path, no_real_kill: list[str]
+) -> None:
+    node = ShimNode(tmp_path, "enforce")
+    await node.named(200, 100, 200, 100)
+    assert no_real_kill == ["100"]
+    assert len(node.incidents()) == 1
+    assert [r.fields["OUTCOME"] for r in node.sink.of(RecordKind.OUTCOME)] == ["repaired"]
+
+
+async def test_an_orphan_only_reported_is_reported_once_per_process(
+    tmp_path: Path, no_real_kill: list[str]
+) -> None:
+    from .test_shims import stat_of
+
+    node = ShimNode(tmp_path, "observe")
+    await node.named(100, 200, 100)
+    assert len(node.incidents()) == 1
+    assert [r.fields["OUTCOME"] for r in node.sink.of(RecordKind.ACTION)] == ["would-do"]
+    stat_of(node.proc, 100, 9999)  # the PID reused by a later orphan: a new incident
+    await node.named(100, 100)
+    assert len(node.incidents()) == 2
+    assert no_real_kill == []

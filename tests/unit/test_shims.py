@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams
+from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
 from nodemedic.events import JournalLine
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
@@ -16,13 +16,20 @@ pytestmark = pytest.mark.unit
 CGROUP = "0::/system.slice/containerd.service\n"
 
 
-def process(proc: Path, pid: int, argv: list[str], cgroup: str = CGROUP, children: str = "") -> None:
+def process(proc: Path, pid: int, argv: list[str], cgroup: str = CGROUP, children: str = "",
+            started: int = 1000) -> None:  # fmt: skip
     base = proc / str(pid)
     (base / "task" / str(pid)).mkdir(parents=True)
+    stat_of(proc, pid, started)
     (base / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (base / "cgroup").write_text(cgroup)
     (base / "status").write_text("Name:\tcontainerd-shim\nState:\tS (sleeping)\n")
     (base / "task" / str(pid) / "children").write_text(children)
+
+
+def stat_of(proc: Path, pid: int, started: int) -> None:
+    """/proc/PID/stat with ``started`` as field 22 (a comm with a space and a parenthesis in it)."""
+    (proc / str(pid) / "stat").write_text(f"{pid} (shim) x) S " + "0 " * 18 + f"{started} 0 0\n")
 
 
 def shim(task: str) -> list[str]:
@@ -224,3 +231,27 @@ async def test_a_huge_pid_next_to_a_real_one_leaves_the_real_one(kill: KillOrpha
     step = await kill.check(ctx(message))
     assert isinstance(step, Step)
     assert step.data["pids"] == "100"
+
+
+def test_an_orphan_is_reported_once_per_process(tmp_path: Path) -> None:
+    """A PID named again (ExecStartPre=, then ExecStart=) is the same incident while it is the same
+    process; the same PID for a later process is a new one; a gone process leaves the map."""
+    proc = tmp_path / "proc"
+    process(proc, 100, shim("gone"), started=1000)
+    process(proc, 101, shim("gone2"), started=1001)
+    seen = ReportedOrphans()
+    assert seen.first_seen([100], str(proc)) == [100]
+    assert seen.first_seen([100, 101], str(proc)) == [101]
+    assert seen.first_seen([100, 101], str(proc)) == []
+    stat_of(proc, 100, 5000)  # PID 100 reused by a later process
+    assert seen.first_seen([100], str(proc)) == [100]
+    (proc / "101" / "stat").unlink()  # 101 is gone: forgotten, whether named again or not
+    assert seen.first_seen([], str(proc)) == []
+    assert len(seen) == 1
+    assert seen.first_seen([101], str(proc)) == []  # a process gone by now is no incident
+
+
+def test_proven_orphans_use_the_one_proof(kill: KillOrphanedShims) -> None:
+    lines = " ".join(f"Found left-over process {pid} (containerd-shim) x." for pid in (100, 200, 300, 999))
+    assert kill.proven_orphans(lines) == [100]
+    assert kill.verdicts(lines)[200] == "it has child processes (a container)"

@@ -30,7 +30,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
 from nodemedic.events import JournalLine
 from nodemedic.policy.paths import AbsolutePath
-from nodemedic.sources.procview import cgroup_from_text, is_unit_cgroup
+from nodemedic.sources.procview import ProcView, cgroup_from_text, is_unit_cgroup
 
 # A PID is at most 7 digits (PID_MAX_LIMIT); 10 bounds what int() is given, ASCII digits only.
 LEFT_OVER = re.compile(r"Found left-over process ([0-9]{1,10}) \((containerd-shim[^)]*)\)")
@@ -59,10 +59,9 @@ class KillOrphanedShims:
 
     async def check(self, ctx: ActionContext) -> Step | Skip:
         event = ctx.event
-        named = _named_pids(event.message) if isinstance(event, JournalLine) else []
-        if not named:
+        verdicts = self.verdicts(event.message) if isinstance(event, JournalLine) else {}
+        if not verdicts:
             return Skip("no left-over shim named by systemd")
-        verdicts = {pid: self.not_orphaned(pid) for pid in named}
         orphans = tuple(str(pid) for pid, why in verdicts.items() if why is None)
         kept = "; ".join(f"{pid} kept: {why}" for pid, why in verdicts.items() if why)
         if not orphans:
@@ -103,6 +102,14 @@ class KillOrphanedShims:
         except (FileNotFoundError, ProcessLookupError):
             return False
         return b"State:\tZ" not in status and self.not_orphaned(pid) is None
+
+    def verdicts(self, message: str) -> dict[int, str | None]:
+        """Each PID systemd names in ``message``: why it is not a proven orphan, or None if it is one."""
+        return {pid: self.not_orphaned(pid) for pid in _named_pids(message)}
+
+    def proven_orphans(self, message: str) -> list[int]:
+        """The PIDs named in ``message`` that are proven orphans right now."""
+        return [pid for pid, why in self.verdicts(message).items() if why is None]
 
     def not_orphaned(self, pid: int) -> str | None:
         """Why ``pid`` is not a proven orphan, or None if it is one."""
@@ -149,6 +156,33 @@ class KillOrphanedShims:
                 return (f"cannot tell whether it has child processes ({err}; without "
                         "CONFIG_PROC_CHILDREN the kernel has no task/*/children)")  # fmt: skip
         return None
+
+
+class ReportedOrphans:
+    """The proven orphans already part of an incident, so that one process is one incident.
+
+    systemd names each left-over shim once per ExecStartPre= and again for ExecStart=; a PID named
+    again whose process has the same start time (field 22 of /proc/PID/stat) is that incident
+    again; a PID reused by a later process is a new one. Entries whose process is gone, or is
+    another process now, are dropped at each look: the map holds only live orphans."""
+
+    def __init__(self) -> None:
+        self._started: dict[int, str] = {}  # PID -> start time when it was reported
+
+    def first_seen(self, pids: list[int], proc: str) -> list[int]:
+        """Those of ``pids`` (in ``proc``) not reported yet as that process; from now they are."""
+        view = ProcView(Path(proc))
+        self._started = {pid: t for pid, t in self._started.items() if view.start_time(pid) == t}
+        new = []
+        for pid in pids:
+            started = view.start_time(pid)
+            if started and self._started.get(pid) != started:
+                self._started[pid] = started
+                new.append(pid)
+        return new
+
+    def __len__(self) -> int:
+        return len(self._started)
 
 
 def _named_pids(message: str) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemedic.actions.base import ActionContext, Skip
+from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
 from nodemedic.actions.registry import build_action
 from nodemedic.configs import config_problem
 from nodemedic.engine.backoff import Backoff
@@ -115,6 +116,7 @@ class Runner:
         self.closing = False  # set at shutdown: no new repair starts
         self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
         self._compensating: set[asyncio.Future[None]] = set()  # starts that outlive a cancelled repair
+        self._reported_orphans = ReportedOrphans()  # confirm.orphaned_shims: one incident per process
         self.replace_policy(policy)
         self._restore()
         self.take_resets()
@@ -256,7 +258,7 @@ class Runner:
 
     async def _run(self, m: Match, mode: str, state: RuleState, retry: bool = False) -> None:
         try:
-            confirmed = await self._confirmed_now(m.rule)
+            confirmed = await self._confirmed_now(m, mode)
         except (NodemedicError, OSError) as exc:  # no verdict (a config check killed): do nothing
             why = f"{m.rule.name}: cannot tell whether the fault is there: {exc}; not acting"
             self.report(
@@ -275,11 +277,15 @@ class Runner:
         for again in pending:
             self._decide(again, retry=True)
 
-    async def _confirmed_now(self, rule: Rule) -> bool:
-        """The parts of ``confirm`` that need asking: does containerd answer, does its config load?"""
-        confirm = rule.confirm
+    async def _confirmed_now(self, m: Match, mode: str) -> bool:
+        """The parts of ``confirm`` that need asking: does containerd answer, does its config load,
+        does the line name a shim proven orphaned?"""
+        rule, confirm = m.rule, m.rule.confirm
         if confirm is None:
             return True
+        if confirm.orphaned_shims and not self._new_orphans(m, mode):
+            log.debug("rule %s: no new proven orphan named (%s); nothing to do", rule.name, m.trigger)
+            return False
         if confirm.config_broken and await config_problem(Path(confirm.config_broken)) is None:
             log.debug("rule %s: %s loads; nothing to do", rule.name, confirm.config_broken)
             return False
@@ -292,6 +298,19 @@ class Runner:
             log.debug("rule %s: containerd answers; nothing to do", rule.name)
             return False
         return True
+
+    def _new_orphans(self, m: Match, mode: str) -> list[int]:
+        """The proven orphans the triggering line names that make an incident: in enforce mode every
+        one (one still there after its incident is a failed kill: acting again is the retry); when
+        nothing would be killed, only those not reported yet as that process."""
+        if not isinstance(m.event, JournalLine):
+            return []
+        kills = [a for a in m.rule.action if isinstance(a, KillOrphanedShimsParams)]
+        proof = KillOrphanedShims(kills[0] if kills else KillOrphanedShimsParams(do="kill-orphaned-shims"))
+        orphans = proof.proven_orphans(m.event.message)
+        if mode == "enforce" and kills:
+            return orphans
+        return self._reported_orphans.first_seen(orphans, proof.params.proc)
 
     async def _handle_incident(self, m: Match, mode: str, state: RuleState, retry: bool) -> None:
         rule = m.rule

@@ -299,6 +299,12 @@ class Confirm(Strict):
     probe: bool = False
     """Act only if containerd does not answer a Version request right now (``[daemon.probe]``'s socket
     and timeout): a stale journal line or a probe failure that has passed leads to nothing."""
+    orphaned_shims: bool = False
+    """Act only if the triggering journal line names a left-over shim proven orphaned right now (the
+    proof of the rule's ``kill-orphaned-shims`` action, with its settings, or its defaults if the rule
+    has none), and once per process: shims serving containers, named at every containerd start, are
+    decided silently. When the rule only reports (observe mode, a held rule, no kill), a process
+    named again is not a new incident; in enforce mode one still there is a failed kill, tried again."""
 
     @model_validator(mode="after")
     def _paths_and_kind(self) -> Confirm:

@@ -167,3 +167,67 @@ async def test_reload_keeps_the_policy_in_force_whatever_the_file(
     assert app.runner.policy is in_force
     shutdown.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_reload_keeps_the_policy_when_it_is_removed_or_linked_to_a_public_folder(
+    tmp_path: Path,
+) -> None:
+    """Fault matrix item 5 (issue 12): the old policy stays, and the record says why."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the policy must be root's)")
+    folder = tmp_path / "etc"
+    folder.mkdir(mode=0o755)
+    policy = folder / "policy.toml"
+    policy.write_text(SHIPPED.read_text())
+    policy.chmod(0o644)
+    sink, notes = MemorySink(), []
+    app = make_app(policy, sink)
+    in_force = app.runner.policy
+    shutdown, reload = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
+    await until(lambda: any(n.startswith("READY=1") for n in notes))
+    kept = policy.with_name("kept.toml")
+    policy.rename(kept)
+    reload.set()
+    await until(lambda: len(sink.of(RecordKind.ERROR)) == 1)
+    removed = sink.of(RecordKind.ERROR)[0]
+    assert (removed.fields["OUTCOME"], removed.fields["DETAIL"]) == ("refused", "file not found")
+    assert "the policy in force stays" in removed.message
+    public = tmp_path / "tmp"
+    public.mkdir()
+    public.chmod(0o1777)
+    planted = public / "policy.toml"
+    planted.write_text(SHIPPED.read_text())
+    policy.symlink_to(planted)
+    reload.set()
+    await until(lambda: len(sink.of(RecordKind.ERROR)) == 2)
+    linked = sink.of(RecordKind.ERROR)[1]
+    assert linked.fields["OUTCOME"] == "refused"
+    assert f"directory {public} is writable by group or others" in linked.fields["DETAIL"]
+    assert app.runner.policy is in_force
+    policy.unlink()
+    kept.rename(policy)
+    reload.set()
+    await until(lambda: any(r.fields.get("OUTCOME") == "reloaded" for r in sink.of(RecordKind.DAEMON)))
+    assert not task.done()
+    shutdown.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_damaged_state_files_are_reported_at_start_up(tmp_path: Path) -> None:
+    from nodemedic import state
+    from nodemedic.sources import journal
+
+    state.take_set_aside()
+    cursor = tmp_path / "journal.cursor"
+    cursor.write_bytes(b"\x00\x00 half a block")
+    assert state.load_checked(cursor, journal._checked_cursor) is None
+    sink, notes = MemorySink(), []
+    app = make_app(SHIPPED, sink)
+    shutdown, reload = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
+    await until(lambda: any(n.startswith("READY=1") for n in notes))
+    [record] = [r for r in sink.of(RecordKind.ERROR) if r.fields.get("OUTCOME") == "state-reset"]
+    assert record.fields["PATH"].startswith(f"{cursor}.corrupt-")
+    shutdown.set()
+    await asyncio.wait_for(task, 5)

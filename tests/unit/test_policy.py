@@ -58,6 +58,7 @@ def test_shipped_policy_loads() -> None:
         "containerd-starved",
         "containerd-socket-mode",
         "containerd-socket-denied",
+        "containerd-grpc-streams",
         "containerd-state-corrupted",
         "containerd-known-bugs",
     ]
@@ -638,3 +639,42 @@ def test_confirm_paths_are_absolute() -> None:
         parse_policy_text(text)
     where = [p.split(": ")[1] for p in err.value.problems]
     assert where == ["rule[0] ('r').confirm.paths[0]", "rule[0] ('r').confirm.config_broken"]
+
+
+# ---- every folder on the way to the policy (issue 12, fault matrix item 5) ------------------------
+
+
+def test_a_policy_reached_through_a_users_link_in_a_sticky_folder_is_refused(
+    root_dir: Path, tmp_path: Path
+) -> None:
+    """/etc/nodemedic/policy.toml -> /tmp/link -> a safe file: the user who owns /tmp/link can
+    point it anywhere, so the safe file behind it proves nothing."""
+    real = write(root_dir, MINIMAL_RULE)
+    real.chmod(0o644)
+    public = tmp_path / "tmp"
+    public.mkdir()
+    public.chmod(0o1777)
+    link = public / "link"
+    link.symlink_to(real)
+    entry = root_dir / "main.toml"
+    entry.symlink_to(link)
+    check_permissions(entry)  # root's own link in a sticky folder: nobody else may swap it
+    os.lchown(link, 1000, 1000)
+    with pytest.raises(PolicyError) as err:
+        load_policy(entry)
+    assert err.value.problems == [
+        f"directory {public} on the way to the policy is writable by group or others (mode 1777): "
+        f"anyone could swap {link}; keep the policy and its links in root's folders"
+    ]
+
+
+def test_a_policy_below_a_world_writable_folder_is_refused(root_dir: Path) -> None:
+    """/srv/open (0777) /etc/policy.toml: anyone can rename etc/ and put their own in its place."""
+    inner = root_dir / "etc"
+    inner.mkdir(mode=0o755)
+    path = write(inner, MINIMAL_RULE)
+    path.chmod(0o644)
+    check_permissions(path)
+    root_dir.chmod(0o777)
+    with pytest.raises(PolicyError, match=f"directory {root_dir} on the way to the policy is writable"):
+        check_permissions(path)

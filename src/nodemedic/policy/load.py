@@ -97,7 +97,8 @@ def check_permissions(path: Path) -> None:
     """Refuse a policy that anyone but root could change: nodemedic runs its actions as root.
 
     The file (symlinks followed) and the directories holding it must be owned by root and not
-    writable by group or others."""
+    writable by group or others; so must every folder on the way to it, through every symlink
+    (`_unsafe_lookups`)."""
     real = Path(os.path.realpath(path))  # unlike resolve(), no RuntimeError on a symlink loop
     targets = dict.fromkeys([path, path.parent, real.parent])
     problems = []
@@ -109,8 +110,61 @@ def check_permissions(path: Path) -> None:
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             mode = f"{stat.S_IMODE(st.st_mode):04o}"
             problems.append(f"{what}writable by group or others (mode {mode}): run `chmod go-w {target}`")
+    problems += _unsafe_lookups(path, set(targets))
     if problems:
         raise PolicyError(str(path), problems)
+
+
+MAX_LINKS = 40  # as the kernel's path walk (ELOOP)
+
+
+def _lookups(path: Path) -> list[tuple[Path, str]]:
+    """Every (folder, name) looked up on the way to ``path``, symlinks followed one at a time."""
+    folder, seen, links = Path("/"), [], 0
+    pending = list(reversed((path if path.is_absolute() else Path.cwd() / path).parts[1:]))
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            folder = folder.parent
+            continue
+        seen.append((folder, name))
+        entry = folder / name
+        if not entry.is_symlink():
+            folder = entry
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise PolicyError(str(path), [f"more than {MAX_LINKS} symbolic links on the way: a loop?"])
+        target = Path(os.readlink(entry))
+        if target.is_absolute():
+            folder = Path("/")
+        pending.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return seen
+
+
+def _unsafe_lookups(path: Path, checked: set[Path]) -> list[str]:
+    """Folders on the way to the policy (through every symlink) in which someone but root could
+    swap the next name: a policy linked to ``/tmp/x/policy.toml``, or through a link that a user
+    owns in /tmp, is only as safe as each of them. A sticky folder (/tmp) is fine for names that
+    root owns there: nobody else may rename or remove them."""
+    problems = []
+    for folder, name in _lookups(path):
+        if folder in checked:
+            continue
+        st = folder.stat()
+        if st.st_uid != 0:
+            problems.append(f"directory {folder} on the way to the policy is owned by uid {st.st_uid}, not "
+                            f"root: anyone who owns it could swap {folder / name}")  # fmt: skip
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if st.st_mode & stat.S_ISVTX and os.lstat(folder / name).st_uid == 0:
+                continue
+            problems.append(f"directory {folder} on the way to the policy is writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}): anyone could swap {folder / name}; "
+                            "keep the policy and its links in root's folders")  # fmt: skip
+        checked.add(folder)
+    return problems
 
 
 def parse_policy_text(text: str, origin: str = "<policy>") -> Policy:

@@ -236,11 +236,14 @@ def _at(key: KeyPath, lines: dict[KeyPath, int], msg: str) -> str:
     return f"{line}: {where}: {msg}" if line else f"{where}: {msg}"
 
 
+# An unterminated string is one token to the end of its line (or of the text, for a multi-line
+# one): were the closing quote required, each quote of `x = "\"\"\"...` would start a fresh scan to
+# the end of the line, quadratic in the line (32 KB took 7 s: a reload past WatchdogSec=).
 _TOKEN = re.compile(
-    r'"""(?:[^\\]|\\.)*?""""{0,2}'
-    r"|'''.*?''''{0,2}"  # multi-line strings (2 more quotes may close them)
-    r'|"(?:[^"\\\n]|\\.)*"'
-    r"|'[^'\n]*'|#[^\n]*"  # one-line strings, comments
+    r'"""(?:[^\\]|\\.)*?(?:""""{0,2}|\Z)'
+    r"|'''.*?(?:''''{0,2}|\Z)"  # multi-line strings (2 more quotes may close them)
+    r'|"(?:[^"\\\n]|\\.)*"?'
+    r"|'[^'\n]*'?|#[^\n]*"  # one-line strings, comments
     r"|[A-Za-z0-9_:+-]+|[ \t\r]+|\n|.",  # bare words (keys, numbers, dates), blanks, the rest
     re.DOTALL,
 )

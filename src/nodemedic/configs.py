@@ -7,9 +7,9 @@ as containerd does; without the binary, a TOML parse is the fallback.
 
 The file is read as hostile input (a pod with a hostPath mount of /etc/containerd can write it):
 only a regular file, never through a symlink at its path, without blocking, at most
-MAX_CONFIG_BYTES. A symlinked config.toml is reported as a problem: nodemedic neither follows
-nor replaces it (restore-config refuses it), so a node that links its config elsewhere gets a
-record saying so, not a repair.
+MAX_CONFIG_BYTES. A symlinked (or otherwise not regular) config.toml gets no verdict: nodemedic
+neither follows, judges nor replaces it, so a node that links its config elsewhere gets a record
+saying so (OUTCOME=unchecked), never a repair over a file that may well load.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import glob
 import hashlib
+import itertools
 import os
 import shutil
 import signal
@@ -41,6 +43,7 @@ CONTAINERD = "containerd"
 # parse peaks at about 110 MB in tomllib and 105 MB in `containerd config dump` (4 MiB: 450 MB),
 # which fits nodemedic.service's MemoryMax=.
 MAX_CONFIG_BYTES = 1 << 20
+_MAX_IMPORTS = 64
 # `containerd config dump` answers in well under a second; a config that makes it wait longer
 # (``imports`` of a FIFO, say) would hang containerd's own start as well.
 CONTAINERD_CHECK_TIMEOUT = 30.0
@@ -142,21 +145,48 @@ def read_config(path: Path) -> bytes:
 
 async def config_problem(path: Path) -> str | None:
     """Why containerd would refuse the config at ``path``, or None if it loads. Never raises on
-    the file's content or kind: a crafted file is a problem like any other. Raises
-    ConfigCheckError when containerd's check was killed and so gave no verdict."""
+    the file's content: crafted content is a problem like any other. What gives no verdict raises
+    instead, so that nothing is restored over a file that may well load: ConfigFileError for a file
+    nodemedic does not read (a symlink, FIFO, directory or device at the path, an oversized or
+    unreadable file), ConfigCheckError when containerd's own check was killed."""
     try:
         content = await asyncio.to_thread(read_config, path)
     except FileNotFoundError:
         return f"{path} is missing"
-    except ConfigFileError as exc:
-        return str(exc)
+    except ConfigFileError:
+        raise
     except OSError as exc:
-        return f"{path} cannot be read: {exc.strerror or exc}"
-    problem = await asyncio.to_thread(toml_problem, content)
+        raise ConfigFileError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    problem = await asyncio.to_thread(toml_problem, content) or await asyncio.to_thread(
+        imports_problem, content, path
+    )
     if problem is not None:
         return problem
     binary = shutil.which(CONTAINERD)
     return None if binary is None else await _containerd_problem(binary, path)
+
+
+def imports_problem(content: bytes, path: Path) -> str | None:
+    """``imports`` that containerd would read but nodemedic would not: a FIFO, a device or
+    /dev/zero would hang `containerd config dump` (and containerd's start) or have it read until
+    the unit's MemoryMax= kills it. Each import must be a regular file of at most
+    MAX_CONFIG_BYTES (stat only, never opened); missing ones are containerd's to refuse."""
+    imports = tomllib.loads(content.decode("utf-8")).get("imports", [])
+    if not isinstance(imports, list):
+        return None  # containerd refuses it itself
+    for pattern in (i for i in imports[:_MAX_IMPORTS] if isinstance(i, str)):
+        for found in itertools.islice(glob.iglob(os.path.join(path.parent, pattern)), _MAX_IMPORTS):
+            try:
+                st = os.stat(found)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                return f"imports {found}, which is {file_kind(st.st_mode)}, not a regular file"
+            if st.st_size > MAX_CONFIG_BYTES:
+                return f"imports {found}, larger than {MAX_CONFIG_BYTES} bytes"
+    if len(imports) > _MAX_IMPORTS:
+        return f"more than {_MAX_IMPORTS} imports: no real config has that many"
+    return None
 
 
 def toml_problem(content: bytes) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
 from nodemedic.configs import GoodConfigs
-from nodemedic.errors import UnsafePathError
+from nodemedic.errors import ConfigFileError, UnsafePathError
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 
@@ -178,9 +178,7 @@ async def test_what_is_not_a_regular_file_is_refused_never_followed(tmp_path: Pa
     target.write_bytes(BROKEN)
     {"symlink": lambda: config.symlink_to(target), "fifo": lambda: os.mkfifo(config),
      "directory": config.mkdir}[kind]()  # fmt: skip
-    with pytest.raises(
-        UnsafePathError, match="not a regular file: restore-config neither follows nor replaces"
-    ):
+    with pytest.raises(ConfigFileError, match="not a regular file: nodemedic neither follows nor replaces"):
         await action.check(ctx)
     assert target.read_bytes() == BROKEN, "a symlink's target is never replaced"
     assert sorted(p.name for p in config.parent.iterdir()) == ["config.toml"], "nothing written or kept aside"

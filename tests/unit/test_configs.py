@@ -177,6 +177,41 @@ async def test_a_containerd_check_killed_by_a_signal_gives_no_verdict(
     assert config.read_text() == "version = 2\n"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "large"])
+async def test_imports_that_would_hang_or_flood_containerds_check_are_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """`imports = ["/dev/zero"]` is valid TOML: containerd would read it until MemoryMax= killed
+    the check (or block on a FIFO), so nodemedic refuses it before running containerd on it."""
+    fake_containerd(tmp_path, monkeypatch, "touch ran; exit 0")
+    monkeypatch.chdir(tmp_path)
+    imported = tmp_path / "imported.toml"
+    if kind == "fifo":
+        os.mkfifo(imported)
+    elif kind == "directory":
+        imported.mkdir()
+    elif kind == "large":
+        imported.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    target = "/dev/zero" if kind == "dev-zero" else "imported.toml"  # relative: beside config.toml
+    config = tmp_path / "config.toml"
+    config.write_text(f'version = 2\nimports = ["{target}"]\n')
+    problem = await config_problem(config)
+    assert problem is not None
+    assert problem.startswith("imports ")
+    assert not (tmp_path / "ran").exists(), "containerd never ran on it"
+
+
+async def test_regular_imports_are_left_to_containerd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_containerd(tmp_path, monkeypatch, "exit 0")
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "nvidia.toml").write_text("version = 2\n")
+    config = tmp_path / "config.toml"
+    config.write_text('version = 2\nimports = ["conf.d/*.toml", "/absent/x.toml"]\n')
+    assert await config_problem(config) is None
+
+
 def test_read_config_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
     target = tmp_path / "real.toml"
     target.write_text("version = 2\n")

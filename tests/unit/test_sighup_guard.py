@@ -239,6 +239,24 @@ async def test_a_change_containerd_would_refuse_is_reported_and_not_applied(tmp_
     assert "not valid TOML" in refused.fields["DETAIL"]
 
 
+async def test_a_config_nodemedic_does_not_read_is_reported_once_and_not_applied(tmp_path: Path) -> None:
+    """A symlink at config.toml is never followed: the toolkit's reload is refused with a record
+    (it was dropped silently), once, not at every SIGHUP."""
+    s = await entered("coalesce", tmp_path)
+    target = tmp_path / "elsewhere.toml"
+    target.write_bytes(GOOD + b"# linked\n")
+    s.config.unlink()
+    s.config.symlink_to(target)
+    for _ in range(3):
+        s.guard.handle(FileChanged(str(s.config)))
+        s.sighup()
+        s.clock.advance(31)
+        await s.guard.step()
+    assert s.systemd.restarts == 0
+    (refused,) = s.with_outcome("reload-refused")
+    assert "never followed" in refused.fields["DETAIL"]
+
+
 async def test_leaving_coalesce_removes_the_dropin(tmp_path: Path) -> None:
     s = Setup(tmp_path, "coalesce")
     s.containerd_runs()

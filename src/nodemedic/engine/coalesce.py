@@ -90,6 +90,9 @@ class Coalescer:
         if not (self.active or self.lingering) or self._applied is None:
             return
         content = self._read_config()
+        if content is None:  # a symlink or FIFO at the path, say: never followed, so no reload on a guess
+            self._tell_once(self._not_read(), "nodemedic cannot check it")
+            return
         if not content or _digest(content) == self._applied:
             return  # nothing to reload (or the file is gone: no reason to restart)
         self._requests += 1
@@ -239,11 +242,7 @@ class Coalescer:
                 return
             digest = _digest(content)
             if problem is not None:
-                if digest not in self._told:
-                    self._told.add(digest)
-                    self._say(RecordKind.DETECTED, f"{path} changed but containerd would refuse it: "
-                              f"{problem}; {unit} keeps running with its current config", UNIT=unit,
-                              PATH=str(path), DETAIL=problem, OUTCOME="reload-refused")  # fmt: skip
+                self._tell_once(problem, "containerd would refuse it", digest)
                 self._requests = 0
                 return
             requests, self._requests = self._requests, 0
@@ -265,12 +264,29 @@ class Coalescer:
                       OUTCOME="reload-applied", ACTION="sighup-reload")  # fmt: skip
         self.request()  # written again while it restarted: the next one, an interval later
 
+    def _not_read(self) -> str:
+        return (
+            f"{self.ctx.config} is not a regular file nodemedic reads (a symlink, FIFO, directory, or "
+            "over the size cap): never followed"
+        )
+
+    def _tell_once(self, problem: str, why: str, key: str = "") -> None:
+        """A refused reload, said once per content (or per problem, when it cannot be read)."""
+        if (key or problem) in self._told:
+            return
+        self._told.add(key or problem)
+        unit, path = self.settings.unit, self.ctx.config
+        message = f"{path} changed but {why}: {problem}; {unit} keeps running with its current config"
+        self._say(
+            RecordKind.DETECTED, message, UNIT=unit, PATH=str(path), DETAIL=problem, OUTCOME="reload-refused"
+        )
+
     async def _loadable(self) -> tuple[bytes | None, str | None]:
         """The config's content and why containerd would refuse it (None: it loads). A missing file
         loads (containerd runs on its defaults); one that cannot be read does not."""
         content = self._read_config()
         if content is None:
-            return None, f"{self.ctx.config} cannot be read"
+            return None, self._not_read()
         if not content:
             return content, None
         problem = await config_problem(self.ctx.config)

@@ -486,3 +486,21 @@ def socket_watch(
     wait_for(lambda: node.sh(f"test -s {log_path}", check=False).returncode == 0, 10,
              "the socket watch's first sample")  # fmt: skip
     return SocketWatch(node, unit, log_path)
+
+
+# ---- a full or read-only state directory (issue 12, fault matrix item 3) ------------------------
+
+
+def state_dir_full(node: Node, path: str = "/var/lib/nodemedic") -> None:
+    """Mount a small tmpfs over the state directory and fill it: every write gets ENOSPC. Before
+    nodemedic starts (systemd's StateDirectory= keeps the mount). Gone with the node."""
+    node.sh(f"mkdir -p -m 0700 {path} && mount -t tmpfs -o size=256k,mode=0700 tmpfs {path} && "
+            f"(dd if=/dev/zero of={path}/fill bs=4k 2>/dev/null || true)")  # fmt: skip
+
+
+def state_dir_read_only(node: Node, path: str = "/var/lib/nodemedic") -> None:
+    """Make the state directory read-only under a running nodemedic (EROFS; a remount of the
+    tmpfs from `state_dir_full`, or of a fresh one, reaches the service's own mount namespace)."""
+    script = f"mountpoint -q {path} || mount -t tmpfs -o size=1m,mode=0700 tmpfs {path}; "
+    script += f"rm -f {path}/fill; mount -o remount,ro {path}"
+    node.sh(script)

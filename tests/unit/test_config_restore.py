@@ -141,13 +141,23 @@ async def test_mode_and_owner_are_set_on_the_new_file_not_through_the_name(
     assert by_name == [], "mode and owner are set on the fd"
 
 
-async def test_owner_is_kept_and_setuid_setgid_sticky_and_world_write_are_dropped(tmp_path: Path) -> None:
+async def test_the_restored_file_is_roots_and_setuid_setgid_sticky_and_world_write_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nodemedic.service has no CAP_CHOWN: keeping another owner failed the restore (EPERM)."""
     action, ctx, config, step = await restore_step(tmp_path, mode=0o7777)
     os.chown(config, 1234, 4321)
-    await action.apply(ctx, step)
+
+    def no_cap_chown(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", no_cap_chown)
+    monkeypatch.setattr(os, "chown", no_cap_chown)
+    detail = await action.apply(ctx, step)
     restored = config.lstat()
     assert stat.S_IMODE(restored.st_mode) == 0o775
-    assert (restored.st_uid, restored.st_gid) == (1234, 4321)
+    assert (restored.st_uid, restored.st_gid) == (os.geteuid(), os.getegid())
+    assert "1234:4321 not kept" in detail
 
 
 async def test_the_folder_is_fsynced_after_the_rename(

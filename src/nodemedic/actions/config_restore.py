@@ -102,20 +102,14 @@ class RestoreConfig:
         folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             kept = self._link_aside(ctx, folder)
-            if kept is None:
-                mode, uid, gid = DEFAULT_MODE, 0, 0
-            else:
-                mode, uid, gid = (
-                    stat.S_IMODE(kept[1].st_mode) & ~DROPPED_MODE_BITS,
-                    kept[1].st_uid,
-                    kept[1].st_gid,
-                )
-            _write_over(folder, self.path.name, content, mode, uid, gid)
+            mode = DEFAULT_MODE if kept is None else stat.S_IMODE(kept[1].st_mode) & ~DROPPED_MODE_BITS
+            _write_over(folder, self.path.name, content, mode)
         finally:
             os.close(folder)
         aside = f"broken file kept as {self.path.with_name(kept[0])}" if kept else f"{self.path} was missing"
         origin = f"last-known-good copy {good.name}" if good else "generated default (SystemdCgroup = true)"
-        return f"{aside}; wrote the {origin}"
+        owner = _owner_note(kept[1]) if kept else ""
+        return f"{aside}; wrote the {origin}{owner}"
 
     def _link_aside(self, ctx: ActionContext, folder: int) -> tuple[str, os.stat_result] | None:
         """Hard-link the broken file to a free ``.broken-<time>`` name (config.toml stays in
@@ -144,10 +138,20 @@ class RestoreConfig:
         return aside, kept
 
 
-def _write_over(folder: int, name: str, content: bytes, mode: int, uid: int, gid: int) -> None:
-    """Write ``content`` to a new file in ``folder``, give it ``mode`` and the owner on its fd,
-    fsync it, rename it over ``name`` and fsync the folder: ``name`` holds the old or the new
-    content at every moment, and the new content survives a crash once this returns."""
+def _owner_note(broken: os.stat_result) -> str:
+    """The restored file is root's, whoever owned the broken one: the unit has no CAP_CHOWN (an
+    fchown to another owner fails with EPERM), and an owner planted by whoever broke the file
+    could rewrite the restored one."""
+    if (broken.st_uid, broken.st_gid) == (os.geteuid(), os.getegid()):
+        return ""
+    ours, theirs = f"{os.geteuid()}:{os.getegid()}", f"{broken.st_uid}:{broken.st_gid}"
+    return f" (owned by {ours}; the broken file's owner {theirs} not kept)"
+
+
+def _write_over(folder: int, name: str, content: bytes, mode: int) -> None:
+    """Write ``content`` to a new file in ``folder``, give it ``mode`` on its fd, fsync it,
+    rename it over ``name`` and fsync the folder: ``name`` holds the old or the new content at
+    every moment, and the new content survives a crash once this returns."""
     tmp = f".{name}.nodemedic-{secrets.token_hex(4)}"
     fd = os.open(
         tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder
@@ -157,9 +161,6 @@ def _write_over(folder: int, name: str, content: bytes, mode: int, uid: int, gid
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view) :]
-            written = os.fstat(fd)
-            if (written.st_uid, written.st_gid) != (uid, gid):  # needs CAP_CHOWN: only when it must
-                os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:

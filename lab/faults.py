@@ -488,6 +488,70 @@ def socket_watch(
     return SocketWatch(node, unit, log_path)
 
 
+# ---- the fault matrix (issue 12): the node's own plumbing failing under nodemedic ---------------
+
+MATRIX_WRITER_UNIT = "lab-matrix-writer.service"
+
+
+def bus_down(node: Node) -> None:
+    """Take the D-Bus system bus away and keep it away: its socket unit stopped (else the next
+    connection activates it again), the daemon killed. systemctl still works (systemd's private socket)."""
+    node.run("systemctl", "stop", "dbus.socket")
+    node.run("systemctl", "kill", "-s", "KILL", "dbus.service")
+    state = ("systemctl", "is-active", "dbus.service")
+    wait_for(lambda: node.run(*state, check=False).stdout.strip() != "active", 10, "the bus to be gone")
+
+
+def bus_up(node: Node) -> float:
+    """Give the bus back (its socket unit started: the next connection starts the daemon). Returns
+    the node's wall-clock time just before."""
+    now = float(node.sh("date +%s.%N").stdout)
+    node.run("systemctl", "start", "dbus.socket")
+    return now
+
+
+def write_matrix_line(node: Node, text: str) -> None:
+    """One journal line from the unit MATRIX_WRITER_UNIT (a lab unit, not a stand-in of anything):
+    stdout of a transient unit, so journald attributes it by its own fields."""
+    node.run("systemd-run", f"--unit={MATRIX_WRITER_UNIT}", "--collect", "--wait", "-q",
+             "--description=lab: writes one journal line for the fault matrix", "/bin/echo",
+             text)  # fmt: skip
+
+
+# ---- nodemedic killed in the middle of a repair (issue 12) -------------------------------------
+
+STATE_DIR = "/var/lib/nodemedic"
+REPAIR_RECORD = f"{STATE_DIR}/repair.json"
+QUARANTINE = f"{STATE_DIR}/quarantine"
+
+
+def make_large_directory_at(node: Node, path: str, files: int) -> float:
+    """A directory at ``path`` holding ``files`` small files, so that copying it to the quarantine
+    (and removing it after) takes a while: a wide window to kill nodemedic in. Made aside in
+    /run/containerd and renamed into place at once, after the stale socket is removed. Returns the
+    node's wall-clock time of the fault."""
+    prep = "/run/containerd/.lab-large-prep"
+    make = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); "
+            "[(d / f'f{n}').write_text('x') for n in range(int(sys.argv[2]))]")  # fmt: skip
+    script = (f"rm -rf {prep} && mkdir -p {prep} && python3 -c \"{make}\" {prep} {files} "
+              f"&& rm -f {path} && date +%s.%N && mv -T {prep} {path}")  # fmt: skip
+    return float(node.sh(script, timeout=120).stdout.split()[0])
+
+
+def kill_nodemedic_when(node: Node, condition: str, timeout: float = 60) -> float | None:
+    """SIGKILL nodemedic (``systemctl kill -s KILL``, as the OOM killer or a watchdog would) as soon
+    as the shell ``condition`` holds inside the node, polled every 5 ms by one script in the node
+    (no round trip between seeing and killing). The node's wall-clock time of the kill, or None if
+    the condition never held within ``timeout``."""
+    script = (
+        f"end=$(( $(date +%s) + {int(timeout)} )); until {condition}; do "
+        f'if [ "$(date +%s)" -ge "$end" ]; then echo never; exit 0; fi; sleep 0.005; done; '
+        "date +%s.%N && systemctl kill -s KILL nodemedic.service"
+    )
+    said = node.sh(script, timeout=timeout + 30).stdout.split()[-1]
+    return None if said == "never" else float(said)
+
+
 # ---- a full or read-only state directory (issue 12, fault matrix item 3) ------------------------
 
 

@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 COMPENSATE_TIMEOUT = 30.0
 MAX_PENDING = 16
+# A unit down in one of these load states is no operator's stop: systemd will not start it.
+UNIT_REFUSED = {
+    "masked": "systemd refuses to start a masked unit (systemctl unmask it first)",
+    "not-found": "no such unit file is installed (install it, or fix the unit's name in the policy)",
+}
 # The retry timer runs on the loop's monotonic clock, readiness is judged on the wall clock: a
 # small margin keeps a retry from landing a hair early and deferring itself for good.
 RETRY_MARGIN = 0.1
@@ -216,6 +221,12 @@ class Runner:
         return seen is not None and in_states(seen, when.active_state, when.sub_state)
 
     def _respect_stop(self, rule: Rule, state: RuleState, unit: str) -> None:
+        seen = self.unit_states.get(unit)
+        if not state.respected_stop and seen is not None and seen.load_state in UNIT_REFUSED:
+            state.respected_stop = True  # masked or not installed: no stop of anyone's, a refusal
+            self.report(RecordKind.DECIDED, f"{rule.name}: {unit} is {seen.load_state}: "
+                        f"{UNIT_REFUSED[seen.load_state]}; nodemedic does not start it, not acting",
+                        RULE=rule.name, UNIT=unit, OUTCOME="refused", DETAIL=seen.load_state)  # fmt: skip
         if not state.respected_stop:
             state.respected_stop = True
             self.report(RecordKind.DECIDED,

@@ -3,7 +3,8 @@
 ``SystemdBus`` owns the connection. It subscribes to systemd, adds match rules for the watched
 units' PropertiesChanged and for JobRemoved, reads every unit's state at (re)connection and emits it,
 then merges each PropertiesChanged into that state and emits the new snapshot. When the bus drops it
-reconnects with backoff and resynchronises.
+reconnects with backoff and resynchronises: the states read at reconnection carry every change made
+while it was down. An outage is reported twice (lost, back): the retries in between only at debug.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-CONNECT_WAIT = 15.0  # how long unit control waits for a (re)connection
+# How long unit control waits for the first connection at start-up. While reconnecting it waits
+# as long as the bus is down: no unit job can run without it, and a repair failed for that alone
+# would be counted against the rule (backoff, breaker) for an outage of the bus, not of the repair.
+CONNECT_WAIT = 15.0
+RECONNECT_MAX = 2.0  # the longest wait between two tries: the bus is back within this
 
 # D-Bus property -> UnitChanged field
 FIELDS = {
@@ -47,6 +52,11 @@ FIELDS = {
 # Also read, to tell each death of the main process apart (ExecMain* stay until the next one).
 DEATH_PROPS = ("ExecMainPID", "ExecMainExitTimestampMonotonic")
 WATCHED_PROPS = frozenset(FIELDS) | frozenset(DEATH_PROPS)
+UNIT_NOT_STARTABLE = {
+    "masked": "systemd will not start it until it is unmasked; repairs that need it refuse",
+    "not-found": "no unit file of that name is installed (not installed, or a wrong name in the policy's "
+    "watch_units or a rule's unit); repairs that need it refuse",
+}
 CLD_KILLED, CLD_DUMPED = 2, 3  # ExecMainCode: killed by a signal, or killed and dumped core
 
 
@@ -76,12 +86,16 @@ class SystemdBus:
         self._clock = clock
         self._address = bus_address
         self._on_state = on_state or (lambda _msg: None)
-        self._backoff = reconnect or Backoff(initial=0.2, factor=2.0, maximum=10.0, jitter=0.2)
+        self._backoff = reconnect or Backoff(initial=0.2, factor=2.0, maximum=RECONNECT_MAX, jitter=0.2)
+        self._down_since: float | None = None  # monotonic time the bus was lost (None: connected)
+        self._ever_connected = False
+        self._failure_said = ""  # the reason of this outage's last failed try reported
         self._bus: MessageBus | None = None
         self._watched: dict[str, _Watched] = {}  # object path -> unit
         self._jobs: dict[str, asyncio.Queue[tuple[str, str]]] = {}  # unit -> (job, result)
         self.connected = asyncio.Event()
         self._refreshing: set[asyncio.Task[None]] = set()
+        self._load_said: dict[str, str] = {}  # unit -> the LoadState last reported for it
 
     # ---- connection lifecycle -------------------------------------------------------------
 
@@ -91,16 +105,38 @@ class SystemdBus:
                 bus = await self._connect()
             except (OSError, UnitControlError, EOFError, AuthError) as exc:
                 wait = self._backoff.failed(self._clock.monotonic())
-                self._on_state(f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s")
+                self._connect_failed(exc, wait)
                 await asyncio.sleep(wait)
                 continue
             self._backoff.succeeded()
+            self._reconnected()
             try:
                 await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
             except Exception as exc:  # what ended the connection, e.g. EOFError when the bus daemon died
                 log.debug("D-Bus connection ended: %r", exc)
             self.connected.clear()
+            self._down_since = self._clock.monotonic()
             self._on_state("D-Bus connection lost; reconnecting")
+
+    def _connect_failed(self, exc: BaseException, wait: float) -> None:
+        # Once per outage and reason: a bus down for an hour would otherwise write a record every
+        # few seconds; a new reason (refused, then no systemd on the bus yet) is news.
+        if str(exc) == self._failure_said:
+            log.debug("D-Bus connection failed again (%s); retrying in %.1fs", exc, wait)
+            return
+        self._failure_said = str(exc)
+        if self._down_since is None:
+            self._down_since = self._clock.monotonic()
+        self._on_state(f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s, and every "
+                       f"{RECONNECT_MAX:g}s at most until it is back; repairs wait for it")  # fmt: skip
+
+    def _reconnected(self) -> None:
+        down_since, self._down_since, self._failure_said = self._down_since, None, ""
+        if down_since is not None:
+            gone = self._clock.monotonic() - down_since
+            self._on_state(f"D-Bus connection back after {gone:.1f}s; the watched units' states "
+                           "were read again")  # fmt: skip
+        self._ever_connected = True
 
     async def _connect(self) -> MessageBus:
         bus = MessageBus(bus_address=self._address) if self._address else MessageBus(bus_type=BusType.SYSTEM)
@@ -110,6 +146,9 @@ class SystemdBus:
         try:
             await self._call(MANAGER_PATH, MANAGER, "Subscribe")
             await self._add_match(f"type='signal',interface='{MANAGER}',member='JobRemoved'")
+            # LoadState is a constant property for systemd: a `systemctl mask` or a removed unit
+            # file changes it at the daemon-reload without a PropertiesChanged; read it again then.
+            await self._add_match(f"type='signal',interface='{MANAGER}',member='Reloading'")
             self._watched = {}
             for unit in self.units:
                 path = await self._unit_path(unit)
@@ -143,6 +182,9 @@ class SystemdBus:
             queue = self._jobs.get(unit)
             if queue is not None:
                 queue.put_nowait((job, result))
+        elif msg.member == "Reloading" and msg.interface == MANAGER and msg.body == [False]:
+            for watched in self._watched.values():  # the reload is over
+                self._refresh_later(watched)
 
     def _on_properties(self, watched: _Watched, body: list[Any]) -> None:
         _iface, changed, invalidated = body
@@ -151,21 +193,37 @@ class SystemdBus:
             watched.props.update(relevant)
             self._emit_state(watched)
         if any(k in WATCHED_PROPS for k in invalidated):
-            task = asyncio.get_running_loop().create_task(self._refresh(watched))
-            self._refreshing.add(task)  # a reference, so the task is not collected mid-way
-            task.add_done_callback(self._refreshing.discard)
+            self._refresh_later(watched)
+
+    def _refresh_later(self, watched: _Watched) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh(watched))
+        self._refreshing.add(task)  # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._refreshing.discard)
 
     async def _refresh(self, watched: _Watched) -> None:
         try:
-            watched.props = await self._read_props(watched.path)
+            props = await self._read_props(watched.path)
         except (OSError, UnitControlError, EOFError):
             return  # the reconnection resynchronises
-        self._emit_state(watched)
+        if props != watched.props:  # as for PropertiesChanged: a snapshot only when something changed
+            watched.props = props
+            self._emit_state(watched)
 
     def _emit_state(self, watched: _Watched) -> None:
         values = {FIELDS[k]: v for k, v in watched.props.items() if k in FIELDS}
         self._emit(UnitChanged(unit=watched.unit, at=self._clock.monotonic(), **values))
+        self._say_load_state(watched)
         self._check_death(watched)
+
+    def _say_load_state(self, watched: _Watched) -> None:
+        """A watched unit that systemd cannot start (masked, or no such unit: a typo in the policy)
+        is said once when it becomes so: every rule acting on it refuses, and this says why."""
+        load = str(watched.props.get("LoadState", ""))
+        if self._load_said.get(watched.unit, "loaded") == load:
+            return
+        self._load_said[watched.unit] = load
+        if load in UNIT_NOT_STARTABLE:
+            self._on_state(f"watched unit {watched.unit} is {load}: {UNIT_NOT_STARTABLE[load]}")
 
     def _check_death(self, watched: _Watched) -> None:
         """A new death of the main process by a signal is a SignalSeen (e.g. containerd's SIGHUP)."""
@@ -193,8 +251,12 @@ class SystemdBus:
     # ---- UnitControl ---------------------------------------------------------------------------
 
     async def _wait_connected(self) -> None:
-        """At start-up and while reconnecting, a repair waits for the bus rather than fail at once."""
+        """A repair waits for the bus rather than fail at once: at start-up for CONNECT_WAIT, once
+        connected before for as long as the bus is down (see CONNECT_WAIT)."""
         if self.connected.is_set():
+            return
+        if self._ever_connected:
+            await self.connected.wait()
             return
         try:
             await asyncio.wait_for(self.connected.wait(), CONNECT_WAIT)

@@ -174,9 +174,20 @@ class VersionSeen:
     source: str = "resources"
 
 
-ResourceReading = FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen
+@dataclass(frozen=True, slots=True)
+class GrpcStreamsSetting:
+    """What containerd's config file says for ``[grpc] max_concurrent_streams``: ``value`` is the
+    TOML value as written (``"2"``), ``""`` while the key is not set."""
+
+    path: str
+    value: str
+    at: float = 0.0
+    source: str = "resources"
+
+
+ResourceReading = FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen | GrpcStreamsSetting
 
 Event = (
     UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen | FileChanged
-    | FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen
+    | FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen | GrpcStreamsSetting
 )  # fmt: skip

@@ -4,6 +4,7 @@ matchers, the report-only rules in the runner, and the opt-in fd-limit repair.""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.events import (
     Event,
     FdUsage,
+    GrpcStreamsSetting,
     JournalLine,
     OomKills,
     PressureSeen,
+    ProbeFailed,
     SocketModeSeen,
     UnitChanged,
     VersionSeen,
@@ -29,7 +32,8 @@ from nodemedic.policy.match import known_bugs, match, version_tuple
 from nodemedic.policy.model import Policy
 from nodemedic.procfs import oom_kill_count, read_pressure, soft_nofile, unit_cgroup
 from nodemedic.report import MemorySink, RecordKind, Reporter
-from nodemedic.sources.resources import ResourceWatch
+from nodemedic.sources import resources
+from nodemedic.sources.resources import ResourceWatch, streams_setting
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 
@@ -312,3 +316,115 @@ async def test_enough_already_is_skipped_and_a_limit_still_low_fails_verify(nofi
     assert isinstance(step, Step)
     with pytest.raises(RepairFailedError, match="still has LimitNOFILE 256"):
         await action.verify(ctx(), step)
+
+
+# ---- gRPC max_concurrent_streams: a key containerd does not read (issue 12) -----------------
+
+CONTAINERD_TOML = "/etc/containerd/config.toml"
+
+
+def test_a_stream_limit_in_the_config_fires_only_its_report() -> None:
+    [m] = match(SHIPPED.rule, GrpcStreamsSetting(CONTAINERD_TOML, "2"))
+    assert m.rule.name == "containerd-grpc-streams"
+    assert "max_concurrent_streams = 2" in m.trigger
+    assert "not in effect" in m.trigger
+    assert m.rule.action == [], "report only"
+    assert "remove max_concurrent_streams" in (m.rule.advice or "")
+    assert fired(GrpcStreamsSetting(CONTAINERD_TOML, "")) == [], "the key not set"
+    assert fired(GrpcStreamsSetting("/etc/other.toml", "2")) == [], "another file"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("version = 2\n[grpc]\n  max_concurrent_streams = 2\n", "2"),
+        ('[grpc]\nmax_concurrent_streams = "100"\n', '"100"'),
+        ("[grpc]\nmax_concurrent_streams = true\n", "true"),
+        ("[grpc]\nmax_concurrent_streams = 1979-05-27\n", '"1979-05-27"'),
+        (f'[grpc]\nmax_concurrent_streams = "{"x" * 100}"\n', '"' + "x" * 63),
+        ('version = 2\n[grpc]\n  address = "/run/containerd/containerd.sock"\n', ""),
+        ("version = 2\n", ""),
+        ("grpc = 1\n", ""),
+        ("[grpc\n", None),
+        ("[grpc]\nmax_concurrent_streams = 1" + "0" * 5000 + "\n", None),
+        ("\xff", None),
+    ],
+)
+def test_the_setting_as_written(tmp_path: Path, text: str, value: str | None) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xff" if text == "\xff" else text.encode())
+    assert streams_setting(path) == value
+
+
+def test_a_config_that_is_not_a_regular_file_is_never_read(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text("[grpc]\nmax_concurrent_streams = 2\n")
+    link = tmp_path / "config.toml"
+    link.symlink_to(real)
+    assert streams_setting(link) is None, "a symlink is not followed"
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    assert streams_setting(fifo) is None, "a FIFO is refused without blocking"
+    assert streams_setting(tmp_path / "missing.toml") is None
+
+
+async def test_the_watcher_reads_the_setting_and_parses_only_a_changed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[grpc]\nmax_concurrent_streams = 2\n")
+    policy = parse_policy(
+        {"rule": [{"name": "r", "trigger": [{"source": "grpc-streams", "config": str(config)}]}]}
+    )
+    parsed: list[Path] = []
+    real = resources.streams_setting
+
+    def counting(path: Path) -> str | None:
+        parsed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(resources, "streams_setting", counting)
+    events: list[Event] = []
+    watch = ResourceWatch(policy.resource_checks(), "containerd.service", 5.0, FakeProbe(), "/s", 1.0,
+                          events.append, FakeClock(), proc=tmp_path, cgroup_root=tmp_path)  # fmt: skip
+    await watch.read_once()
+    await watch.read_once()
+    assert events == [GrpcStreamsSetting(str(config), "2", at=1000.0)] * 2, "a reading each time"
+    assert len(parsed) == 1, "an unchanged file is not parsed again"
+    config.write_text("version = 2\n")
+    await watch.read_once()
+    assert events[-1] == GrpcStreamsSetting(str(config), "", at=1000.0)
+    assert len(parsed) == 2
+    config.unlink()
+    await watch.read_once()
+    assert len(events) == 3, "no file: no reading (the config rule's business)"
+
+
+@pytest.mark.parametrize("mode", ["enforce", "observe"])
+async def test_a_stream_limit_is_reported_once_while_set_and_again_after_it_went(mode: str) -> None:
+    sink, tasks = MemorySink(), []
+    policy = parse_policy({"daemon": {"mode": mode}, "rule": [{
+        "name": "containerd-grpc-streams", "advice": "remove it",
+        "trigger": [{"source": "grpc-streams"}],
+    }]})  # fmt: skip
+    ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), Path("/nonexistent"))
+    runner = Runner(policy, ctx, Reporter(sink),
+                    lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
+    set_, unset = GrpcStreamsSetting(CONTAINERD_TOML, "2"), GrpcStreamsSetting(CONTAINERD_TOML, "")
+    for event in (set_, set_, ProbeFailed("/run/containerd/containerd.sock", "x"), set_):
+        runner.handle(event)
+        await settle(tasks)
+    [record] = sink.of(RecordKind.OUTCOME)
+    assert (record.fields["OUTCOME"], record.fields["DETAIL"]) == ("reported", "remove it")
+    assert "max_concurrent_streams = 2" in record.fields["TRIGGER"]
+    runner.handle(unset)  # the key removed: the incident is over
+    runner.handle(set_)
+    await settle(tasks)
+    assert len(sink.of(RecordKind.OUTCOME)) == 2
+    assert runner.budget.spent == []
+
+
+def test_a_hang_never_reads_as_a_stream_limit() -> None:
+    hung = ProbeFailed("/run/containerd/containerd.sock", "DEADLINE_EXCEEDED", consecutive=5)
+    assert "containerd-grpc-streams" not in fired(hung)
+    assert "containerd-hung" not in fired(GrpcStreamsSetting(CONTAINERD_TOML, "2"))

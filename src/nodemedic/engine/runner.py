@@ -35,6 +35,7 @@ from nodemedic.events import (
     Event,
     FdUsage,
     FileChanged,
+    GrpcStreamsSetting,
     JournalLine,
     OomKills,
     PathChanged,
@@ -49,6 +50,7 @@ from nodemedic.policy.model import (
     RESOURCE_TRIGGERS,
     Confirm,
     FdTrigger,
+    GrpcStreamsTrigger,
     Mode,
     OomTrigger,
     PathTrigger,
@@ -633,6 +635,8 @@ def _reads(trig: ResourceTriggerType, event: Event) -> bool:
         )
     if isinstance(trig, SocketModeTrigger):
         return isinstance(event, SocketModeSeen) and event.path == trig.path
+    if isinstance(trig, GrpcStreamsTrigger):
+        return isinstance(event, GrpcStreamsSetting) and event.path == trig.config
     kinds: dict[type, type] = {FdTrigger: FdUsage, OomTrigger: OomKills, VersionTrigger: VersionSeen}
     return isinstance(event, kinds[type(trig)])
 
@@ -651,7 +655,7 @@ def _event_time(event: Event, now: float) -> float:
 
 
 def _event_path(event: Event) -> str:
-    paths = PathChanged | SocketModeSeen | PressureSeen | OomKills | FileChanged
+    paths = PathChanged | SocketModeSeen | PressureSeen | OomKills | FileChanged | GrpcStreamsSetting
     return event.path if isinstance(event, paths) else ""
 
 

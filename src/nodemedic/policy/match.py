@@ -9,6 +9,7 @@ from nodemedic.events import (
     Event,
     FdUsage,
     FileChanged,
+    GrpcStreamsSetting,
     JournalLine,
     OomKills,
     PathChanged,
@@ -22,6 +23,7 @@ from nodemedic.events import (
 from nodemedic.policy.model import (
     FdTrigger,
     FileTrigger,
+    GrpcStreamsTrigger,
     JournalTrigger,
     KnownBug,
     OomTrigger,
@@ -90,6 +92,8 @@ def _resource(trig: Trigger, event: Event) -> str | None:
         )
     if isinstance(trig, SocketModeTrigger) and isinstance(event, SocketModeSeen):
         return _socket_mode(trig, event)
+    if isinstance(trig, GrpcStreamsTrigger) and isinstance(event, GrpcStreamsSetting):
+        return _grpc_streams(trig, event)
     if isinstance(trig, VersionTrigger) and isinstance(event, VersionSeen):
         bugs = known_bugs(trig.known_bugs, event.version)
         if bugs:
@@ -156,6 +160,13 @@ def _socket_mode(trig: SocketModeTrigger, event: SocketModeSeen) -> str | None:
         return None
     return (f"{event.path} is mode {event.mode:04o} owner {event.uid}:{event.gid}, "
             f"expected {trig.bits:04o} {trig.uid}:{trig.gid}")  # fmt: skip
+
+
+def _grpc_streams(trig: GrpcStreamsTrigger, event: GrpcStreamsSetting) -> str | None:
+    if event.path != trig.config or not event.value:
+        return None
+    return (f"{event.path} sets [grpc] max_concurrent_streams = {event.value}, a key containerd does not "
+            "read: its gRPC server has no stream limit, so this limit is not in effect")  # fmt: skip
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

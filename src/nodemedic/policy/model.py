@@ -56,9 +56,9 @@ class ConfigBackup(Strict):
 
 
 class ResourceSettings(Strict):
-    """The resource watcher, which serves the ``fds``, ``pressure``, ``oom``, ``socket-mode`` and
-    ``version`` triggers: one periodic reading of each check some rule uses, and none while no rule
-    uses one."""
+    """The resource watcher, which serves the ``fds``, ``pressure``, ``oom``, ``socket-mode``,
+    ``version`` and ``grpc-streams`` triggers: one periodic reading of each check some rule uses,
+    and none while no rule uses one."""
 
     interval: Interval = 5.0
     """Time between two readings."""
@@ -105,8 +105,8 @@ class DaemonSettings(Strict):
     """Last-known-good copies of containerd's config."""
 
     resources: ResourceSettings = ResourceSettings()
-    """The resource watcher used by ``fds``, ``pressure``, ``oom``, ``socket-mode`` and ``version``
-    triggers."""
+    """The resource watcher used by ``fds``, ``pressure``, ``oom``, ``socket-mode``, ``version`` and
+    ``grpc-streams`` triggers."""
 
     @property
     def quarantine(self) -> Path:
@@ -272,12 +272,32 @@ class VersionTrigger(Strict):
     """The affected ranges, each with its reason."""
 
 
-ResourceTriggerType = FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger
-RESOURCE_TRIGGERS = (FdTrigger, PressureTrigger, OomTrigger, SocketModeTrigger, VersionTrigger)
+class GrpcStreamsTrigger(Strict):
+    """Fires while containerd's config file sets ``[grpc] max_concurrent_streams`` (any value),
+    read with the file's own checks (a regular file of at most 1 MiB, no symlink followed) and
+    parsed again only when the file changed. No containerd release reads that key: its gRPC
+    server (grpc-go) allows 2^32-1 streams per connection whatever the file says (checked in
+    containerd's source, 1.6 to 2.x, and measured in the lab: 1.6.20 with the key at 2 answers a
+    request on one connection that holds four live event streams). So the record tells an operator
+    that a limit they believe in is not in effect and that stalled clients have another cause; a
+    hang stays the probe rule's record. A file that is missing, unreadable or not TOML fires
+    nothing here (the config rule's business)."""
+
+    source: Literal["grpc-streams"]
+    config: AbsolutePath = "/etc/containerd/config.toml"
+    """containerd's config file (its ``--config``)."""
+
+
+ResourceTriggerType = (
+    FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger | GrpcStreamsTrigger
+)
+RESOURCE_TRIGGERS = (
+    FdTrigger, PressureTrigger, OomTrigger, SocketModeTrigger, VersionTrigger, GrpcStreamsTrigger,
+)  # fmt: skip
 
 Trigger = Annotated[
     PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger | FileTrigger
-    | FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger,
+    | FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger | GrpcStreamsTrigger,
     Field(discriminator="source"),
 ]  # fmt: skip
 

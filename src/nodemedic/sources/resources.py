@@ -1,10 +1,10 @@
 """The resource watcher: one periodic reading of what no event announces.
 
 Running out of file descriptors, CPU or memory pressure, an OOM kill, a socket's mode changed by
-hand, or a containerd version with known bugs: none of these sends an event (systemd still says
-active/running), so they are read every ``[daemon.resources].interval``. Only the checks some rule
-uses are read. Readings are events like any other; whether one is a fault is the policy's business
-(policy/match.py), not this module's.
+hand, a containerd version with known bugs, or a config key containerd ignores: none of these sends
+an event (systemd still says active/running), so they are read every ``[daemon.resources].interval``.
+Only the checks some rule uses are read. Readings are events like any other; whether one is a fault
+is the policy's business (policy/match.py), not this module's.
 
 containerd's MainPID is learnt from the D-Bus events (``handle``, an observer of every event), its
 cgroup from /proc/MainPID/cgroup. Everything read here is a file under ``proc`` and ``cgroup_root``,
@@ -14,18 +14,22 @@ so unit tests give a fake tree.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from nodemedic.actions.base import VersionProbe
 from nodemedic.clock import Clock
+from nodemedic.configs import read_config
 from nodemedic.errors import ProbeError
 from nodemedic.events import (
     Event,
     FdUsage,
+    GrpcStreamsSetting,
     OomKills,
     PressureSeen,
     SocketModeSeen,
@@ -34,6 +38,7 @@ from nodemedic.events import (
 )
 from nodemedic.policy.model import (
     FdTrigger,
+    GrpcStreamsTrigger,
     OomTrigger,
     PressureTrigger,
     ResourceTriggerType,
@@ -41,6 +46,11 @@ from nodemedic.policy.model import (
     VersionTrigger,
 )
 from nodemedic.procfs import oom_kill_count, open_fds, read_pressure, soft_nofile, unit_cgroup
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,7 @@ class ResourceWatch:
         self._oom_seen: int | None = None
         self._version = ""
         self._warned: set[str] = set()
+        self._streams_seen: dict[str, tuple[tuple[int, ...], str | None]] = {}  # path: (stat, value)
 
     def handle(self, event: Event) -> None:
         """Learn the unit's MainPID from what D-Bus reports (0 while it is not running)."""
@@ -82,7 +93,7 @@ class ResourceWatch:
         kinds = {type(t) for t in self._triggers}
         readers: list[tuple[type, Callable[[], None]]] = [
             (FdTrigger, self._fds), (PressureTrigger, self._pressures), (OomTrigger, self._oom),
-            (SocketModeTrigger, self._sockets),
+            (SocketModeTrigger, self._sockets), (GrpcStreamsTrigger, self._grpc_streams),
         ]  # fmt: skip
         for kind, read in readers:
             if kind in kinds:
@@ -145,6 +156,28 @@ class ResourceWatch:
                 mode = stat.S_IMODE(st.st_mode)
                 self._emit(SocketModeSeen(path, mode, st.st_uid, st.st_gid, at=self._clock.monotonic()))
 
+    def _grpc_streams(self) -> None:
+        paths = {t.config for t in self._triggers if isinstance(t, GrpcStreamsTrigger)}
+        for path in sorted(paths):
+            value = self._streams_setting(Path(path))
+            if value is not None:
+                self._emit(GrpcStreamsSetting(path, value, at=self._clock.monotonic()))
+
+    def _streams_setting(self, path: Path) -> str | None:
+        """``[grpc] max_concurrent_streams`` as written ("" if unset), None if the file cannot be
+        read as TOML; parsed again only when the file changed (parsing is the costly part)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        seen = self._streams_seen.get(str(path))
+        if seen is not None and seen[0] == key:
+            return seen[1]
+        value = streams_setting(path)
+        self._streams_seen[str(path)] = (key, value)
+        return value
+
     async def _containerd_version(self) -> None:
         try:
             version = await self._probe.version(self._probe_socket, self._probe_timeout)
@@ -153,3 +186,19 @@ class ResourceWatch:
         if version != self._version:
             self._version = version
             self._emit(VersionSeen(version, at=self._clock.monotonic()))
+
+
+def streams_setting(path: Path) -> str | None:
+    """The TOML value of ``[grpc] max_concurrent_streams`` in ``path`` as written (at most 64
+    characters), "" if the key is not set, None if the file is not one nodemedic reads or not TOML:
+    a broken config is the config rule's business, and reading it is never an error here."""
+    try:
+        doc = tomllib.loads(read_config(path).decode())
+    except (OSError, ValueError, RecursionError, MemoryError):  # ValueError: UnicodeDecodeError, TOML
+        return None
+    grpc = doc.get("grpc")
+    if not isinstance(grpc, dict) or "max_concurrent_streams" not in grpc:
+        return ""
+    value = grpc["max_concurrent_streams"]
+    plain = isinstance(value, int) and not isinstance(value, bool)
+    return (str(value) if plain else json.dumps(value, default=str))[:64]

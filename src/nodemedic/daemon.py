@@ -80,7 +80,7 @@ class Daemon:
 
     def _report_set_aside(self) -> None:
         """State files found damaged (journal cursor, SIGHUP state, freezer registry, good copies)."""
-        for found in take_set_aside():
+        for found in take_set_aside(self.app.policy.daemon.state_dir):
             self.app.report(RecordKind.ERROR, f"state file {found.path} unusable ({found.why}); kept as "
                             f"{found.kept_as} and not used", OUTCOME="state-reset", PATH=found.kept_as,
                             DETAIL=found.why)  # fmt: skip

@@ -80,6 +80,7 @@ class SetAside:
     why: str
 
 
+MAX_NOTED = 100
 _set_aside: list[SetAside] = []  # for the daemon's next record; drained by take_set_aside()
 _failing: set[str] = set()  # state files whose last save failed: said once, not at every write
 
@@ -137,14 +138,15 @@ def set_aside(path: Path, why: str, on_aside: Noter | None = None) -> Path:
 
 
 def note_set_aside(found: SetAside) -> None:
-    """Keep ``found`` for the daemon's next record (`take_set_aside`)."""
-    _set_aside.append(found)
+    """Keep ``found`` for the daemon's next record (`take_set_aside`); a bounded list."""
+    _set_aside[:] = [*_set_aside, found][-MAX_NOTED:]
 
 
-def take_set_aside() -> list[SetAside]:
-    """The state files set aside since the last call (for a record at start-up and reload)."""
-    taken = list(_set_aside)
-    _set_aside.clear()
+def take_set_aside(folder: Path) -> list[SetAside]:
+    """The state files under ``folder`` set aside since the last call (for a record at start-up
+    and reload); those elsewhere (another state directory: tests, `nodemedic thaw`) stay."""
+    taken = [s for s in _set_aside if Path(s.path).is_relative_to(folder)]
+    _set_aside[:] = [s for s in _set_aside if not Path(s.path).is_relative_to(folder)]
     return taken
 
 

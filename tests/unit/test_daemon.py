@@ -218,16 +218,22 @@ async def test_damaged_state_files_are_reported_at_start_up(tmp_path: Path) -> N
     from nodemedic import state
     from nodemedic.sources import journal
 
-    state.take_set_aside()
-    cursor = tmp_path / "journal.cursor"
-    cursor.write_bytes(b"\x00\x00 half a block")
-    assert state.load_checked(cursor, journal._checked_cursor) is None
+    ours, elsewhere = tmp_path / "state" / "journal.cursor", tmp_path / "other" / "journal.cursor"
+    for cursor in (ours, elsewhere):  # the other: another daemon's (a test's), not reported here
+        cursor.parent.mkdir()
+        cursor.write_bytes(b"\x00\x00 half a block")
+        assert state.load_checked(cursor, journal._checked_cursor) is None
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        SHIPPED.read_text().replace('state_dir = "/var/lib/nodemedic"', f'state_dir = "{ours.parent}"')
+    )
     sink, notes = MemorySink(), []
-    app = make_app(SHIPPED, sink)
+    app = make_app(policy, sink)
     shutdown, reload = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
     await until(lambda: any(n.startswith("READY=1") for n in notes))
     [record] = [r for r in sink.of(RecordKind.ERROR) if r.fields.get("OUTCOME") == "state-reset"]
-    assert record.fields["PATH"].startswith(f"{cursor}.corrupt-")
+    assert record.fields["PATH"].startswith(f"{ours}.corrupt-")
     shutdown.set()
     await asyncio.wait_for(task, 5)
+    assert [s.path for s in state.take_set_aside(tmp_path)] == [str(elsewhere)]

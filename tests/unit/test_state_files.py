@@ -35,7 +35,7 @@ CURSOR = (
 
 @pytest.fixture(autouse=True)
 def _drained() -> None:
-    state.take_set_aside()
+    state.take_set_aside(Path("/"))
 
 
 def full_disk(*_: Any, **__: Any) -> None:
@@ -65,7 +65,7 @@ def test_a_damaged_state_json_is_moved_aside_never_used(tmp_path: Path, content:
     [kept] = aside(store.path)
     assert kept.read_bytes() == content
     assert store.corrupt == str(kept)
-    assert state.take_set_aside() == [], "the runner reports state.json itself"
+    assert state.take_set_aside(tmp_path) == [], "the runner reports state.json itself"
 
 
 def test_a_symlink_or_fifo_at_a_state_file_is_not_followed(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_a_symlink_or_fifo_at_a_state_file_is_not_followed(tmp_path: Path) -> No
     fifo = tmp_path / "cursor"
     os.mkfifo(fifo)
     assert state.load_checked(fifo, str) is None  # no hang on a FIFO
-    assert [s.path for s in state.take_set_aside()] == [str(fifo)]
+    assert [s.path for s in state.take_set_aside(tmp_path)] == [str(fifo)]
 
 
 def test_a_damaged_file_in_a_read_only_folder_stays_but_is_refused_each_time(
@@ -91,7 +91,7 @@ def test_a_damaged_file_in_a_read_only_folder_stays_but_is_refused_each_time(
     for _ in range(2):
         assert state.load_checked(path, json.loads) is None
     assert path.exists()
-    assert [s.kept_as for s in state.take_set_aside()] == [str(path), str(path)]
+    assert [s.kept_as for s in state.take_set_aside(tmp_path)] == [str(path), str(path)]
 
 
 def test_a_damaged_journal_cursor_is_moved_aside_and_noted(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_a_damaged_journal_cursor_is_moved_aside_and_noted(tmp_path: Path) -> No
     assert state.load_checked(cursor, journal._checked_cursor) == CURSOR
     cursor.write_text(CURSOR[:40] + "\0garbage")
     assert state.load_checked(cursor, journal._checked_cursor) is None
-    [noted] = state.take_set_aside()
+    [noted] = state.take_set_aside(tmp_path)
     assert noted.path == str(cursor)
     assert "not a journal cursor" in noted.why
     assert aside(cursor)
@@ -114,7 +114,7 @@ def test_a_damaged_sighup_state_is_moved_aside(tmp_path: Path) -> None:
     path.write_text(json.dumps({**good, "applied": "not-a-digest"}))
     assert coalesce._load_state(path) == {}
     assert aside(path)
-    assert [s.path for s in state.take_set_aside()] == [str(path)]
+    assert [s.path for s in state.take_set_aside(tmp_path)] == [str(path)]
 
 
 def test_a_damaged_freezer_registry_in_a_read_only_folder_still_thaws_what_it_names(
@@ -141,7 +141,7 @@ def test_a_good_config_copy_that_lost_its_content_is_never_restored(tmp_path: Pa
     assert aside(newer)
     assert not newer.exists()
     assert hashlib.sha256(older.read_bytes()).hexdigest() == older.stem
-    [noted] = state.take_set_aside()
+    [noted] = state.take_set_aside(tmp_path)
     assert "sha256" in noted.why
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from nodemedic.actions.base import ActionContext, UnitControl, VersionProbe
 from nodemedic.clock import Clock, MonotonicClock
 from nodemedic.configs import GoodConfigs
+from nodemedic.engine.intent import IntentStore
 from nodemedic.engine.lastgood import LastGoodKeeper
 from nodemedic.engine.runner import Runner
 from nodemedic.engine.sighup import GuardContext, GuardSystemd, SighupGuard
@@ -92,7 +93,8 @@ def build_app(
         p = settings.probe
         sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
 
-    runner = Runner(policy, ctx, report, _spawner(repairs), StateStore(settings.state_dir))
+    runner = Runner(policy, ctx, report, _spawner(repairs), StateStore(settings.state_dir),
+                    IntentStore(settings.state_dir))  # fmt: skip
     observers: list[Callable[[Event], None]] = [keeper.handle]
     if policy.resource_checks():
         res = settings.resources

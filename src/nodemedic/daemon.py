@@ -56,6 +56,9 @@ class Daemon:
 
     def _startup(self) -> list[asyncio.Task[None]]:
         loop = asyncio.get_running_loop()
+        # A repair cut off by our last end (SIGKILL, OOM) is finished first: it holds the repair
+        # lock before any source's event can start another one.
+        self.app.runner.recover()
         tasks = [loop.create_task(run(), name=name) for name, run in self.app.sources.items()]
         tasks.append(loop.create_task(self._dispatch(), name="dispatch"))
         watchdog = _watchdog_interval()

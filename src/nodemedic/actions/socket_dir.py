@@ -154,17 +154,77 @@ class RemoveSocketDir:
         aside = f".{name}.nodemedic-{stamp}"
         os.rename(name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
         # The socket path is free: from here on the repair succeeds, whatever the entry holds.
-        source = os.path.join(self.params.root, name)
-        aside_path = os.path.join(self.params.root, aside)
-        try:
-            top_fd = _open_aside(root_fd, aside)
-        except OSError as exc:
-            return f"moved {source} aside to {aside_path}, but {exc}: left there as it is, nothing copied"
-        try:
-            copy = _QuarantineCopy(self.params, ctx.clock, source, aside_path)
-            return copy.run(top_fd, ctx.quarantine_dir / f"{stamp}-{name}", root_fd, aside)
-        finally:
-            os.close(top_fd)
+        return _copy_aside(self.params, ctx.clock, ctx.quarantine_dir, root_fd, name, stamp)
+
+
+def _copy_aside(params: RemoveSocketDirParams, clock: Clock, quarantine: Path, root_fd: int, name: str,
+                stamp: str) -> str:  # fmt: skip
+    """Copy the aside directory of ``name`` made at ``stamp`` into the quarantine, then remove it."""
+    aside = f".{name}.nodemedic-{stamp}"
+    source = os.path.join(params.root, name)
+    aside_path = os.path.join(params.root, aside)
+    try:
+        top_fd = _open_aside(root_fd, aside)
+    except OSError as exc:
+        return f"moved {source} aside to {aside_path}, but {exc}: left there as it is, nothing copied"
+    try:
+        copy = _QuarantineCopy(params, clock, source, aside_path)
+        return copy.run(top_fd, quarantine / f"{stamp}-{name}", root_fd, aside)
+    finally:
+        os.close(top_fd)
+
+
+_ASIDE = re.compile(r"\.(?P<name>.+)\.nodemedic-(?P<stamp>\d{8}T\d{6}Z-\d{6})")
+
+
+def finish_quarantines(params: RemoveSocketDirParams, clock: Clock, quarantine: Path) -> list[str]:
+    """After nodemedic died during remove-socket-dir: an aside directory whose copy never got its
+    final name in the quarantine is copied again (a ``.partial`` left by the dead copy is removed
+    first), by the same bounded fd-relative copy; one whose complete copy is there but whose
+    removal was cut off has the entries the manifest lists as copied, and unchanged, removed.
+    An aside directory kept whole on purpose (a bound was passed) stays. One line per directory."""
+    names = {os.path.basename(p) for p in params.paths}
+    root_fd = os.open(params.root, _DIR)
+    try:
+        done = []
+        for entry in sorted(os.listdir(root_fd)):
+            found = _ASIDE.fullmatch(entry)
+            if found is None or found["name"] not in names:
+                continue
+            name, stamp = found["name"], found["stamp"]
+            target = quarantine / f"{stamp}-{name}"
+            if not target.exists():
+                quarantine.mkdir(mode=0o700, parents=True, exist_ok=True)
+                shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
+                done.append(_copy_aside(params, clock, quarantine, root_fd, name, stamp))
+            elif _remove_after_copy(params, clock, root_fd, entry, target):
+                done.append(f"removed {os.path.join(params.root, entry)}: its copy in {target} is complete")
+        return done
+    finally:
+        os.close(root_fd)
+
+
+def _remove_after_copy(params: RemoveSocketDirParams, clock: Clock, root_fd: int, aside: str,
+                       target: Path) -> bool:  # fmt: skip
+    """The removal a dead copy did not finish, of what its complete manifest lists; True if done."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        return False  # kept whole on purpose
+    aside_path = os.path.join(params.root, aside)
+    copy = _QuarantineCopy(params, clock, os.path.join(params.root, aside), aside_path)
+    try:
+        top_fd = _open_aside(root_fd, aside)
+    except OSError:
+        return False
+    try:
+        copy.dev, copy.mount = os.fstat(top_fd).st_dev, _mount_id(top_fd)
+        copy.take_manifest(manifest.get("entries", []))
+        return copy._remove_copied(top_fd) and _rmdir(root_fd, aside)
+    finally:
+        os.close(top_fd)
 
 
 class _NotCopiedError(NodemedicError, OSError):
@@ -382,6 +442,20 @@ class _QuarantineCopy:
             done += len(chunk)
             self.bytes += len(chunk)
         return done
+
+    def take_manifest(self, rows: object) -> None:
+        """What a complete copy copied, from its manifest's entries (the signatures it checked)."""
+        for row in rows if isinstance(rows, list) else []:
+            if not isinstance(row, dict) or row.get("copied") is not True or row.get("skipped"):
+                continue
+            try:
+                path, inode = str(row["path"]), int(row["inode"])
+                if row.get("type") == "directory":
+                    self.dirs[path] = inode
+                else:
+                    self.copied[path] = (inode, int(row["size"]), int(row["mtime_ns"]))
+            except (KeyError, TypeError, ValueError):
+                continue
 
     def _remove_copied(self, top_fd: int) -> bool:
         """Remove from the aside directory what was copied and has not changed since; True if

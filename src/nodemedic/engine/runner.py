@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodemedic.actions.base import ActionContext, Skip
-from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
+from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.registry import build_action
+from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
+from nodemedic.actions.socket_dir import RemoveSocketDirParams, finish_quarantines
 from nodemedic.configs import config_problem
 from nodemedic.engine.backoff import Backoff
 from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.engine.budget import RepairBudget
+from nodemedic.engine.intent import IntentStore, RepairIntent
 from nodemedic.engine.store import StateStore
 from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import (
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 COMPENSATE_TIMEOUT = 30.0
+UNIT_STEPS = ("stop-unit", "start-unit", "restart-unit", "raise-nofile-limit")  # leave a unit down if cut off
 MAX_PENDING = 16
 # A unit down in one of these load states is no operator's stop: systemd will not start it.
 UNIT_REFUSED = {
@@ -107,7 +110,7 @@ def _new_state(rule: Rule) -> RuleState:
 
 class Runner:
     def __init__(self, policy: Policy, ctx: ActionContext, report: Reporter, spawn: Spawn,
-                 store: StateStore | None = None) -> None:  # fmt: skip
+                 store: StateStore | None = None, intents: IntentStore | None = None) -> None:  # fmt: skip
         self.ctx = ctx
         self.report = report
         self._spawn = spawn
@@ -127,6 +130,10 @@ class Runner:
         self.replace_policy(policy)
         self._restore()
         self.take_resets()
+        self._intents = intents
+        self._intent_failing = False  # a failed save of the repair record is said once
+        self._began: dict[str, float] = {}  # incident -> wall clock of its first recorded step
+        self.unfinished = self._load_intent()
 
     def exclusive(self) -> asyncio.Lock:
         """The lock every repair holds: whoever else restarts containerd (the SIGHUP guard) takes it too."""
@@ -382,20 +389,24 @@ class Runner:
         mode: str,
         common: dict[str, str],
         started: float,
-        event: Event,
+        event: Event | None,
         applied: list[str],
+        first: int = 0,
+        stopped: list[str] | None = None,
     ) -> str | None:
-        """Run the rule's actions in order; the first failure's message, or None. A failure after
-        a stop starts the stopped units again: systemd's own Restart= is back in charge, and the
-        node is no worse than before nodemedic acted."""
-        stopped: list[str] = []
+        """Run the rule's actions in order (from ``first``, resuming a repair cut off); the first
+        failure's message, or None. A failure after a stop starts the stopped units again:
+        systemd's own Restart= is back in charge, and the node is no worse than before nodemedic
+        acted. The repair record is removed once all that is over, not when cancelled."""
+        stopped = [] if stopped is None else stopped
         ctx = dataclasses.replace(self.ctx, event=event)  # actions may need what fired the rule
         failure: str | None = "interrupted"  # kept if _steps raises: a bug, or shutdown's cancel
         try:
-            failure = await self._steps(ctx, rule, mode, common, started, stopped, applied)
+            failure = await self._steps(ctx, rule, mode, common, started, stopped, applied, first)
         finally:  # whatever ended the repair, nobody else would start the stopped units again
             if failure is not None and stopped:
                 await self._compensate_bounded(stopped, common, started)
+            self._clear_intent()
         return failure
 
     async def _compensate_bounded(self, stopped: list[str], common: dict[str, str], started: float) -> None:
@@ -426,9 +437,137 @@ class Runner:
             self.report(RecordKind.ACTION, detail, **common, ACTION="compensate", UNIT=unit,
                         OUTCOME=outcome, DETAIL=detail, ELAPSED_MS=self._ms(started))  # fmt: skip
 
+    # ---- the repair record, and finishing a repair cut off ----------------------------------
+
+    def _load_intent(self) -> RepairIntent | None:
+        """At start-up, before D-Bus says anything: the units a repair cut off had stopped are
+        ours, not an operator's stop, and will be started again by ``recover``."""
+        if self._intents is None:
+            return None
+        intent = self._intents.load()
+        if self._intents.corrupt:
+            self.report(RecordKind.ERROR, f"repair record unusable, moved to {self._intents.corrupt}; a "
+                        "repair cut off before this start cannot be finished: check containerd by hand",
+                        OUTCOME="state-reset", PATH=self._intents.corrupt)  # fmt: skip
+        if intent is not None:
+            self.stopped_by_us.update(intent.stopped)
+        return intent
+
+    def _note_intent(self, rule: Rule, common: dict[str, str], index: int, name: str, step: Step,
+                     stopped: list[str], applied: list[str]) -> None:  # fmt: skip
+        """Say what is about to change, durably, before it does; best effort (a full disk never
+        stops a repair: said once)."""
+        if self._intents is None:
+            return
+        units = [*stopped]
+        if name in UNIT_STEPS and step.unit not in units:
+            units.append(step.unit)  # being stopped or started: down if we die now
+        now = self.ctx.clock.wall()
+        began = self._began.setdefault(common["INCIDENT"], now)
+        intent = RepairIntent(incident=common["INCIDENT"], rule=rule.name, started_at=began, index=index,
+                              step=name, stopped=tuple(units), applied=tuple(applied), paths=step.paths,
+                              unit=step.unit, at=now)  # fmt: skip
+        try:
+            self._intents.save(intent)
+        except OSError as exc:
+            if not self._intent_failing:
+                self._intent_failing = True
+                self.report(RecordKind.ERROR, f"cannot record the repair under way ({exc}); it goes on, "
+                            "but if nodemedic dies before it ends, nothing will finish it",
+                            **common, OUTCOME="failed", PATH=str(self._intents.path),
+                            DETAIL=str(exc))  # fmt: skip
+            return
+        self._intent_failing = False
+
+    def _clear_intent(self) -> None:
+        self._began.clear()  # repairs that change anything run one at a time
+        if self._intents is None:
+            return
+        try:
+            self._intents.clear()
+        except OSError as exc:  # a stale record only makes the next start check the units again
+            log.warning("cannot remove the repair record %s: %s", self._intents.path, exc)
+
+    def recover(self) -> None:
+        """At start-up, before any source runs: finish the repair a previous run was cut off in."""
+        intent, self.unfinished = self.unfinished, None
+        if intent is None:
+            return
+        state = self.states.get(intent.rule)
+        if state is not None:
+            state.running = True  # matches meanwhile wait, and are confirmed again afterwards
+        self._spawn(self._recover(intent, state))
+
+    async def _recover(self, intent: RepairIntent, state: RuleState | None) -> None:
+        try:
+            async with self._one_at_a_time:
+                await self._finish(intent)
+        except Exception as exc:  # a bug must not kill the daemon: the units are started by hand then
+            self._internal_error_during_recovery(intent, exc)
+        finally:
+            if state is not None:
+                state.running = False
+                pending, state.pending = list(state.pending.values()), {}
+                for again in pending:
+                    self._decide(again, retry=True)
+
+    async def _finish(self, intent: RepairIntent) -> None:
+        common = {"RULE": intent.rule, "MODE": "enforce", "INCIDENT": intent.incident}
+        started = self.ctx.clock.monotonic()
+        self._began[intent.incident] = intent.started_at
+        self.report(RecordKind.ERROR,
+                    f"{intent.rule}: nodemedic was stopped in the middle of repair {intent.incident} "
+                    f"(during {intent.step}, begun {_when(intent.started_at)}); finishing it",
+                    **common, ACTION=intent.step, UNIT=" ".join(intent.stopped), PATH=" ".join(intent.paths),
+                    OUTCOME="interrupted")  # fmt: skip
+        rule = next((r for r in self.policy.rule if r.name == intent.rule), None)
+        resumable = (rule is not None and intent.index < len(rule.action)
+                     and rule.action[intent.index].do == intent.step
+                     and self.policy.mode_of(rule) == "enforce")  # fmt: skip
+        if rule is not None and resumable:
+            failure = await self._actions(rule, "enforce", common, started, None, list(intent.applied),
+                                          intent.index, list(intent.stopped))  # fmt: skip
+        else:  # the rule changed meanwhile (or observe now): only undo, start what was stopped
+            failure = "the rule's actions changed since: the stopped units were started again"
+            if intent.stopped:
+                await self._compensate_bounded(list(intent.stopped), common, started)
+            self._clear_intent()
+        if intent.step == "remove-socket-dir":
+            await self._finish_quarantine(intent, rule, common, started)
+        outcome, said = ("recovered", "finished") if failure is None else ("compensated", "undone")
+        self.report(RecordKind.OUTCOME, f"{intent.rule}: the repair cut off by nodemedic's end was {said}",
+                    **common, OUTCOME=outcome, DETAIL=failure or "",
+                    ELAPSED_MS=self._ms(started))  # fmt: skip
+
+    async def _finish_quarantine(self, intent: RepairIntent, rule: Rule | None, common: dict[str, str],
+                                 started: float) -> None:  # fmt: skip
+        """A directory moved aside by the cut-off step goes into the quarantine as it would have."""
+        found = [a for a in (rule.action if rule else []) if isinstance(a, RemoveSocketDirParams)]
+        params = found[0] if found else RemoveSocketDirParams(do="remove-socket-dir")
+        try:
+            done = await asyncio.to_thread(
+                finish_quarantines, params, self.ctx.clock, self.ctx.quarantine_dir
+            )
+        except (NodemedicError, OSError) as exc:
+            outcome, detail = "failed", f"moving the aside directory into the quarantine failed: {exc}"
+        else:
+            outcome, detail = ("done", "; ".join(done)) if done else ("skipped", "no aside directory left")
+        self.report(RecordKind.ACTION, f"finish-quarantine: {detail}", **common, ACTION="finish-quarantine",
+                    PATH=params.root, OUTCOME=outcome, DETAIL=detail,
+                    ELAPSED_MS=self._ms(started))  # fmt: skip
+
+    def _internal_error_during_recovery(self, intent: RepairIntent, exc: Exception) -> None:
+        log.debug("recovery of %s failed", intent.incident, exc_info=exc)
+        self.report(RecordKind.ERROR,
+                    f"{intent.rule}: internal error while finishing repair {intent.incident} "
+                    f"(a nodemedic bug): {exc!r}; check that {' '.join(intent.stopped) or 'containerd'} runs",
+                    RULE=intent.rule, INCIDENT=intent.incident, OUTCOME="internal-error",
+                    DETAIL=repr(exc))  # fmt: skip
+
     async def _steps(self, ctx: ActionContext, rule: Rule, mode: str, common: dict[str, str],
-                     started: float, stopped: list[str], applied: list[str]) -> str | None:  # fmt: skip
-        for params in rule.action:
+                     started: float, stopped: list[str], applied: list[str],
+                     first: int = 0) -> str | None:  # fmt: skip
+        for index, params in enumerate(rule.action[first:], first):
             action = build_action(params)
             fields = {**common, "ACTION": action.name}
             try:
@@ -444,6 +583,8 @@ class Runner:
                     self.report(RecordKind.ACTION, f"would {step.summary}", **fields, **where,
                                 OUTCOME="would-do", ELAPSED_MS=self._ms(started))  # fmt: skip
                     continue
+                if step.changes:  # before the first change: a crash from here on is finished at start
+                    self._note_intent(rule, common, index, action.name, step, stopped, applied)
                 if action.name in ("stop-unit", "restart-unit", "raise-nofile-limit"):
                     self.stopped_by_us.add(step.unit)  # before the stop: its events follow at once
                 if action.name == "stop-unit":

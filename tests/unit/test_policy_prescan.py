@@ -28,4 +28,5 @@ def test_unterminated_strings_are_scanned_in_linear_time(hostile: str) -> None:
     started = time.perf_counter()
     with pytest.raises(PolicyError):
         parse_policy_text(hostile, "hostile.toml")
-    assert time.perf_counter() - started < 2.0, "a 200 KB policy must be refused in well under a second"
+    # linear: well under a second; quadratic, as before, minutes (7 s at 32 KB). Generous for a loaded CI.
+    assert time.perf_counter() - started < 30.0

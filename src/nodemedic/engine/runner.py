@@ -349,7 +349,13 @@ class Runner:
         applied: list[str] = []  # the actions that changed something
         try:
             if mode == "enforce":
+                waited = self._one_at_a_time.locked()
                 async with self._one_at_a_time:
+                    if waited and not await self._still_there(rule):
+                        self.report(RecordKind.OUTCOME, f"{rule.name}: gone once the repair before it had "
+                                    "finished; nothing to do, nothing changed", **common,
+                                    OUTCOME="nothing-to-do", ELAPSED_MS=self._ms(started))  # fmt: skip
+                        return
                     failure = await self._actions(rule, mode, common, started, m.event, applied)
             else:
                 failure = await self._actions(rule, mode, common, started, m.event, applied)
@@ -364,6 +370,28 @@ class Runner:
             self._nothing_done(m, state, common, started)
             return
         self._conclude(m, mode, state, failure, common, started)
+
+    async def _still_there(self, rule: Rule) -> bool:
+        """Asked again after waiting for another rule's repair (one fault often fires two rules: a
+        directory at the socket path also fails the hang probe): that repair may have cured this one,
+        and acting on the old verdict would restart a containerd that serves again."""
+        if not self._conditions_met(rule, count=False):
+            return False
+        confirm = rule.confirm
+        if confirm is None:
+            return True
+        if not _holds(confirm):
+            return False
+        try:  # the probe and the config check again (not the shims': their verdict is per line)
+            if confirm.config_broken and await config_problem(Path(confirm.config_broken)) is None:
+                return False
+            if confirm.probe:
+                probe = self.policy.daemon.probe
+                await self.ctx.probe.version(probe.socket, probe.timeout)
+                return False  # containerd answers
+        except (NodemedicError, OSError):  # no answer (ProbeError), or no verdict: act as decided
+            return True
+        return True
 
     def _internal_error(self, rule: Rule, exc: Exception, common: dict[str, str], step: str) -> None:
         """nodemedic's own fault, not the node's. Before anything changed no budget is spent and

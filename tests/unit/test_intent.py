@@ -66,9 +66,9 @@ def damaged(**change: object) -> str:
 @pytest.mark.parametrize(
     "text",
     ["{", '{"version": 2}', "[]", damaged(stopped="x"), damaged(index=True), damaged(index=-1),
-     damaged(rule=None)],
+     damaged(rule=None), damaged(at=10**400), damaged(started_at=float("nan"))],
     ids=["truncated", "version", "not-a-table", "stopped-not-a-list", "index-bool", "index-negative",
-         "rule-missing"],
+         "rule-missing", "time-past-float", "time-nan"],
 )  # fmt: skip
 def test_a_damaged_record_is_moved_aside_never_acted_on(tmp_path: Path, text: str) -> None:
     (tmp_path / INTENT_FILE).write_text(text)

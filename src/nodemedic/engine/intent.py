@@ -10,6 +10,7 @@ An unreadable record is moved aside, never deleted, and reported, as ``state.jso
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,15 +88,21 @@ def _parse(data: Any) -> RepairIntent:
         raise ValueError("index must be a non-negative integer")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()):
         raise ValueError("started_at and at must be numbers")
+    try:  # an integer past float's range would raise OverflowError, which no loader expects
+        times = {k: float(v) for k, v in numbers.items()}
+    except OverflowError as exc:
+        raise ValueError("started_at and at must be times") from exc
+    if not all(math.isfinite(v) for v in times.values()):
+        raise ValueError("started_at and at must be finite")
     return RepairIntent(
         incident=texts["incident"],
         rule=texts["rule"],
-        started_at=float(numbers["started_at"]),
+        started_at=times["started_at"],
         index=index,
         step=texts["step"],
         stopped=tuple(lists["stopped"]),
         applied=tuple(lists["applied"]),
         paths=tuple(lists["paths"]),
         unit=texts["unit"],
-        at=float(numbers["at"]),
+        at=times["at"],
     )

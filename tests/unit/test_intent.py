@@ -240,3 +240,21 @@ def test_a_damaged_record_at_start_is_reported(harness: Callable[..., Harness], 
     assert runner.unfinished is None
     [error] = [r for r in h.sink.of(RecordKind.ERROR) if r.fields["OUTCOME"] == "state-reset"]
     assert "repair record unusable" in error.message
+
+
+async def test_a_repair_in_observe_mode_leaves_the_record_alone(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Observe-mode repairs do not take the repair lock: one ending while an enforce repair is
+    under way must not remove that repair's record."""
+    h = harness(mode="observe")
+    state = tmp_path / "state"
+    IntentStore(state).save(intent("remove-socket-dir", 1))
+    runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
+    runner.unfinished = None  # as if the enforce repair of this record were under way now
+    runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
+    h.sock.mkdir()
+    runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY, at=h.clock.now))
+    await h.settle()
+    assert [r.fields["OUTCOME"] for r in h.sink.of(RecordKind.OUTCOME)] == ["observed"]
+    assert (state / INTENT_FILE).exists()

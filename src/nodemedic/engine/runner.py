@@ -434,7 +434,8 @@ class Runner:
         finally:  # whatever ended the repair, nobody else would start the stopped units again
             if failure is not None and stopped:
                 await self._compensate_bounded(stopped, common, started)
-            self._clear_intent()
+            if mode == "enforce":  # observe-mode repairs run beside an enforce one: not theirs
+                self._clear_intent()
         return failure
 
     async def _compensate_bounded(self, stopped: list[str], common: dict[str, str], started: float) -> None:

@@ -55,10 +55,12 @@ def _hierarchies() -> list[Path]:
 
 
 class Cgroups:
-    """``nodemedic-test-<pid>/<name>`` folders in every hierarchy; removed at the end."""
+    """``nodemedic-test-<pid>.slice/<name>`` folders in every hierarchy; removed at the end. A
+    slice, as systemd places a service (``/system.slice/containerd.service``): only a unit's own
+    cgroup right under slices counts as the unit's (procview.is_unit_cgroup)."""
 
     def __init__(self) -> None:
-        self.top = f"nodemedic-test-{os.getpid()}"
+        self.top = f"nodemedic-test-{os.getpid()}.slice"
         self.hierarchies = _hierarchies()
         if not self.hierarchies:
             pytest.skip("no writable cgroup hierarchy found under /sys/fs/cgroup")

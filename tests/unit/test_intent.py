@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -258,3 +259,44 @@ async def test_a_repair_in_observe_mode_leaves_the_record_alone(
     await h.settle()
     assert [r.fields["OUTCOME"] for r in h.sink.of(RecordKind.OUTCOME)] == ["observed"]
     assert (state / INTENT_FILE).exists()
+
+
+async def test_a_repair_cut_off_again_and_again_is_only_undone(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """A step that itself kills nodemedic (OOM while copying, say) must not make a crash loop: each
+    start-up counts its resume in the record, and after MAX_RESUMES only the stopped units are started."""
+    h = harness()
+    state = tmp_path / "state"
+    h.sock.mkdir()
+    IntentStore(state).save(intent("remove-socket-dir", 1))
+    h.units.active["containerd.service"] = "inactive"
+    seen: list[int] = []
+    serve = h.units.on_start
+
+    def starting(unit: str) -> None:
+        seen.append(json.loads((state / INTENT_FILE).read_text())["resumes"])
+        serve(unit)
+
+    h.units.on_start = starting
+    runner = restarted(h, state)
+    runner.recover()
+    await h.settle()
+    assert seen == [1], "the resume is recorded before any step"
+
+    h.units.calls.clear()
+    h.units.active["containerd.service"] = "inactive"
+    IntentStore(state).save(dataclasses.replace(intent("remove-socket-dir", 1), resumes=runner_max()))
+    runner = restarted(h, state)
+    runner.recover()
+    await h.settle()
+    assert h.units.calls == [("start", "containerd.service")], "nothing resumed, containerd started"
+    assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "compensated"
+    assert "not resumed again" in h.sink.of(RecordKind.OUTCOME)[-1].fields["DETAIL"]
+    assert not (state / INTENT_FILE).exists()
+
+
+def runner_max() -> int:
+    from nodemedic.engine.runner import MAX_RESUMES
+
+    return MAX_RESUMES

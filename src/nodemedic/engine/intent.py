@@ -36,6 +36,7 @@ class RepairIntent:
     paths: tuple[str, ...] = ()  # the paths the step under way concerns
     unit: str = ""
     at: float = field(default=0.0)  # wall clock of this record
+    resumes: int = 0  # how often a start-up has resumed it already (a step that kills nodemedic)
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, **asdict(self)}, indent=1, sort_keys=True) + "\n"
@@ -83,9 +84,9 @@ def _parse(data: Any) -> RepairIntent:
         raise ValueError("incident, rule, step and unit must be strings")
     if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists.values()):
         raise ValueError("stopped, applied and paths must be lists of strings")
-    index = data["index"]
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise ValueError("index must be a non-negative integer")
+    index, resumes = data["index"], data.get("resumes", 0)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (index, resumes)):
+        raise ValueError("index and resumes must be non-negative integers")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()):
         raise ValueError("started_at and at must be numbers")
     try:  # an integer past float's range would raise OverflowError, which no loader expects
@@ -105,4 +106,5 @@ def _parse(data: Any) -> RepairIntent:
         paths=tuple(lists["paths"]),
         unit=texts["unit"],
         at=times["at"],
+        resumes=resumes,
     )

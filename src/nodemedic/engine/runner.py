@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 COMPENSATE_TIMEOUT = 30.0
+MAX_RESUMES = 2  # a repair cut off this often by nodemedic's own end is only undone at the next start
 UNIT_STEPS = ("stop-unit", "start-unit", "restart-unit", "raise-nofile-limit")  # leave a unit down if cut off
 MAX_PENDING = 16
 # A unit down in one of these load states is no operator's stop: systemd will not start it.
@@ -133,6 +134,7 @@ class Runner:
         self._intents = intents
         self._intent_failing = False  # a failed save of the repair record is said once
         self._began: dict[str, float] = {}  # incident -> wall clock of its first recorded step
+        self._resumes = 0  # of the repair under way, when a start-up resumed it
         self.unfinished = self._load_intent()
 
     def exclusive(self) -> asyncio.Lock:
@@ -495,7 +497,12 @@ class Runner:
         began = self._began.setdefault(common["INCIDENT"], now)
         intent = RepairIntent(incident=common["INCIDENT"], rule=rule.name, started_at=began, index=index,
                               step=name, stopped=tuple(units), applied=tuple(applied), paths=step.paths,
-                              unit=step.unit, at=now)  # fmt: skip
+                              unit=step.unit, at=now, resumes=self._resumes)  # fmt: skip
+        self._save_intent(intent, common)
+
+    def _save_intent(self, intent: RepairIntent, common: dict[str, str]) -> None:
+        if self._intents is None:
+            return
         try:
             self._intents.save(intent)
         except OSError as exc:
@@ -510,6 +517,7 @@ class Runner:
 
     def _clear_intent(self) -> None:
         self._began.clear()  # repairs that change anything run one at a time
+        self._resumes = 0
         if self._intents is None:
             return
         try:
@@ -553,15 +561,22 @@ class Runner:
         resumable = (rule is not None and intent.index < len(rule.action)
                      and rule.action[intent.index].do == intent.step
                      and self.policy.mode_of(rule) == "enforce")  # fmt: skip
+        if resumable and intent.resumes >= MAX_RESUMES:  # the step itself kills nodemedic (OOM, say)
+            resumable = False
+            why = f"cut off {intent.resumes + 1} times in {intent.step}: not resumed again"
+        else:
+            why = "the rule's actions changed since"
+        self._resumes = intent.resumes + 1
+        self._save_intent(dataclasses.replace(intent, resumes=self._resumes), common)  # before any step
         if rule is not None and resumable:
             failure = await self._actions(rule, "enforce", common, started, None, list(intent.applied),
                                           intent.index, list(intent.stopped))  # fmt: skip
         else:  # the rule changed meanwhile (or observe now): only undo, start what was stopped
-            failure = "the rule's actions changed since: the stopped units were started again"
+            failure = f"{why}: the stopped units were started again"
             if intent.stopped:
                 await self._compensate_bounded(list(intent.stopped), common, started)
             self._clear_intent()
-        if intent.step == "remove-socket-dir":
+        if intent.step == "remove-socket-dir" and intent.resumes < MAX_RESUMES:  # the copy may be what kills
             await self._finish_quarantine(intent, rule, common, started)
         outcome, said = ("recovered", "finished") if failure is None else ("compensated", "undone")
         self.report(RecordKind.OUTCOME, f"{intent.rule}: the repair cut off by nodemedic's end was {said}",

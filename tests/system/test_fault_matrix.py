@@ -99,7 +99,8 @@ def test_a_fault_while_the_bus_is_down_is_repaired_once_it_is_back(node: Node) -
     # and found containerd answering: it does not restart the repaired containerd.
     time.sleep(3)
     assert records(node, rule="containerd-hung", action="restart-unit") == []
-    assert containerd_starts(node, since=back_at) == 1, "one start of containerd: the repair's"
+    # the repair's start, and at most one of systemd's own restart loop (every 5 s) just before it
+    assert containerd_starts(node, since=back_at) <= 2
     assert_nodemedic_never_restarted(node)
     print(f"\nfault matrix: bus down {back_at - fault_at:.1f}s; repaired {realtime(done) - back_at:.1f}s "
           "after the bus was back")  # fmt: skip
@@ -209,6 +210,9 @@ def test_containerd_unit_masked_or_missing_is_refused_without_a_loop(node: Node,
     else:
         node.sh("mv /lib/systemd/system/containerd.service /root/ && systemctl daemon-reload")
     state = "masked" if how == "masked" else "not-found"
+    # seen at the daemon-reload the change made (a fault within milliseconds of it would be taken
+    # for an operator's stop: a known limit, docs/reliability.md)
+    wait_for(lambda: daemon_said(node, f"watched unit containerd.service is {state}"), 10, "the load state")
     starts_before = containerd_starts(node)
     node.run("kill", "-HUP", node.unit_property("containerd.service", "MainPID"))
     fault_at = make_directory_at(node, SOCKET)
@@ -216,7 +220,6 @@ def test_containerd_unit_masked_or_missing_is_refused_without_a_loop(node: Node,
     [refused] = wait_for(lambda: records(node, rule=SOCKET_RULE, outcome="refused"), 15,
                          "the refusal")  # type: ignore[misc]  # fmt: skip
     assert f"containerd.service is {state}" in refused["MESSAGE"]
-    assert daemon_said(node, f"watched unit containerd.service is {state}")
     time.sleep(10)  # room for a loop to show
     assert len(records(node, rule=SOCKET_RULE, kind="decided")) == 1, "said once, decided nothing else"
     assert records(node, rule=SOCKET_RULE, kind="action") == []

@@ -39,3 +39,18 @@ async def test_a_masked_or_missing_unit_is_refused_once(tmp_path: Path, load_sta
     assert f"containerd.service is {load_state}" in refused.message
     assert says in refused.message
     assert "stopped by someone else" not in refused.message
+
+
+async def test_a_masked_unit_still_running_is_not_stopped(tmp_path: Path) -> None:
+    """The fault is seen before containerd's death is: a repair would stop what it cannot start."""
+    root = tmp_path / "run" / "containerd"
+    (root / "containerd.sock").mkdir(parents=True)
+    units, sink, tasks = FakeUnits({"containerd.service": "active"}), MemorySink(), []
+    ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path / "q")
+    spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
+    runner = Runner(make_policy(root), ctx, Reporter(sink), spawn)
+    runner.handle(UnitChanged("containerd.service", "active", "running", load_state="masked"))
+    runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))
+    await asyncio.gather(*tasks)
+    assert units.calls == []
+    assert [r.fields["OUTCOME"] for r in sink.of(RecordKind.DECIDED)] == ["refused"]

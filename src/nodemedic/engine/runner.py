@@ -199,7 +199,7 @@ class Runner:
             # At start-up D-Bus may not have said yet whether an operator stopped the unit: wait.
             self._waiting[rule.name] = m
             return
-        if rule.confirm is not None and rule.confirm.unit in self.stopped_by_others:
+        if rule.confirm is not None and rule.confirm.unit in self.stopped_by_others | self._unstartable():
             self._respect_stop(rule, state, rule.confirm.unit)
             return
         state.respected_stop = False
@@ -230,6 +230,11 @@ class Runner:
             return True
         seen = self.unit_states.get(when.unit)
         return seen is not None and in_states(seen, when.active_state, when.sub_state)
+
+    def _unstartable(self) -> set[str]:
+        """Units systemd will not start (masked, no unit file), running or not: a repair that stops
+        one could not start it again, so no rule whose confirm names one acts."""
+        return {unit for unit, seen in self.unit_states.items() if seen.load_state in UNIT_REFUSED}
 
     def _respect_stop(self, rule: Rule, state: RuleState, unit: str) -> None:
         seen = self.unit_states.get(unit)

@@ -442,6 +442,7 @@ async def test_a_bug_after_the_stop_starts_the_unit_again(
     [error] = h.sink.of(RecordKind.ERROR)
     assert error.fields["OUTCOME"] == "internal-error"
     assert "KeyError('runc')" in error.fields["DETAIL"]
+    assert "counted as a failed repair: it had changed the node" in error.message
     # containerd was stopped and started: a failed repair like any other, so a bug the fault trips
     # each time is bounded by the backoff, the breaker and the budget instead of looping
     [outcome] = h.sink.of(RecordKind.OUTCOME)

@@ -367,7 +367,7 @@ class Runner:
             else:
                 failure = await self._actions(rule, mode, common, started, m.event, applied)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
-            self._internal_error(rule, exc, common, "repair")
+            self._internal_error(rule, exc, common, "repair", counted=bool(applied))
             if not applied:
                 return
             # It had changed the node (stopped containerd, say): counted as a failed repair, so a
@@ -400,15 +400,21 @@ class Runner:
             return True
         return True
 
-    def _internal_error(self, rule: Rule, exc: Exception, common: dict[str, str], step: str) -> None:
+    def _internal_error(
+        self, rule: Rule, exc: Exception, common: dict[str, str], step: str, counted: bool = False
+    ) -> None:
         """nodemedic's own fault, not the node's. Before anything changed no budget is spent and
         neither backoff nor breaker moves, so input that trips a bug in a check (a forged journal
-        line, say) cannot switch repairs off; the caller counts a bug after a change as a failed
-        repair. The units the repair stopped were started again by ``_actions``."""
+        line, say) cannot switch repairs off; the caller counts a bug after a change (``counted``)
+        as a failed repair. The units the repair stopped were started again by ``_actions``."""
         log.debug("rule %s: internal error in its %s", rule.name, step, exc_info=exc)
-        self.report(RecordKind.ERROR,
-                    f"{rule.name}: internal error in its {step} (a nodemedic bug, not counted as a failed "
-                    f"repair): {exc!r}", **common, OUTCOME="internal-error", DETAIL=repr(exc))  # fmt: skip
+        how = (
+            "counted as a failed repair: it had changed the node"
+            if counted
+            else "not counted as a failed repair"
+        )
+        message = f"{rule.name}: internal error in its {step} (a nodemedic bug, {how}): {exc!r}"
+        self.report(RecordKind.ERROR, message, **common, OUTCOME="internal-error", DETAIL=repr(exc))
 
     def _nothing_done(self, m: Match, state: RuleState, common: dict[str, str], started: float) -> None:
         """Every action's check found nothing to do (e.g. the shims systemd named all serve

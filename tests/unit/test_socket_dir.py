@@ -488,3 +488,42 @@ def contents_of_regular_files(top: Path) -> str:
             if stat.S_ISREG(p.lstat().st_mode):
                 out.append(p.read_text(errors="replace"))
     return "\n".join(out)
+
+
+async def test_the_manifest_is_bounded_so_hostile_names_cannot_exhaust_memory(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """255-byte names that are not UTF-8 cost 6 JSON bytes a byte: 48 KB a row 32 folders deep, 490 MB
+    at max_entries (found by review). Past the manifest's bound the walk stops and nothing is lost."""
+    monkeypatch.setattr(socket_dir, "MAX_MANIFEST_BYTES", 200_000)
+    sock = root / "containerd.sock"
+    sock.mkdir()
+    deep = os.fsencode(sock)
+    for _ in range(8):
+        deep = deep + b"/" + b"\xff" * 255
+        os.mkdir(deep)
+    for i in range(400):
+        with open(deep + b"/" + str(i).encode(), "wb"):
+            pass
+    detail = await repair(root, tmp_path)
+    kept, manifest, _ = quarantined(tmp_path)
+    assert len((kept / MANIFEST).read_bytes()) < 400_000, "bounded near MAX_MANIFEST_BYTES"
+    assert manifest["complete"] is False
+    assert any("the manifest's bound" in reason for reason in manifest["skipped"])
+    assert "kept it there whole" in detail
+    [aside] = asides(root)
+    assert sum(1 for _ in os.walk(aside)) == 9, "the directory is kept aside whole"
+
+
+async def test_a_quarantine_that_cannot_be_made_still_frees_the_socket_path(
+    root: Path, tmp_path: Path
+) -> None:
+    """A full or read-only state directory (issue 12, fault matrix item 3): the repair still runs."""
+    sock = root / "containerd.sock"
+    sock.mkdir()
+    (sock / "data").write_text("pod data")
+    (tmp_path / "quarantine").write_text("a file where the quarantine folder should be")  # mkdir fails
+    detail = await repair(root, tmp_path)
+    assert "kept it there: no quarantine" in detail
+    [aside] = asides(root)
+    assert (aside / "data").read_text() == "pod data"

@@ -40,6 +40,11 @@ from nodemedic.policy.duration import Duration
 
 DEFAULT_PATHS = ["/run/containerd/containerd.sock", "/run/containerd/containerd.sock.ttrpc"]
 MANIFEST = "MANIFEST.nodemedic.json"
+# The manifest is built in memory: a pod's 255-byte names that are not UTF-8, 32 folders deep, took
+# 48 KB a row as JSON (\udcXX escapes), 490 MB at max_entries, past MemoryMax= with containerd
+# stopped. Past this many bytes of rows the walk stops, as at max_entries, and the directory stays
+# aside whole.
+MAX_MANIFEST_BYTES = 8 << 20
 """The manifest's name inside a quarantine entry; a top-level entry of that name is not copied."""
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -149,9 +154,13 @@ class RemoveSocketDir:
     def _quarantine(self, ctx: ActionContext, root_fd: int, name: str) -> str:
         now = ctx.clock.wall()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{int(now * 1e6) % 1_000_000:06d}"
-        # first the quarantine (it may fail: read-only, full), and only then free the socket path
-        ctx.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         aside = f".{name}.nodemedic-{stamp}"
+        try:
+            ctx.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:  # a full or read-only state directory: the socket path is freed all the same
+            os.rename(name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+            where = os.path.join(self.params.root, aside)
+            return f"moved {name} aside to {where} and kept it there: no quarantine ({exc.strerror or exc})"
         os.rename(name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
         # The socket path is free: from here on the repair succeeds, whatever the entry holds.
         return _copy_aside(self.params, ctx.clock, ctx.quarantine_dir, root_fd, name, stamp)
@@ -242,7 +251,7 @@ class _QuarantineCopy:
         self.copied: dict[str, tuple[int, int, int]] = {}  # path -> (inode, size, mtime) when copied
         self.dirs: dict[str, int] = {}  # path -> inode of each folder walked to its end
         self.first_copy: dict[tuple[int, int], str] = {}  # (dev, inode) -> path: hard links
-        self.bytes = self.entries = 0
+        self.bytes = self.entries = self.manifest_bytes = 0
         self.stopped = ""
         self.deadline = 0.0
         self.dev: int = 0
@@ -311,6 +320,8 @@ class _QuarantineCopy:
         if not self.stopped:
             if self.entries >= self.p.max_entries:
                 self.stopped = f"max_entries ({self.p.max_entries}) reached"
+            elif self.manifest_bytes > MAX_MANIFEST_BYTES:
+                self.stopped = f"the manifest's bound ({MAX_MANIFEST_BYTES} bytes) reached"
             elif self.clock.monotonic() > self.deadline:
                 self.stopped = f"max_seconds ({self.p.max_seconds:g}) passed"
         return self.stopped
@@ -327,6 +338,14 @@ class _QuarantineCopy:
 
     def _one(self, src: int, dst: int, name: str, path: str, depth: int) -> None:
         self.entries += 1
+        first = len(self.rows)  # this entry's row; a folder's entries add their own after it
+        try:
+            self._entry(src, dst, name, path, depth)
+        finally:
+            if len(self.rows) > first:
+                self.manifest_bytes += len(json.dumps(self.rows[first]))
+
+    def _entry(self, src: int, dst: int, name: str, path: str, depth: int) -> None:
         try:
             st = os.stat(name, dir_fd=src, follow_symlinks=False)
         except OSError as exc:

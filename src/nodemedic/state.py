@@ -41,6 +41,13 @@ def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
     fsync_directory(path.parent)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``: os.write may write less than it was given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_directory(folder: Path | int) -> None:
     """Make the names in ``folder`` (a path, or an open fd) durable: a rename is an entry in its
     folder, not in the file."""

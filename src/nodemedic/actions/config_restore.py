@@ -25,7 +25,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.configs import config_problem, default_config, file_kind, read_config
 from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.policy.paths import AbsolutePath
-from nodemedic.state import fsync_directory
+from nodemedic.state import fsync_directory, write_all
 
 # Not taken over from the broken file: setuid/setgid/sticky mean nothing on a config but could be
 # a plant, and a config.toml anyone may write lets anyone choose what containerd runs as root.
@@ -158,9 +158,7 @@ def _write_over(folder: int, name: str, content: bytes, mode: int) -> None:
     )
     try:
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, content)
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:

@@ -37,6 +37,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.clock import Clock
 from nodemedic.errors import NodemedicError, RepairFailedError, UnsafePathError
 from nodemedic.policy.duration import Duration
+from nodemedic.state import write_all
 
 DEFAULT_PATHS = ["/run/containerd/containerd.sock", "/run/containerd/containerd.sock.ttrpc"]
 MANIFEST = "MANIFEST.nodemedic.json"
@@ -455,9 +456,7 @@ class _QuarantineCopy:
             chunk = os.read(fd, min(_CHUNK, size - done))
             if not chunk:
                 break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view) :]
+            write_all(out, chunk)
             done += len(chunk)
             self.bytes += len(chunk)
         return done
@@ -542,9 +541,7 @@ def _keep_mode_and_times(fd: int, st: os.stat_result) -> None:
 def _write_new(dir_fd: int, name: str, data: bytes) -> None:
     fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
     finally:
         os.close(fd)
 

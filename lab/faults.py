@@ -568,3 +568,29 @@ def state_dir_read_only(node: Node, path: str = "/var/lib/nodemedic") -> None:
     script = f"mountpoint -q {path} || mount -t tmpfs -o size=1m,mode=0700 tmpfs {path}; "
     script += f"rm -f {path}/fill; mount -o remount,ro {path}"
     node.sh(script)
+
+
+# ---- the wall clock jumping under nodemedic (issue 12, fault matrix item 4) ---------------------
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's libfaketime
+FAKETIME_FILE = "/run/nodemedic-faketime"  # inside the node: the offset nodemedic's clock runs at
+FAKETIME_DROPIN = "/run/systemd/system/nodemedic.service.d/lab-faketime.conf"
+
+
+def fake_clock_for_nodemedic(node: Node, offset: str = "+0") -> None:
+    """Run nodemedic (from its next start) on a wall clock ``offset`` from the real one (libfaketime
+    preloaded; ``offset`` as libfaketime reads it: "+0", "-1h", "+90m"). A lab node shares the host's
+    CLOCK_REALTIME, so the real clock is never touched: only nodemedic's process sees the jump. The
+    monotonic clock is left alone, as a real step of the wall clock leaves it. The file is re-read at
+    every clock read, so `step_nodemedic_clock` takes effect at once."""
+    step_nodemedic_clock(node, offset)
+    env = (f"LD_PRELOAD={FAKETIME_LIB} FAKETIME_TIMESTAMP_FILE={FAKETIME_FILE} FAKETIME_NO_CACHE=1 "
+           "FAKETIME_DONT_FAKE_MONOTONIC=1")  # fmt: skip
+    node.write_file(FAKETIME_DROPIN, f"[Service]\nEnvironment={env}\n")
+    node.run("systemctl", "daemon-reload")
+
+
+def step_nodemedic_clock(node: Node, offset: str) -> None:
+    """Step nodemedic's wall clock to ``offset`` from the real one (renamed into place: never read half
+    written)."""
+    node.sh(f"printf '%s\\n' '{offset}' > {FAKETIME_FILE}.tmp && mv -f {FAKETIME_FILE}.tmp {FAKETIME_FILE}")

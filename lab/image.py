@@ -40,6 +40,7 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "containerd", "runc", "python3", "python3-venv",
     "python3-systemd", "iproute2", "procps", "busybox-static", "ca-certificates", "coreutils",
+    "faketime",
 )  # fmt: skip
 VENV = "/opt/nodemedic/venv"
 # Dependencies that come from Debian inside the node instead of from wheels.

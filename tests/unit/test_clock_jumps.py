@@ -194,3 +194,28 @@ async def test_runner_a_clock_set_back_during_a_backoff_waits_one_delay_at_most(
         assert units.calls.count(("start", "containerd.service")) == 2
     finally:
         h.close()
+
+
+async def test_runner_a_clock_set_back_rearms_the_breakers_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry armed at the end of the cool-down (monotonic) fires while the re-anchored one still
+    runs: without a new retry nothing looks again until the next event, and on a quiet node the
+    breaker stays open (found by the lab test, tests/system/test_clock_jump.py)."""
+    units = FakeUnits()
+    units.fail.add(("start", "containerd.service"))
+    h, clock = jumping_harness(tmp_path, units)
+    try:
+        await open_the_breaker(h)
+        breaker = h.runner.states["socket-path-is-directory"].breaker
+        armed: list[float] = []
+        monkeypatch.setattr(h.runner, "_retry_later", lambda m, delay: armed.append(delay))
+        clock.jump(-HOUR - breaker.cooldown)  # back past the breaker's opening
+        await fault(h)  # the old retry, or any event: the jump is seen, the cool-down re-anchored
+        assert armed, "a retry for the re-anchored cool-down's end"
+        assert breaker.cooldown <= armed[-1] <= breaker.cooldown + 1
+        armed.clear()
+        await fault(h)  # seen again: no second retry for the same jump
+        assert armed == []
+    finally:
+        h.close()

@@ -206,7 +206,12 @@ class Runner:
         mode = self.policy.mode_of(rule)
         now = self.ctx.clock.wall()
         if mode == "enforce":
+            reopens = state.breaker.reopens_at()
             mode = self._held(rule, state, now) or mode
+            if state.breaker.state == OPEN and state.breaker.reopens_at() != reopens:
+                # The wall clock was set back and the cool-down re-anchored to now: the retry armed
+                # for its old end comes too early, so look again when the new one ends.
+                self._retry_later(m, state.breaker.reopens_at() - now + RETRY_MARGIN)
         if mode == "enforce" and not state.backoff.ready(now):
             self._defer(m, state, now)
             return

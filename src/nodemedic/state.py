@@ -129,12 +129,16 @@ def _read_state_file(path: Path) -> bytes:
     return raw
 
 
+def utc_stamp(wall: float | None = None) -> str:
+    """``20261201T120000Z``: the time in the names of files nodemedic keeps aside."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall))
+
+
 def set_aside(path: Path, why: str, on_aside: Noter | None = None) -> Path:
     """Move an unusable state file to ``NAME.corrupt-<UTC time>`` (never deleted, for a human to
     look at); where the folder refuses the rename (read-only), it stays and is refused again at
     the next load. Returns where the file is now."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    aside = path.with_name(f"{path.name}.corrupt-{utc_stamp()}")
     try:
         os.replace(path, aside)
     except OSError:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import secrets
 import stat
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.configs import config_problem, default_config, file_kind, read_config
 from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.policy.paths import AbsolutePath
-from nodemedic.state import fsync_directory, write_all
+from nodemedic.state import fsync_directory, utc_stamp, write_all
 
 # Not taken over from the broken file: setuid/setgid/sticky mean nothing on a config but could be
 # a plant, and a config.toml anyone may write lets anyone choose what containerd runs as root.
@@ -122,7 +121,7 @@ class RestoreConfig:
             return None
         if not stat.S_ISREG(before.st_mode):
             raise self._refused(before.st_mode)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ctx.clock.wall()))
+        stamp = utc_stamp(ctx.clock.wall())
         aside, n = f"{name}.broken-{stamp}", 0
         while True:
             try:

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import stat
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +36,7 @@ from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.clock import Clock
 from nodemedic.errors import NodemedicError, RepairFailedError, UnsafePathError
 from nodemedic.policy.duration import Duration
-from nodemedic.state import write_all
+from nodemedic.state import utc_stamp, write_all
 
 DEFAULT_PATHS = ["/run/containerd/containerd.sock", "/run/containerd/containerd.sock.ttrpc"]
 MANIFEST = "MANIFEST.nodemedic.json"
@@ -154,7 +153,7 @@ class RemoveSocketDir:
 
     def _quarantine(self, ctx: ActionContext, root_fd: int, name: str) -> str:
         now = ctx.clock.wall()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{int(now * 1e6) % 1_000_000:06d}"
+        stamp = utc_stamp(now) + f"-{int(now * 1e6) % 1_000_000:06d}"
         aside = f".{name}.nodemedic-{stamp}"
         try:
             ctx.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -318,6 +318,11 @@ class Runner:
         if confirm.orphaned_shims and not self._new_orphans(m, mode):
             log.debug("rule %s: no new proven orphan named (%s); nothing to do", rule.name, m.trigger)
             return False
+        return await self._node_confirms(rule, confirm)
+
+    async def _node_confirms(self, rule: Rule, confirm: Confirm) -> bool:
+        """What ``confirm`` asks of the node itself: does its config load, does containerd answer?
+        Raises what gives no verdict (a config check killed)."""
         if confirm.config_broken and await config_problem(Path(confirm.config_broken)) is None:
             log.debug("rule %s: %s loads; nothing to do", rule.name, confirm.config_broken)
             return False
@@ -395,15 +400,9 @@ class Runner:
         if not _holds(confirm):
             return False
         try:  # the probe and the config check again (not the shims': their verdict is per line)
-            if confirm.config_broken and await config_problem(Path(confirm.config_broken)) is None:
-                return False
-            if confirm.probe:
-                probe = self.policy.daemon.probe
-                await self.ctx.probe.version(probe.socket, probe.timeout)
-                return False  # containerd answers
-        except (NodemedicError, OSError):  # no answer (ProbeError), or no verdict: act as decided
+            return await self._node_confirms(rule, confirm)
+        except (NodemedicError, OSError):  # no verdict: act as decided
             return True
-        return True
 
     def _internal_error(
         self, rule: Rule, exc: Exception, common: dict[str, str], step: str, counted: bool = False

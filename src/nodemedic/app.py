@@ -8,18 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodemedic.actions.base import ActionContext, UnitControl, VersionProbe
-from nodemedic.clock import Clock, MonotonicClock
+from nodemedic.actions.base import ActionContext
+from nodemedic.actions.freezer import Freezer
+from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
-from nodemedic.engine.intent import IntentStore
 from nodemedic.engine.lastgood import LastGoodKeeper
 from nodemedic.engine.runner import Runner
-from nodemedic.engine.sighup import GuardContext, GuardSystemd, SighupGuard
-from nodemedic.engine.store import StateStore
+from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import Event
 from nodemedic.policy.model import Policy
+from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
 from nodemedic.report import RecordKind, Reporter
-from nodemedic.sighup.freezer import Freezer
 from nodemedic.sources.dbus import SystemdBus
 from nodemedic.sources.filewatch import FileWatcher
 from nodemedic.sources.inotify import PathWatcher
@@ -27,6 +26,7 @@ from nodemedic.sources.journal import JournalFollower
 from nodemedic.sources.probe import ContainerdProbe, ProbeLoop
 from nodemedic.sources.resources import ResourceWatch
 from nodemedic.sources.tracefs import TraceSignals
+from nodemedic.store import IntentStore, StateStore
 
 CURSOR_FILE = "journal.cursor"
 GOOD_CONFIGS = "config-good"
@@ -133,7 +133,7 @@ def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, 
 
 
 def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[[Event], None],
-                 systemd: GuardSystemd, prober: VersionProbe, good: GoodConfigs, runner: Runner,
+                 systemd: SystemdManager, prober: VersionProbe, good: GoodConfigs, runner: Runner,
                  sources: dict[str, Callable[[], Coroutine[Any, Any, None]]],
                  observers: list[Callable[[Event], None]]) -> SighupGuard:  # fmt: skip
     """[sighup]: the guard, the config watch it reloads from, and the kernel trace that names senders."""

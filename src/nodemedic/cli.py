@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from nodemedic import __version__
-from nodemedic.engine.store import StateStore
+from nodemedic.actions.freezer import REGISTRY_NAME, Freezer
+from nodemedic.actions.sighup_dropin import ignores_sighup, remove_dropins
 from nodemedic.errors import NodemedicError, PolicyError, UnitControlError, UnknownRuleError
 from nodemedic.policy.edit import set_mode
 from nodemedic.policy.load import (
@@ -27,9 +28,7 @@ from nodemedic.policy.load import (
 )
 from nodemedic.policy.model import DaemonSettings, Mode, Policy
 from nodemedic.policy.sighup import SighupSettings
-from nodemedic.sighup.dropin import ignores_sighup, remove_dropins
-from nodemedic.sighup.freezer import REGISTRY_NAME, Freezer
-from nodemedic.state import atomic_write
+from nodemedic.store import StateStore, atomic_write
 
 log = logging.getLogger("nodemedic")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

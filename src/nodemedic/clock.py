@@ -1,22 +1,21 @@
-"""The clock the engine reads. Tests pass a fake; the daemon passes MonotonicClock."""
+"""The real clock (``ports.Clock``): time.monotonic for intervals, time.time for timestamps, and
+timers on the running event loop. Tests pass ``tests/unit/fakes.FakeClock`` instead."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Protocol
+from collections.abc import Callable
 
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def wall(self) -> float: ...
+from nodemedic.ports import Timer
 
 
 class MonotonicClock:
-    """The real clock: time.monotonic for intervals, time.time for timestamps."""
-
     def monotonic(self) -> float:
         return time.monotonic()
 
     def wall(self) -> float:
         return time.time()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)

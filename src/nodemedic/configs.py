@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemedic.errors import ConfigCheckError, ConfigFileError, DefaultConfigError
-from nodemedic.state import atomic_write, set_aside
+from nodemedic.store import atomic_write, set_aside
 
 if sys.version_info >= (3, 11):
     import tomllib

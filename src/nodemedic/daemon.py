@@ -19,7 +19,7 @@ from nodemedic.errors import PolicyError
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.model import DaemonSettings, Policy
 from nodemedic.report import RecordKind
-from nodemedic.state import take_set_aside
+from nodemedic.store import take_set_aside
 
 log = logging.getLogger(__name__)
 

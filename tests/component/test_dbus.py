@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from nodemedic.backoff import Backoff
 from nodemedic.clock import MonotonicClock
-from nodemedic.engine.backoff import Backoff
 from nodemedic.errors import UnitControlError
 from nodemedic.events import Event, SignalSeen, UnitChanged
 from nodemedic.sources.dbus import SystemdBus

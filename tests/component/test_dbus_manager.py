@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from nodemedic.actions.sighup_dropin import render_dropin
+from nodemedic.backoff import Backoff
 from nodemedic.clock import MonotonicClock
-from nodemedic.engine.backoff import Backoff
 from nodemedic.errors import UnitControlError
-from nodemedic.sighup.dropin import render_dropin
 from nodemedic.sources.dbus import SystemdBus
 
 from .conftest import DbusDaemon

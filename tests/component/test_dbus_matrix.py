@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from nodemedic.backoff import Backoff
 from nodemedic.clock import MonotonicClock
-from nodemedic.engine.backoff import Backoff
 from nodemedic.sources.dbus import SystemdBus
 
 from .conftest import DbusDaemon

@@ -65,7 +65,7 @@ def daemon_reload(node: Node) -> None:
 
 def install(node: Node, lines: list[list[str]], path: str = RUN_DROPIN) -> bool:
     code = (
-        "import json, sys; from pathlib import Path; from nodemedic.sighup import dropin; "
+        "import json, sys; from pathlib import Path; from nodemedic.actions import sighup_dropin as dropin; "
         "print(dropin.install_dropin(Path(sys.argv[2]), dropin.render_dropin(json.loads(sys.argv[1]))))"
     )
     return node_python(node, code, json.dumps(lines), path).strip() == "True"

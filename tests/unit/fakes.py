@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nodemedic.actions.base import UnitState
 from nodemedic.errors import ProbeError, UnitControlError
+from nodemedic.ports import UnitState
 
 
 class FakeClock:

@@ -52,7 +52,7 @@ async def test_after_a_change_kubelet_is_restarted(tmp_path: object) -> None:
 
 async def test_verifying_is_not_a_change(tmp_path: object) -> None:
     from nodemedic.actions.registry import build_action
-    from nodemedic.actions.verify import VerifyContainerdParams
+    from nodemedic.policy.actions import VerifyContainerdParams
 
     step = await build_action(VerifyContainerdParams(do="verify-containerd")).check(None)  # type: ignore[arg-type]
     assert step.changes is False  # type: ignore[union-attr]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemedic.engine.backoff import Backoff
+from nodemedic.backoff import Backoff
 
 pytestmark = pytest.mark.unit
 

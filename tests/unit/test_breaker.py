@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemedic.engine.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from nodemedic.engine.budget import RepairBudget
-from nodemedic.engine.store import StateStore
+from nodemedic.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from nodemedic.core.budget import RepairBudget
+from nodemedic.store import StateStore
 
 pytestmark = pytest.mark.unit
 

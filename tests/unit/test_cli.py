@@ -183,7 +183,7 @@ def test_mode_through_a_symlink_replaces_the_target(
 
 
 def test_reset_files_a_request_the_daemon_takes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodemedic.engine.store import StateStore
+    from nodemedic.store import StateStore
 
     state = tmp_path / "state"
     policy = tmp_path / "policy.toml"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nodemedic.engine.backoff import Backoff
-from nodemedic.engine.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from nodemedic.engine.budget import RepairBudget
+from nodemedic.backoff import Backoff
+from nodemedic.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from nodemedic.core.budget import RepairBudget
 from nodemedic.events import PathChanged, PathKind
 from nodemedic.report import RecordKind
 

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
+from nodemedic.actions.config_restore import RestoreConfig
 from nodemedic.configs import GoodConfigs
 from nodemedic.errors import ConfigFileError, UnsafePathError
+from nodemedic.policy.actions import RestoreConfigParams
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 

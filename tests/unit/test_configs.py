@@ -14,7 +14,7 @@ import pytest
 from nodemedic import configs
 from nodemedic.configs import MAX_CONFIG_BYTES, config_problem, default_config, read_config
 from nodemedic.errors import ConfigCheckError, ConfigFileError, DefaultConfigError, NodemedicError
-from nodemedic.state import atomic_write
+from nodemedic.store import atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib

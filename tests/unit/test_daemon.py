@@ -215,7 +215,7 @@ async def test_reload_keeps_the_policy_when_it_is_removed_or_linked_to_a_public_
 
 
 async def test_damaged_state_files_are_reported_at_start_up(tmp_path: Path) -> None:
-    from nodemedic import state
+    from nodemedic import store as state
     from nodemedic.sources import journal
 
     ours, elsewhere = tmp_path / "state" / "journal.cursor", tmp_path / "other" / "journal.cursor"

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodemedic.errors import DropinError
-from nodemedic.sighup.dropin import (
+from nodemedic.actions.sighup_dropin import (
     DROPIN_NAME,
     MARKER,
     dropin_path,
@@ -20,6 +19,7 @@ from nodemedic.sighup.dropin import (
     render_dropin,
     unwrap,
 )
+from nodemedic.errors import DropinError
 
 pytestmark = pytest.mark.unit
 UNIT = "containerd.service"

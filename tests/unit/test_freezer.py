@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from nodemedic.actions.freezer import Freezer, own_cgroup
 from nodemedic.errors import FreezeFailedError, FreezeRefusedError
 from nodemedic.policy.sighup import DEFAULT_DENY
-from nodemedic.sighup.freezer import Freezer, own_cgroup
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemedic.engine.backoff import Backoff
-from nodemedic.engine.breaker import OPEN, CircuitBreaker
-from nodemedic.engine.budget import RepairBudget
+from nodemedic.backoff import Backoff
+from nodemedic.core.breaker import OPEN, CircuitBreaker
+from nodemedic.core.budget import RepairBudget
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemedic.engine.intent import INTENT_FILE, IntentStore, RepairIntent
+from nodemedic.store import INTENT_FILE, IntentStore, RepairIntent
 
 pytestmark = pytest.mark.unit
 

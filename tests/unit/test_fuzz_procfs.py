@@ -22,11 +22,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.shims import PID_MAX_LIMIT, KillOrphanedShims, KillOrphanedShimsParams, _named_pids
+from nodemedic.actions.shims import PID_MAX_LIMIT, KillOrphanedShims, _named_pids
 from nodemedic.errors import RepairFailedError, UnitControlError
 from nodemedic.events import JournalLine, PathChanged, PathKind
+from nodemedic.policy.actions import KillOrphanedShimsParams
+from nodemedic.procfs import ProcView, cgroup_from_text, nspid_from_status, pod_of, unit_of
 from nodemedic.report import RecordKind
-from nodemedic.sources.procview import ProcView, cgroup_from_text, nspid_from_status, pod_of, unit_of
 from nodemedic.sources.tracefs import TraceLine, TraceSignals, parse_line
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
@@ -294,7 +295,7 @@ def test_whatever_an_action_raises_after_the_stop_the_unit_runs_again(
     make: Callable[[], BaseException], phase: str
 ) -> None:
     from nodemedic.actions import registry
-    from nodemedic.actions.socket_dir import RemoveSocketDirParams
+    from nodemedic.policy.actions import RemoveSocketDirParams
 
     error = make()
     params: type[Any] = RemoveSocketDirParams

@@ -24,7 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nodemedic.actions.base import ActionContext, Step
-from nodemedic.actions.socket_dir import MANIFEST, RemoveSocketDir, RemoveSocketDirParams, mount_points
+from nodemedic.actions.socket_dir import MANIFEST, RemoveSocketDir, mount_points
+from nodemedic.policy.actions import RemoveSocketDirParams
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 

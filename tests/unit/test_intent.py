@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from nodemedic.actions import socket_dir
-from nodemedic.actions.socket_dir import RemoveSocketDirParams, finish_quarantines
-from nodemedic.engine.intent import INTENT_FILE, IntentStore, RepairIntent
+from nodemedic.actions.socket_dir import finish_quarantines
 from nodemedic.engine.runner import Runner
 from nodemedic.events import PathChanged, PathKind, UnitChanged
+from nodemedic.policy.actions import RemoveSocketDirParams
 from nodemedic.report import RecordKind
+from nodemedic.store import INTENT_FILE, IntentStore, RepairIntent
 
 from .fakes import FakeClock
 from .test_runner import Harness

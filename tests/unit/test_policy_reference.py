@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from nodemedic.actions.registry import ACTIONS, ActionSpec
+from nodemedic.actions.registry import ACTIONS
+from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.model import Policy
 from nodemedic.policy.reference import SECTIONS, main, render
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodemedic.sources.procview import (
+from nodemedic.procfs import (
     ProcView,
     cgroup_from_text,
     cgroup_prefix,

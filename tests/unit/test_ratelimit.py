@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodemedic.engine.ratelimit import SenderBuckets, TokenBucket
+from nodemedic.core.ratelimit import SenderBuckets, TokenBucket
 
 from .fakes import FakeClock
 

@@ -230,7 +230,7 @@ async def test_verify_fails_when_containerd_never_answers(harness: Callable[...,
 
 
 async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harness], tmp_path: Path) -> None:
-    from nodemedic.engine.store import StateStore
+    from nodemedic.store import StateStore
 
     units = FakeUnits()
     units.fail.add(("start", "containerd.service"))
@@ -360,7 +360,7 @@ async def test_at_start_up_it_waits_to_know_whether_an_operator_stopped_the_unit
 
 
 async def test_a_malformed_state_file_is_moved_aside(harness: Callable[..., Harness], tmp_path: Path) -> None:
-    from nodemedic.engine.store import StateStore
+    from nodemedic.store import StateStore
 
     h = harness()
     state_dir = tmp_path / "state"
@@ -405,8 +405,7 @@ class Broken:
 def broken(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Give remove-socket-dir (which runs after stop-unit), or stop-unit itself, a bug."""
     from nodemedic.actions import registry
-    from nodemedic.actions.socket_dir import RemoveSocketDirParams
-    from nodemedic.actions.units import StopUnitParams
+    from nodemedic.policy.actions import RemoveSocketDirParams, StopUnitParams
 
     def install(phase: str, error: BaseException, action: str = "remove-socket-dir") -> None:
         params: type[Any] = StopUnitParams if action == "stop-unit" else RemoveSocketDirParams
@@ -539,7 +538,7 @@ async def test_a_repair_cancelled_after_the_stop_starts_the_unit_again(
     harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from nodemedic.actions import registry
-    from nodemedic.actions.socket_dir import RemoveSocketDirParams
+    from nodemedic.policy.actions import RemoveSocketDirParams
 
     entered = asyncio.Event()
 

@@ -12,7 +12,7 @@ import pytest
 
 from nodemedic.actions import nofile
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.nofile import MARKER, RaiseNofileLimit, RaiseNofileLimitParams
+from nodemedic.actions.nofile import MARKER, RaiseNofileLimit
 from nodemedic.engine.runner import Runner
 from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.events import (
@@ -27,6 +27,7 @@ from nodemedic.events import (
     UnitChanged,
     VersionSeen,
 )
+from nodemedic.policy.actions import RaiseNofileLimitParams
 from nodemedic.policy.load import load_policy, parse_policy
 from nodemedic.policy.match import known_bugs, match, version_tuple
 from nodemedic.policy.model import Policy

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
+from nodemedic.actions.shims import KillOrphanedShims, ReportedOrphans
 from nodemedic.events import JournalLine
+from nodemedic.policy.actions import KillOrphanedShimsParams
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 

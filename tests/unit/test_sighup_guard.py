@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from nodemedic.actions import sighup_dropin as dropin
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import FileChanged, SignalSeen, UnitChanged
 from nodemedic.policy.model import Mode
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.report import MemorySink, Record, Reporter
-from nodemedic.sighup import dropin
 
 from .fakes import FakeClock, FakeProbe
 

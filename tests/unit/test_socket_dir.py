@@ -16,8 +16,9 @@ from pydantic import ValidationError
 
 from nodemedic.actions import socket_dir
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.actions.socket_dir import MANIFEST, RemoveSocketDir, RemoveSocketDirParams
+from nodemedic.actions.socket_dir import MANIFEST, RemoveSocketDir
 from nodemedic.errors import UnsafePathError
+from nodemedic.policy.actions import RemoveSocketDirParams
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 

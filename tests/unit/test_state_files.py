@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from nodemedic import state
+from nodemedic import store as state
+from nodemedic.actions.freezer import Freezer
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine import coalesce
 from nodemedic.engine.runner import Runner
-from nodemedic.engine.store import StateStore
 from nodemedic.errors import StateSaveError
 from nodemedic.events import PathChanged, PathKind, UnitChanged
 from nodemedic.report import RecordKind
-from nodemedic.sighup.freezer import Freezer
 from nodemedic.sources import journal
+from nodemedic.store import StateStore
 
 from .test_runner import Harness
 
@@ -125,7 +125,7 @@ def test_a_damaged_freezer_registry_in_a_read_only_folder_still_thaws_what_it_na
     monkeypatch.setattr(state.os, "replace", read_only_folder)
     monkeypatch.setattr(state, "atomic_write", read_only_folder)
     freezer = Freezer(cgroup_root=tmp_path / "cgroup", registry=registry)
-    monkeypatch.setattr("nodemedic.sighup.freezer.atomic_write", read_only_folder)
+    monkeypatch.setattr("nodemedic.actions.freezer.atomic_write", read_only_folder)
     assert freezer._load() == {"/system.slice/toolkit.scope": 0.0}
 
 
@@ -153,7 +153,7 @@ def test_a_failing_save_is_said_once_until_it_works_again(
 ) -> None:
     path = tmp_path / "journal.cursor"
     monkeypatch.setattr(state, "atomic_write", full_disk)
-    with caplog.at_level(logging.WARNING, logger="nodemedic.state"):
+    with caplog.at_level(logging.WARNING, logger="nodemedic.store"):
         assert [state.save_best_effort(path, "x") for _ in range(5)] == [False] * 5
         assert len(caplog.records) == 1
         assert "said once" in caplog.records[0].getMessage()
@@ -164,13 +164,13 @@ def test_a_failing_save_is_said_once_until_it_works_again(
 
 def test_state_json_save_fails_loudly_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = StateStore(tmp_path / "state")
-    monkeypatch.setattr("nodemedic.engine.store.atomic_write", full_disk)
+    monkeypatch.setattr("nodemedic.store.atomic_write", full_disk)
     with pytest.raises(StateSaveError, match="repairs go on"):
         store.save({})
     store.save({})  # quiet: already said
     monkeypatch.undo()
     store.save({})
-    monkeypatch.setattr("nodemedic.engine.store.atomic_write", read_only_folder)
+    monkeypatch.setattr("nodemedic.store.atomic_write", read_only_folder)
     with pytest.raises(StateSaveError, match="Read-only"):
         store.save({})
 
@@ -181,7 +181,7 @@ async def test_repairs_run_with_a_full_state_directory_and_say_it_once(
     h = Harness(tmp_path)
     h.runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(tmp_path / "st"))
     h.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
-    monkeypatch.setattr("nodemedic.engine.store.atomic_write", full_disk)
+    monkeypatch.setattr("nodemedic.store.atomic_write", full_disk)
     try:
         for _ in range(3):
             h.sock.mkdir()

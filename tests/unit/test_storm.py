@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodemedic.engine.storm import StormDetector, Verdict
+from nodemedic.core.storm import StormDetector, Verdict
 
 pytestmark = pytest.mark.unit
 

@@ -6,47 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from nodemedic.clock import Clock
 from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
-
-
-@dataclass(frozen=True, slots=True)
-class UnitState:
-    load_state: str
-    active_state: str
-    sub_state: str
-
-    @property
-    def exists(self) -> bool:
-        return self.load_state not in ("not-found", "masked")
-
-    @property
-    def down(self) -> bool:
-        """Not running and not about to run by itself."""
-        return self.active_state in ("inactive", "failed")
-
-
-class UnitControl(Protocol):
-    """systemd, as the actions see it (D-Bus in the daemon, a fake in unit tests)."""
-
-    async def state(self, unit: str) -> UnitState: ...
-
-    async def stop(self, unit: str, timeout: float) -> None: ...
-
-    async def start(self, unit: str, timeout: float) -> None: ...
-
-    async def restart(self, unit: str, timeout: float) -> None: ...
-
-    async def kill(self, unit: str, signal: int) -> None:
-        """Send ``signal`` to the unit's main process (systemd's KillUnit, whom="main")."""
-        ...
-
-
-class VersionProbe(Protocol):
-    """containerd's Version API over its socket."""
-
-    async def version(self, socket: str, timeout: float) -> str: ...
+from nodemedic.ports import Clock, UnitControl, VersionProbe
 
 
 @dataclass(frozen=True, slots=True)

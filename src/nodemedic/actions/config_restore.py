@@ -16,34 +16,17 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.configs import config_problem, default_config, file_kind, read_config
 from nodemedic.errors import RepairFailedError, UnsafePathError
-from nodemedic.policy.paths import AbsolutePath
-from nodemedic.state import fsync_directory, utc_stamp, write_all
+from nodemedic.policy.actions import RestoreConfigParams
+from nodemedic.store import fsync_directory, utc_stamp, write_all
 
 # Not taken over from the broken file: setuid/setgid/sticky mean nothing on a config but could be
 # a plant, and a config.toml anyone may write lets anyone choose what containerd runs as root.
 DROPPED_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
 DEFAULT_MODE = 0o644  # containerd's packages install config.toml 0644 root:root
-
-
-class RestoreConfigParams(BaseModel):
-    """Replace a config containerd refuses by its last-known-good copy (or a generated default)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["restore-config"]
-    path: AbsolutePath = "/etc/containerd/config.toml"
-    """containerd's config; it must be ``[daemon.config_backup].path``, whose copies are used."""
-    generate: bool = True
-    """With no last-known-good copy, write ``containerd config default`` (SystemdCgroup = true). False:
-    without a copy nothing is done and the broken file stays for a human (e.g. while containerd
-    still runs on its old config, a default would drop settings such as the nvidia runtime)."""
 
 
 class RestoreConfig:

@@ -11,44 +11,15 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError, UnitControlError, UnsafePathError
-from nodemedic.policy.duration import Duration, PositiveDuration
-from nodemedic.policy.paths import AbsolutePath
+from nodemedic.policy.actions import RaiseNofileLimitParams
 from nodemedic.procfs import soft_nofile
-from nodemedic.state import atomic_write
+from nodemedic.store import atomic_write
 
 MARKER = "# nodemedic: managed drop-in"
 SYSTEMCTL_TIMEOUT = 30.0
-
-
-class RaiseNofileLimitParams(BaseModel):
-    """Install a ``LimitNOFILE=`` drop-in for ``unit`` under ``dropin_root``, reload systemd,
-    restart the unit and check the new main process's soft limit. Skipped when the running process
-    already has ``limit``. The hardened nodemedic.service needs ``ReadWritePaths=`` for
-    ``dropin_root`` to write it (docs/operations.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["raise-nofile-limit"]
-    unit: str = "containerd.service"
-    """The unit whose limit is raised."""
-    limit: int = Field(default=1048576, ge=1024)
-    """The new soft and hard RLIMIT_NOFILE."""
-    dropin_root: AbsolutePath = "/run/systemd/system"
-    """Where the drop-in folder ``<unit>.d`` is made (runtime: gone at reboot)."""
-    name: str = Field(default="90-nodemedic-nofile.conf", pattern=r"^[A-Za-z0-9_.-]+\.conf$")
-    """The drop-in's file name; it sorts after most operators' drop-ins, whose settings it overrides."""
-    timeout: PositiveDuration = 30.0
-    """How long the restart may take."""
-    stop_grace: Duration = 10.0
-    """How long containerd may take to stop gracefully before its main process is sent SIGKILL (as
-    systemd would after TimeoutStopSec): a containerd holding leaked connections does not stop
-    (lab: still stopping after 90 s with 230 idle clients). Shims survive it (KillMode=process)."""
 
 
 class RaiseNofileLimit:

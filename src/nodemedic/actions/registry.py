@@ -3,38 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
-
-from pydantic import Field
+from typing import Any
 
 from nodemedic.actions.base import Action
-from nodemedic.actions.config_restore import RestoreConfig, RestoreConfigParams
-from nodemedic.actions.nofile import RaiseNofileLimit, RaiseNofileLimitParams
-from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams
-from nodemedic.actions.signal import SignalUnit, SignalUnitParams
-from nodemedic.actions.socket_dir import RemoveSocketDir, RemoveSocketDirParams
-from nodemedic.actions.units import (
-    RestartUnit,
+from nodemedic.actions.config_restore import RestoreConfig
+from nodemedic.actions.nofile import RaiseNofileLimit
+from nodemedic.actions.shims import KillOrphanedShims
+from nodemedic.actions.signal import SignalUnit
+from nodemedic.actions.socket_dir import RemoveSocketDir
+from nodemedic.actions.units import RestartUnit, StartUnit, StopUnit
+from nodemedic.actions.verify import VerifyContainerd
+from nodemedic.policy.actions import (
+    KillOrphanedShimsParams,
+    RaiseNofileLimitParams,
+    RemoveSocketDirParams,
     RestartUnitParams,
-    StartUnit,
+    RestoreConfigParams,
+    SignalUnitParams,
     StartUnitParams,
-    StopUnit,
     StopUnitParams,
+    VerifyContainerdParams,
 )
-from nodemedic.actions.verify import VerifyContainerd, VerifyContainerdParams
-
-ActionSpec = Annotated[
-    StopUnitParams
-    | StartUnitParams
-    | RestartUnitParams
-    | RemoveSocketDirParams
-    | VerifyContainerdParams
-    | SignalUnitParams
-    | RestoreConfigParams
-    | KillOrphanedShimsParams
-    | RaiseNofileLimitParams,
-    Field(discriminator="do"),
-]
 
 ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     StopUnitParams: StopUnit,

@@ -22,33 +22,16 @@ import os
 import re
 import signal as signals
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
 from nodemedic.events import JournalLine
-from nodemedic.policy.paths import AbsolutePath
-from nodemedic.sources.procview import ProcView, cgroup_from_text, is_unit_cgroup
+from nodemedic.policy.actions import KillOrphanedShimsParams
+from nodemedic.procfs import ProcView, cgroup_from_text, is_unit_cgroup
 
 # A PID is at most 7 digits (PID_MAX_LIMIT); 10 bounds what int() is given, ASCII digits only.
 LEFT_OVER = re.compile(r"Found left-over process ([0-9]{1,10}) \((containerd-shim[^)]*)\)")
 PID_MAX_LIMIT = 4_194_304  # the kernel's hard limit: no pid_max is larger
-
-
-class KillOrphanedShimsParams(BaseModel):
-    """Kill the left-over containerd shims systemd names in the triggering line, if proven orphaned."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["kill-orphaned-shims"]
-    unit: str = "containerd.service"
-    """The unit whose cgroup the shims must be in."""
-    bundles: AbsolutePath = "/run/containerd/io.containerd.runtime.v2.task"
-    """containerd's task state: <bundles>/<namespace>/<id> exists for every task it can reattach to."""
-    proc: AbsolutePath = "/proc"
-    """Where processes are read (a test may point it elsewhere)."""
 
 
 class KillOrphanedShims:

@@ -5,27 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import signal as signals
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.policy.duration import Duration
-from nodemedic.policy.signals import Signal
-
-
-class SignalUnitParams(BaseModel):
-    """Send a signal to a unit's main process (systemd KillUnit), then wait a moment."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["signal-unit"]
-    unit: str
-    """The systemd unit whose main process gets the signal."""
-    signal: Signal = int(signals.SIGUSR1)
-    """The signal, by name ("SIGUSR1") or number. containerd dumps its goroutine stacks on SIGUSR1."""
-    wait: Duration = 0.3
-    """Time given to the process to act on it (e.g. write its stack dump) before the next action."""
+from nodemedic.policy.actions import SignalUnitParams
 
 
 class SignalUnit:

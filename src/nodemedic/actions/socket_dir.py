@@ -28,17 +28,13 @@ import re
 import shutil
 import stat
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodemedic.actions.base import ActionContext, Skip, Step
-from nodemedic.clock import Clock
 from nodemedic.errors import NodemedicError, RepairFailedError, UnsafePathError
-from nodemedic.policy.duration import Duration
-from nodemedic.state import utc_stamp, write_all
+from nodemedic.policy.actions import RemoveSocketDirParams
+from nodemedic.ports import Clock
+from nodemedic.store import utc_stamp, write_all
 
-DEFAULT_PATHS = ["/run/containerd/containerd.sock", "/run/containerd/containerd.sock.ttrpc"]
 MANIFEST = "MANIFEST.nodemedic.json"
 # The manifest is built in memory: a pod's 255-byte names that are not UTF-8, 32 folders deep, took
 # 48 KB a row as JSON (\udcXX escapes), 490 MB at max_entries, past MemoryMax= with containerd
@@ -62,46 +58,6 @@ _KINDS = {
     stat.S_IFCHR: "char-device",
     stat.S_IFBLK: "block-device",
 }
-
-
-class RemoveSocketDirParams(BaseModel):
-    """Remove directories found at containerd's socket paths (moved to the quarantine if not empty).
-
-    A non-empty directory is renamed aside in ``root`` (the socket path is free at once), then
-    copied to the quarantine within the bounds below. Past any bound, and for anything that could
-    not be copied, the manifest in the quarantine entry lists what was skipped and why, and the
-    directory is kept whole in ``root`` under its ``.<name>.nodemedic-<UTC time>`` name; the
-    repair still succeeds."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["remove-socket-dir"]
-    paths: list[str] = Field(default_factory=lambda: list(DEFAULT_PATHS))
-    """Socket paths to check; each must be directly inside ``root``."""
-    root: str = "/run/containerd"
-    """The only directory this action ever removes anything from."""
-    max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
-    """Most bytes of file content copied to the quarantine from one directory (default 256 MiB).
-    A file that would pass it is not copied (none is copied in part) and is listed as skipped."""
-    max_entries: int = Field(default=10_000, ge=1)
-    """Most entries (files, folders, links, ...) walked in one directory; the rest is not walked,
-    and each folder left unfinished is listed as skipped."""
-    max_depth: int = Field(default=32, ge=1, le=100)
-    """Deepest level walked (1: the directory's own entries); a folder at this level is listed as
-    skipped, not entered. At most 100: the walk holds a few descriptors and stack frames a level."""
-    max_seconds: Duration = Field(default=10.0, gt=0)
-    """How long the copy may take (containerd waits for it); past it the rest is listed as skipped.
-    Removing the aside copy after a complete copy gets as long again."""
-
-    @model_validator(mode="after")
-    def _inside_root(self) -> RemoveSocketDirParams:
-        """Checked when the policy loads, not when containerd has already been stopped."""
-        if not os.path.isabs(self.root) or os.path.normpath(self.root) != self.root:
-            raise ValueError(f"root {self.root!r} must be an absolute, normalised path")
-        for p in self.paths:
-            if os.path.normpath(p) != p or os.path.dirname(p) != self.root:
-                raise ValueError(f"{p!r} must be a normalised path directly inside root {self.root!r}")
-        return self
 
 
 class RemoveSocketDir:

@@ -2,45 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
-
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import RepairFailedError
-from nodemedic.policy.duration import PositiveDuration
-
-
-class _UnitParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    unit: str
-    """The systemd unit, e.g. ``containerd.service``."""
-    timeout: PositiveDuration = 30.0
-    """How long systemd's job may take."""
-
-
-class StopUnitParams(_UnitParams):
-    """Stop a unit unless it is already down (this also cancels a pending automatic restart)."""
-
-    do: Literal["stop-unit"]
-
-
-class StartUnitParams(_UnitParams):
-    """Start a unit now, without waiting for its own RestartSec."""
-
-    do: Literal["start-unit"]
-
-
-class RestartUnitParams(_UnitParams):
-    """Restart a unit; with ``if_exists`` a unit that is not installed is skipped quietly."""
-
-    do: Literal["restart-unit"]
-    if_exists: bool = True
-    """Skip without error when the unit is not installed (e.g. kubelet on a plain containerd host)."""
-    after_change: bool = False
-    """Only if an earlier action of the same repair changed something (e.g. kubelet after containerd
-    was restarted): a repair whose other actions all found nothing to do does not restart it."""
+from nodemedic.policy.actions import RestartUnitParams, StartUnitParams, StopUnitParams
 
 
 class StopUnit:

@@ -5,30 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.errors import ProbeError, RepairFailedError
-from nodemedic.policy.duration import PositiveDuration
-from nodemedic.policy.paths import AbsolutePath
+from nodemedic.policy.actions import VerifyContainerdParams
 
 RETRY_INTERVAL = 0.05
-
-
-class VerifyContainerdParams(BaseModel):
-    """Wait until containerd's socket is a socket and its Version API answers, within ``timeout``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    do: Literal["verify-containerd"]
-    socket: AbsolutePath = "/run/containerd/containerd.sock"
-    """containerd's main gRPC socket."""
-    timeout: PositiveDuration = 15.0
-    """The deadline for containerd to answer after the repair."""
-    request_timeout: PositiveDuration = 1.0
-    """The deadline of each Version request."""
 
 
 class VerifyContainerd:

@@ -22,16 +22,16 @@ import re
 import signal
 from pathlib import Path
 
-from nodemedic.clock import Clock
+from nodemedic.actions import sighup_dropin as dropin
 from nodemedic.configs import config_problem, read_config
 from nodemedic.engine.sighup_context import ACTION_ERRORS, GuardContext, Say
 from nodemedic.events import UnitChanged
 from nodemedic.policy.model import Mode
 from nodemedic.policy.sighup import SighupSettings
+from nodemedic.ports import Clock
+from nodemedic.procfs import ProcView
 from nodemedic.report import RecordKind
-from nodemedic.sighup import dropin
-from nodemedic.sources.procview import ProcView
-from nodemedic.state import load_checked, save_best_effort
+from nodemedic.store import load_checked, save_best_effort
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import contextlib
 import logging
 from pathlib import Path
 
-from nodemedic.actions.base import VersionProbe
 from nodemedic.configs import GoodConfigs, config_problem, read_config
 from nodemedic.errors import ProbeError
 from nodemedic.events import Event, UnitChanged
+from nodemedic.ports import VersionProbe
 from nodemedic.report import RecordKind, Reporter
 
 log = logging.getLogger(__name__)

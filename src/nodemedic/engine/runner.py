@@ -24,14 +24,12 @@ from typing import Any
 
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.registry import build_action
-from nodemedic.actions.shims import KillOrphanedShims, KillOrphanedShimsParams, ReportedOrphans
-from nodemedic.actions.socket_dir import RemoveSocketDirParams, finish_quarantines
+from nodemedic.actions.shims import KillOrphanedShims, ReportedOrphans
+from nodemedic.actions.socket_dir import finish_quarantines
+from nodemedic.backoff import Backoff
 from nodemedic.configs import config_problem
-from nodemedic.engine.backoff import Backoff
-from nodemedic.engine.breaker import HALF_OPEN, OPEN, CircuitBreaker
-from nodemedic.engine.budget import RepairBudget
-from nodemedic.engine.intent import IntentStore, RepairIntent
-from nodemedic.engine.store import StateStore
+from nodemedic.core.breaker import HALF_OPEN, OPEN, CircuitBreaker
+from nodemedic.core.budget import RepairBudget
 from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import (
     Event,
@@ -47,6 +45,7 @@ from nodemedic.events import (
     UnitChanged,
     VersionSeen,
 )
+from nodemedic.policy.actions import KillOrphanedShimsParams, RemoveSocketDirParams
 from nodemedic.policy.match import Match, in_states, match, match_trigger
 from nodemedic.policy.model import (
     RESOURCE_TRIGGERS,
@@ -65,6 +64,7 @@ from nodemedic.policy.model import (
 )
 from nodemedic.report import RecordKind, Reporter
 from nodemedic.sources.inotify import path_kind
+from nodemedic.store import IntentStore, RepairIntent, StateStore
 
 log = logging.getLogger(__name__)
 

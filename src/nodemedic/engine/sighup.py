@@ -19,17 +19,17 @@ import contextlib
 import logging
 import uuid
 
-from nodemedic.clock import Clock
+from nodemedic.core.storm import Storm, StormDetector, Verdict
 from nodemedic.engine.coalesce import Coalescer
-from nodemedic.engine.sighup_context import GuardContext, GuardSystemd, Say
-from nodemedic.engine.storm import Storm, StormDetector, Verdict
+from nodemedic.engine.sighup_context import GuardContext, Say
 from nodemedic.engine.throttle import Throttler
 from nodemedic.events import Event, FileChanged, SignalSeen, UnitChanged
 from nodemedic.policy.model import Mode
 from nodemedic.policy.sighup import SighupSettings
+from nodemedic.ports import Clock, SystemdManager
 from nodemedic.report import RecordKind, Reporter
 
-__all__ = ["GuardContext", "GuardSystemd", "Say", "SighupGuard", "sender_name"]
+__all__ = ["GuardContext", "Say", "SighupGuard", "SystemdManager", "sender_name"]
 
 log = logging.getLogger(__name__)
 

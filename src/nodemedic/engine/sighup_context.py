@@ -9,44 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from nodemedic.actions.base import VersionProbe
 from nodemedic.configs import GoodConfigs
+from nodemedic.ports import Freezing, SystemdManager, VersionProbe
 from nodemedic.report import RecordKind
 
 ACTION_ERRORS = (OSError, EOFError, RuntimeError, ValueError)  # NodemedicError subclasses these too
 
 
-class GuardSystemd(Protocol):
-    """What the guard needs from systemd (SystemdBus in the daemon)."""
-
-    async def restart(self, unit: str, timeout: float) -> None: ...
-
-    async def kill(self, unit: str, signal: int) -> None: ...
-
-    async def exec_start(self, unit: str) -> list[list[str]]: ...
-
-    async def daemon_reload(self) -> None: ...
-
-
-class Freezing(Protocol):
-    """What the guard needs from the freezer (sighup/freezer.py's Freezer)."""
-
-    deny: list[str]
-
-    def refusal(self, cgroup: str) -> str | None: ...
-
-    def freeze(self, cgroup: str, until_wall: float) -> None: ...
-
-    def frozen(self) -> dict[str, float]: ...
-
-    def thaw_all(self) -> list[str]: ...
-
-    def thaw_due(self, now_wall: float) -> list[str]: ...
-
-
 @dataclass(frozen=True)
 class GuardContext:
-    systemd: GuardSystemd
+    systemd: SystemdManager
     probe: VersionProbe
     probe_socket: str
     probe_timeout: float

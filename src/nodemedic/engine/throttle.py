@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-from nodemedic.clock import Clock
-from nodemedic.engine.ratelimit import SenderBuckets
+from nodemedic.core.ratelimit import SenderBuckets
 from nodemedic.engine.sighup_context import ACTION_ERRORS, GuardContext, Say
 from nodemedic.events import SignalSeen
 from nodemedic.policy.model import Mode
 from nodemedic.policy.sighup import SighupSettings
+from nodemedic.ports import Clock
 from nodemedic.report import RecordKind
 
 

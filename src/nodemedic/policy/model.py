@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nodemedic.actions.registry import ActionSpec
 from nodemedic.events import PathKind
+from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.duration import Duration, Interval, PositiveDuration
 from nodemedic.policy.paths import AbsoluteDir, AbsolutePath, absolute_path
 from nodemedic.policy.patterns import Regex

@@ -23,8 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from nodemedic.actions.registry import ActionSpec
 from nodemedic.policy import model, sighup
+from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.duration import parse_duration
 from nodemedic.policy.load import DEFAULT_POLICY
 from nodemedic.policy.patterns import Regex

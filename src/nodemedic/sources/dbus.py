@@ -18,11 +18,10 @@ from typing import Any
 from dbus_fast import AuthError, BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from nodemedic.actions.base import UnitState
-from nodemedic.clock import Clock
-from nodemedic.engine.backoff import Backoff
+from nodemedic.backoff import Backoff
 from nodemedic.errors import UnitControlError
 from nodemedic.events import Event, SignalSeen, UnitChanged
+from nodemedic.ports import Clock, UnitState
 
 log = logging.getLogger(__name__)
 

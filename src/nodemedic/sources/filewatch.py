@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from asyncinotify import Inotify, Mask
 
-from nodemedic.clock import Clock
 from nodemedic.events import Event, FileChanged
+from nodemedic.ports import Clock
 
 log = logging.getLogger(__name__)
 

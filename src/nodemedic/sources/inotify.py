@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from asyncinotify import Inotify, Mask, Watch
 
-from nodemedic.clock import Clock
 from nodemedic.events import Event, PathChanged, PathKind
+from nodemedic.ports import Clock
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from nodemedic.clock import Clock
 from nodemedic.events import Event, JournalLine
-from nodemedic.state import load_checked, save_best_effort
+from nodemedic.ports import Clock
+from nodemedic.store import load_checked, save_best_effort
 
 log = logging.getLogger(__name__)
 # Not a unit: "kernel" in the units followed means the kernel's own lines (OOM kills, SELinux and

@@ -15,10 +15,9 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 
-from nodemedic.actions.base import VersionProbe
-from nodemedic.clock import Clock
 from nodemedic.errors import ProbeError
 from nodemedic.events import Event, ProbeAnswered, ProbeFailed
+from nodemedic.ports import Clock, VersionProbe
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 

@@ -22,8 +22,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nodemedic.actions.base import VersionProbe
-from nodemedic.clock import Clock
 from nodemedic.configs import read_config
 from nodemedic.errors import ProbeError
 from nodemedic.events import (
@@ -45,6 +43,7 @@ from nodemedic.policy.model import (
     SocketModeTrigger,
     VersionTrigger,
 )
+from nodemedic.ports import Clock, VersionProbe
 from nodemedic.procfs import oom_kill_count, open_fds, read_pressure, soft_nofile, unit_cgroup
 
 if sys.version_info >= (3, 11):

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodemedic.clock import Clock
 from nodemedic.events import Event, SignalSeen, UnitChanged
-from nodemedic.sources.procview import ProcView, pod_of, unit_of
+from nodemedic.ports import Clock
+from nodemedic.procfs import ProcView, pod_of, unit_of
 
 log = logging.getLogger(__name__)
 

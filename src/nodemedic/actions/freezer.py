@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from nodemedic.errors import FreezeFailedError, FreezeRefusedError
-from nodemedic.state import DAMAGED, SetAside, atomic_write, load_checked, note_set_aside
+from nodemedic.store import DAMAGED, SetAside, atomic_write, load_checked, note_set_aside
 
 log = logging.getLogger(__name__)
 

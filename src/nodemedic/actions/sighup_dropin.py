@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from nodemedic.errors import DropinError
-from nodemedic.state import atomic_write
+from nodemedic.store import atomic_write
 
 log = logging.getLogger(__name__)
 

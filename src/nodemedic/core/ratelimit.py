@@ -7,7 +7,7 @@ next whole minute). ``take`` spends one if there is one.
 
 from __future__ import annotations
 
-from nodemedic.clock import Clock
+from nodemedic.ports import Clock
 
 
 class TokenBucket:

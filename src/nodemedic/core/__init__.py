@@ -1,0 +1,1 @@
+"""The decision core: pure, takes events and the time, returns effects."""

@@ -1,1 +1,0 @@
-"""The parts that act on SIGHUP storms: containerd's drop-in (coalesce) and the cgroup freezer (throttle)."""

@@ -1,0 +1,59 @@
+"""What nodemedic knows of the node, fed by events: the one copy of the units' states, their main
+processes and who stopped them. Pure: the core, the executor and the sources (through getters
+that app.py hands them) read it; only ``see`` and ``stopping`` change it."""
+
+from __future__ import annotations
+
+from nodemedic.events import Event, UnitChanged
+
+# A unit down in one of these load states is no operator's stop: systemd will not start it.
+UNIT_REFUSED = {
+    "masked": "systemd refuses to start a masked unit (systemctl unmask it first)",
+    "not-found": "no such unit file is installed (install it, or fix the unit's name in the policy)",
+}
+
+
+class NodeView:
+    def __init__(self) -> None:
+        self.units: dict[str, UnitChanged] = {}  # the last state D-Bus reported, per unit
+        self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
+        self.stopped_by_others: set[str] = set()  # units an operator stopped
+        self._last_pid: dict[str, int] = {}  # the last main PID seen while the unit was active
+
+    def see(self, event: Event) -> None:
+        if not isinstance(event, UnitChanged):
+            return
+        self.units[event.unit] = event
+        if event.active_state == "active" and event.main_pid:
+            self._last_pid[event.unit] = event.main_pid
+        self._track_stops(event)
+
+    def _track_stops(self, event: UnitChanged) -> None:
+        """With Restart=, only a stop job leaves a unit inactive: if no repair of ours stopped it,
+        someone else did (an operator's systemctl stop), and it is theirs until it runs again."""
+        if event.active_state == "inactive":
+            if event.unit not in self.stopped_by_us:
+                self.stopped_by_others.add(event.unit)
+        elif event.active_state in ("active", "activating", "reloading"):
+            self.stopped_by_us.discard(event.unit)
+            self.stopped_by_others.discard(event.unit)
+
+    def stopping(self, unit: str) -> None:
+        """nodemedic is about to stop (or restart) ``unit``: the inactive state that follows is ours."""
+        self.stopped_by_us.add(unit)
+
+    def state(self, unit: str) -> UnitChanged | None:
+        return self.units.get(unit)
+
+    def main_pid(self, unit: str) -> int:
+        """The unit's main process as last reported (0 while it is not running, or not known yet)."""
+        seen = self.units.get(unit)
+        return seen.main_pid if seen is not None else 0
+
+    def last_main_pid(self, unit: str) -> int:
+        """The last main process seen while the unit was active (kept while it is down)."""
+        return self._last_pid.get(unit, 0)
+
+    def unstartable(self) -> set[str]:
+        """Units systemd will not start (masked, no unit file), running or not."""
+        return {unit for unit, seen in self.units.items() if seen.load_state in UNIT_REFUSED}

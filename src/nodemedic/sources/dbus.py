@@ -126,15 +126,18 @@ class SystemdBus:
         self._failure_said = str(exc)
         if self._down_since is None:
             self._down_since = self._clock.monotonic()
-        self._on_state(f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s, and every "
-                       f"{RECONNECT_MAX:g}s at most until it is back; repairs wait for it")  # fmt: skip
+        self._on_state(
+            f"D-Bus connection failed ({exc}); retrying in {wait:.1f}s, and every "
+            f"{RECONNECT_MAX:g}s at most until it is back; repairs wait for it"
+        )
 
     def _reconnected(self) -> None:
         down_since, self._down_since, self._failure_said = self._down_since, None, ""
         if down_since is not None:
             gone = self._clock.monotonic() - down_since
-            self._on_state(f"D-Bus connection back after {gone:.1f}s; the watched units' states "
-                           "were read again")  # fmt: skip
+            self._on_state(
+                f"D-Bus connection back after {gone:.1f}s; the watched units' states were read again"
+            )
         self._ever_connected = True
 
     async def _connect(self) -> MessageBus:
@@ -231,11 +234,15 @@ class SystemdBus:
             return
         watched.last_death = died_at
         if watched.props.get("ExecMainCode") in (CLD_KILLED, CLD_DUMPED):
-            self._emit(SignalSeen(
-                signal=int(watched.props.get("ExecMainStatus", 0)),
-                target_pid=int(watched.props.get("ExecMainPID", 0)),
-                unit=watched.unit, at=self._clock.monotonic(), source="dbus",
-            ))  # fmt: skip
+            self._emit(
+                SignalSeen(
+                    signal=int(watched.props.get("ExecMainStatus", 0)),
+                    target_pid=int(watched.props.get("ExecMainPID", 0)),
+                    unit=watched.unit,
+                    at=self._clock.monotonic(),
+                    source="dbus",
+                )
+            )
 
     async def _read_props(self, path: str) -> dict[str, Any]:
         props: dict[str, Any] = {}

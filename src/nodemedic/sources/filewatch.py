@@ -25,8 +25,13 @@ MASK = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.ONLYDIR
 class FileWatcher:
     """Emits FileChanged for ``paths`` whenever one may have new content."""
 
-    def __init__(self, paths: list[str], emit: Callable[[Event], None], clock: Clock,
-                 on_state: Callable[[str], None] = log.warning) -> None:  # fmt: skip
+    def __init__(
+        self,
+        paths: list[str],
+        emit: Callable[[Event], None],
+        clock: Clock,
+        on_state: Callable[[str], None] = log.warning,
+    ) -> None:
         self.paths = list(dict.fromkeys(paths))
         self._emit = emit
         self._clock = clock
@@ -43,8 +48,10 @@ class FileWatcher:
                 try:
                     inotify.add_watch(directory, MASK)
                 except (FileNotFoundError, NotADirectoryError):
-                    self._on_state(f"{directory} does not exist: changes to the files in it are not "
-                                   "followed until nodemedic restarts")  # fmt: skip
+                    self._on_state(
+                        f"{directory} does not exist: changes to the files in it are not "
+                        "followed until nodemedic restarts"
+                    )
             async for event in inotify:
                 if event.watch is None or event.name is None:
                     continue

@@ -68,8 +68,15 @@ class ProbeLoop:
     of failures in a row, so a rule can wait for N. A probe is periodic by nature: a hung containerd
     sends no event (systemd still says active/running), only a real request shows it."""
 
-    def __init__(self, probe: VersionProbe, socket: str, interval: float, timeout: float,
-                 emit: Callable[[Event], None], clock: Clock) -> None:  # fmt: skip
+    def __init__(
+        self,
+        probe: VersionProbe,
+        socket: str,
+        interval: float,
+        timeout: float,
+        emit: Callable[[Event], None],
+        clock: Clock,
+    ) -> None:
         self._probe = probe
         self.socket = socket
         self.interval = interval

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import re
 import signal as signals
+from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nodemedic.events import PathKind
+from nodemedic.events import (
+    Event,
+    FdUsage,
+    FileChanged,
+    GrpcStreamsSetting,
+    JournalLine,
+    OomKills,
+    PathChanged,
+    PathKind,
+    PressureSeen,
+    ProbeFailed,
+    SignalSeen,
+    SocketModeSeen,
+    UnitChanged,
+    VersionSeen,
+)
 from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.duration import Duration, Interval, PositiveDuration
 from nodemedic.policy.paths import AbsoluteDir, AbsolutePath, absolute_path
@@ -113,9 +129,42 @@ class DaemonSettings(Strict):
         return self.quarantine_dir or self.state_dir / "quarantine"
 
 
-class PathTrigger(Strict):
+class TriggerModel(Strict, ABC):
+    """What every trigger carries: the source that serves it (``served_by``), what it asks of that
+    source (``wants``) and whether an event fires it (``fires``). A new kind of trigger is one
+    subclass, added to the ``Trigger`` union."""
+
+    served_by: ClassVar[str]  # inotify, journal, dbus, probe, files or resources
+
+    @abstractmethod
+    def fires(self, event: Event) -> str | None:
+        """What fired, in a few words for the record, if ``event`` fires this trigger."""
+
+    @abstractmethod
+    def wants(self) -> frozenset[str]:
+        """What the serving source must follow for this trigger: paths, files, units or checks."""
+
+    def reads(self, event: Event) -> bool:
+        """Is ``event`` a reading of the check this trigger looks at? Only the resource watcher's
+        triggers read a check (``ResourceTrigger``); no event is a reading for any other."""
+        return False
+
+
+class ResourceTrigger(TriggerModel):
+    """A trigger on one of the resource watcher's periodic readings (sources/resources.py)."""
+
+    served_by: ClassVar[str] = "resources"
+
+    @abstractmethod
+    def reads(self, event: Event) -> bool:
+        """Is ``event`` a reading of the check this trigger looks at (whether it fires or not)?
+        Only such a reading can say that an incident of this trigger is over."""
+
+
+class PathTrigger(TriggerModel):
     """Fires when one of ``paths`` is found to be of ``kind`` (inotify, and once at start-up)."""
 
+    served_by: ClassVar[str] = "inotify"
     source: Literal["path"]
     paths: list[str] = Field(min_length=1)
     """Absolute paths to watch; their parent directories may be missing or recreated."""
@@ -129,10 +178,19 @@ class PathTrigger(Strict):
             absolute_path(p)
         return paths
 
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, PathChanged) and event.path in self.paths and event.kind == self.kind:
+            return f"{event.path} is a {event.kind.value}"
+        return None
 
-class JournalTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset(self.paths)
+
+
+class JournalTrigger(TriggerModel):
     """Fires when a journal line from or about ``unit`` matches ``pattern`` (an RE2 regex)."""
 
+    served_by: ClassVar[str] = "journal"
     source: Literal["journal"]
     pattern: Regex
     """Regular expression searched in the first 8 KiB of the MESSAGE field; compiled with RE2 when
@@ -142,10 +200,26 @@ class JournalTrigger(Strict):
     unit: str = "containerd.service"
     """The unit whose lines (and systemd's lines about it) are searched; ``"kernel"``: the kernel's."""
 
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, JournalLine) and event.unit == self.unit and self.pattern.search(event.message):
+            return f"journal: {event.message}"
+        return None
 
-class UnitTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset({self.unit})
+
+
+def in_states(seen: UnitChanged, active_state: list[str], sub_state: list[str]) -> bool:
+    """A unit's state against wanted ActiveState and SubState values (an empty list means any)."""
+    return (not active_state or seen.active_state in active_state) and (
+        not sub_state or seen.sub_state in sub_state
+    )
+
+
+class UnitTrigger(TriggerModel):
     """Fires when a watched unit enters one of the given states (D-Bus PropertiesChanged)."""
 
+    served_by: ClassVar[str] = "dbus"
     source: Literal["unit"]
     unit: str
     """The unit whose state changes fire; only units listed in ``[daemon].watch_units`` are followed."""
@@ -154,22 +228,42 @@ class UnitTrigger(Strict):
     sub_state: list[str] = Field(default_factory=list)
     """SubState values that fire, e.g. ["auto-restart"]; empty means any."""
 
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, UnitChanged) or event.unit != self.unit:
+            return None
+        if in_states(event, self.active_state, self.sub_state):
+            return f"{event.unit} is {event.active_state}/{event.sub_state}"
+        return None
 
-class ProbeTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset({self.unit})
+
+
+class ProbeTrigger(TriggerModel):
     """Fires when containerd has not answered a real request (its Version API over the socket)
     ``failures`` times in a row. The probe runs every ``[daemon.probe].interval``, and only while
     some rule has a probe trigger."""
 
+    served_by: ClassVar[str] = "probe"
     source: Literal["probe"]
     failures: int = Field(default=3, ge=1)
     """Consecutive failed requests that fire (and each further one, while it lasts)."""
 
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, ProbeFailed) and event.consecutive >= self.failures:
+            return f"containerd did not answer {event.consecutive} requests in a row: {event.error}"
+        return None
 
-class FileTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset({"probe"})
+
+
+class FileTrigger(TriggerModel):
     """Fires when the file at ``path`` may have new content: written and closed, or renamed into place
     (inotify on its folder). Pair it with a confirm condition that reads the file (e.g.
     ``config_broken``): the event only says that something was written."""
 
+    served_by: ClassVar[str] = "files"
     source: Literal["file"]
     path: str
     """An absolute path; its folder must exist when nodemedic starts."""
@@ -179,19 +273,36 @@ class FileTrigger(Strict):
     def _absolute(cls, path: str) -> str:
         return absolute_path(path)
 
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, FileChanged) and event.path == self.path:
+            return f"{event.path} was written"
+        return None
 
-class SignalTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset({self.path})
+
+
+class SignalTrigger(TriggerModel):
     """Fires when a unit's main process was killed by ``signal``: systemd reports over D-Bus
     ExecMainCode CLD_KILLED (or CLD_DUMPED) with that signal as ExecMainStatus."""
 
+    served_by: ClassVar[str] = "dbus"
     source: Literal["signal"]
     unit: str = "containerd.service"
     """The unit whose main process is watched; it must be in ``[daemon].watch_units``."""
     signal: Signal = int(signals.SIGHUP)
     """The signal, by name ("SIGHUP", "HUP") or number."""
 
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, SignalSeen) and event.unit == self.unit and event.signal == self.signal:
+            return f"{event.unit}'s main process {event.target_pid} was killed by signal {event.signal}"
+        return None
 
-class FdTrigger(Strict):
+    def wants(self) -> frozenset[str]:
+        return frozenset({self.unit})
+
+
+class FdTrigger(ResourceTrigger):
     """Fires when the watched unit's main process (``[daemon.resources].unit``) has more than
     ``fraction`` of its RLIMIT_NOFILE soft limit open: the entries of /proc/MainPID/fd against
     "Max open files" in /proc/MainPID/limits. Counting another process's fds needs CAP_SYS_PTRACE
@@ -201,8 +312,23 @@ class FdTrigger(Strict):
     fraction: float = Field(default=0.8, gt=0.0, le=1.0)
     """Open descriptors over the soft limit that fire, e.g. 0.8 for 80 %."""
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, FdUsage)
 
-class PressureTrigger(Strict):
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, FdUsage) or event.limit <= 0 or event.open <= self.fraction * event.limit:
+            return None
+        share = 100 * event.open / event.limit
+        return (
+            f"{event.unit}'s main process {event.pid} has {event.open} of {event.limit} file "
+            f"descriptors open ({share:.0f} %)"
+        )
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({"fd"})
+
+
+class PressureTrigger(ResourceTrigger):
     """Fires when a PSI average (the share of the last 10 s in which tasks waited for
     ``resource``) is at or above ``above`` percent: host-wide (/proc/pressure/RESOURCE) or in the
     watched unit's cgroup (RESOURCE.pressure)."""
@@ -217,16 +343,48 @@ class PressureTrigger(Strict):
     above: float = Field(default=40.0, ge=0.0, le=100.0)
     """The avg10 percentage that fires."""
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, PressureSeen) and (event.scope, event.resource) == (
+            self.scope,
+            self.resource,
+        )
 
-class OomTrigger(Strict):
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, PressureSeen) or not self.reads(event):
+            return None
+        value = event.some_avg10 if self.line == "some" else event.full_avg10
+        if value >= self.above:  # not "value < above": a NaN reading fires nothing
+            where = "host" if event.scope == "host" else "containerd's cgroup"
+            return f"{self.resource} pressure ({where}): {self.line} avg10={value:.2f} % >= {self.above:g} %"
+        return None
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({f"pressure:{self.scope}:{self.resource}"})
+
+
+class OomTrigger(ResourceTrigger):
     """Fires when the kernel's OOM killer killed a process in the watched unit's cgroup: the
     ``oom_kill`` count in its memory.events grew since the previous reading. Needs the memory
     controller on that cgroup (without it there is no memory.events and this never fires)."""
 
     source: Literal["oom"]
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, OomKills)
 
-class SocketModeTrigger(Strict):
+    def fires(self, event: Event) -> str | None:
+        if isinstance(event, OomKills) and event.new > 0:
+            return (
+                f"the OOM killer killed {event.new} process(es) in {event.unit}'s cgroup "
+                f"({event.total} in all)"
+            )
+        return None
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({"oom"})
+
+
+class SocketModeTrigger(ResourceTrigger):
     """Fires when a socket's permission bits or owner differ from what is expected (a path that is
     missing or not a socket is another rule's business and fires nothing here)."""
 
@@ -251,6 +409,22 @@ class SocketModeTrigger(Strict):
     def bits(self) -> int:
         return int(self.mode, 8)
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, SocketModeSeen) and event.path == self.path
+
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, SocketModeSeen) or not self.reads(event):
+            return None
+        if (event.mode, event.uid, event.gid) == (self.bits, self.uid, self.gid):
+            return None
+        return (
+            f"{event.path} is mode {event.mode:04o} owner {event.uid}:{event.gid}, "
+            f"expected {self.bits:04o} {self.uid}:{self.gid}"
+        )
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({f"socket-mode:{self.path}"})
+
 
 class KnownBug(Strict):
     """A range of containerd versions with a known bug: ``first`` <= version < ``fixed``."""
@@ -263,7 +437,25 @@ class KnownBug(Strict):
     """What the bug is, for the operator (a CVE, an issue), written in the record."""
 
 
-class VersionTrigger(Strict):
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version: "1.6.20~ds1" -> (1, 6, 20); "v2.0.0-rc.1" -> (2, 0, 0)."""
+    found = re.match(r"v?(\d+(?:\.\d+)*)", version.strip())
+    return tuple(int(n) for n in found.group(1).split(".")) if found else ()
+
+
+def known_bugs(bugs: list[KnownBug], version: str) -> list[KnownBug]:
+    """The ranges ``version`` falls in (first <= version < fixed); none for an unparsable version."""
+    seen = version_tuple(version)
+    if not seen:
+        return []
+
+    def affects(bug: KnownBug) -> bool:
+        return version_tuple(bug.first) <= seen and (bug.fixed is None or seen < version_tuple(bug.fixed))
+
+    return [b for b in bugs if affects(b)]
+
+
+class VersionTrigger(ResourceTrigger):
     """Fires when the version containerd reports over its Version API (asked once per reading, on
     ``[daemon.probe].socket``) falls in one of ``known_bugs``; once per version seen."""
 
@@ -271,8 +463,22 @@ class VersionTrigger(Strict):
     known_bugs: list[KnownBug] = Field(min_length=1)
     """The affected ranges, each with its reason."""
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, VersionSeen)
 
-class GrpcStreamsTrigger(Strict):
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, VersionSeen):
+            return None
+        bugs = known_bugs(self.known_bugs, event.version)
+        if not bugs:
+            return None
+        return f"containerd {event.version} has known bugs: " + "; ".join(b.reason for b in bugs)
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({"version"})
+
+
+class GrpcStreamsTrigger(ResourceTrigger):
     """Fires while containerd's config file sets ``[grpc] max_concurrent_streams`` (any value),
     read with the file's own checks (a regular file of at most 1 MiB, no symlink followed) and
     parsed again only when the file changed. No containerd release reads that key: its gRPC
@@ -287,19 +493,48 @@ class GrpcStreamsTrigger(Strict):
     config: AbsolutePath = "/etc/containerd/config.toml"
     """containerd's config file (its ``--config``)."""
 
+    def reads(self, event: Event) -> bool:
+        return isinstance(event, GrpcStreamsSetting) and event.path == self.config
+
+    def fires(self, event: Event) -> str | None:
+        if not isinstance(event, GrpcStreamsSetting) or not self.reads(event) or not event.value:
+            return None
+        return (
+            f"{event.path} sets [grpc] max_concurrent_streams = {event.value}, a key containerd does not "
+            "read: its gRPC server has no stream limit, so this limit is not in effect"
+        )
+
+    def wants(self) -> frozenset[str]:
+        return frozenset({f"grpc-streams:{self.config}"})
+
 
 ResourceTriggerType = (
     FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger | GrpcStreamsTrigger
 )
 RESOURCE_TRIGGERS = (
-    FdTrigger, PressureTrigger, OomTrigger, SocketModeTrigger, VersionTrigger, GrpcStreamsTrigger,
-)  # fmt: skip
+    FdTrigger,
+    PressureTrigger,
+    OomTrigger,
+    SocketModeTrigger,
+    VersionTrigger,
+    GrpcStreamsTrigger,
+)
 
-Trigger = Annotated[
-    PathTrigger | JournalTrigger | UnitTrigger | ProbeTrigger | SignalTrigger | FileTrigger
-    | FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger | GrpcStreamsTrigger,
-    Field(discriminator="source"),
-]  # fmt: skip
+AnyTrigger = (
+    PathTrigger
+    | JournalTrigger
+    | UnitTrigger
+    | ProbeTrigger
+    | SignalTrigger
+    | FileTrigger
+    | FdTrigger
+    | PressureTrigger
+    | OomTrigger
+    | SocketModeTrigger
+    | VersionTrigger
+    | GrpcStreamsTrigger
+)
+Trigger = Annotated[AnyTrigger, Field(discriminator="source")]
 
 
 class Confirm(Strict):
@@ -429,37 +664,43 @@ class Policy(Strict):
     @model_validator(mode="after")
     def _triggers_are_watched(self) -> Policy:
         """A trigger on a unit nodemedic does not follow would silently never fire."""
-        problems = []
-        for rule in self.rule:
-            for trig in rule.trigger:
-                if isinstance(trig, UnitTrigger | SignalTrigger) and trig.unit not in self.daemon.watch_units:
-                    problems.append(f"rule {rule.name!r}: {trig.source} trigger on {trig.unit}, which is not "
-                                    f"in [daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
-                if isinstance(trig, JournalTrigger) and trig.unit not in self.daemon.journal_units:
-                    problems.append(f"rule {rule.name!r}: journal trigger on {trig.unit}, which is not in "
-                                    f"[daemon].journal_units {self.daemon.journal_units}")  # fmt: skip
-            if rule.when.unit is not None and rule.when.unit not in self.daemon.watch_units:
-                problems.append(f"rule {rule.name!r}: when.unit {rule.when.unit} is not in "
-                                f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
-        if self.resource_checks() and self.daemon.resources.unit not in self.daemon.watch_units:
-            problems.append(f"[daemon.resources].unit {self.daemon.resources.unit} is not in "
-                            f"[daemon].watch_units {self.daemon.watch_units}")  # fmt: skip
-        if self.sighup.mode != "off" and self.sighup.unit not in self.daemon.watch_units:
-            problems.append(f"[sighup].unit {self.sighup.unit} is not in [daemon].watch_units "
-                            f"{self.daemon.watch_units}")  # fmt: skip
+        problems = [problem for rule in self.rule for problem in self._unfollowed_units(rule)]
+        watched = self.daemon.watch_units
+        resources = self.daemon.resources.unit
+        if self.resource_checks() and resources not in watched:
+            problems.append(f"[daemon.resources].unit {resources} is not in [daemon].watch_units {watched}")
+        if self.sighup.mode != "off" and self.sighup.unit not in watched:
+            problems.append(f"[sighup].unit {self.sighup.unit} is not in [daemon].watch_units {watched}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _unfollowed_units(self, rule: Rule) -> list[str]:
+        """The units ``rule``'s D-Bus and journal triggers, and its ``when``, name but nodemedic does
+        not follow."""
+        watched = self.daemon.watch_units
+        followed = {"dbus": ("watch_units", watched), "journal": ("journal_units", self.daemon.journal_units)}
+        problems = []
+        for trig in rule.trigger:
+            setting, units = followed.get(trig.served_by, ("", []))
+            for unit in sorted(trig.wants() - set(units)) if setting else []:
+                where = f"which is not in [daemon].{setting} {units}"
+                problems.append(f"rule {rule.name!r}: {trig.source} trigger on {unit}, {where}")
+        if rule.when.unit is not None and rule.when.unit not in watched:
+            problems.append(
+                f"rule {rule.name!r}: when.unit {rule.when.unit} is not in [daemon].watch_units {watched}"
+            )
+        return problems
 
     def mode_of(self, rule: Rule) -> Mode:
         return rule.mode or self.daemon.mode
 
     def uses_probe(self) -> bool:
-        return any(isinstance(t, ProbeTrigger) for r in self.rule for t in r.trigger)
+        return any(t.served_by == "probe" for r in self.rule for t in r.trigger)
 
-    def resource_checks(self) -> list[ResourceTriggerType]:
+    def resource_checks(self) -> list[ResourceTrigger]:
         """The triggers the resource watcher must serve."""
-        return [t for r in self.rule for t in r.trigger if isinstance(t, RESOURCE_TRIGGERS)]
+        return [t for r in self.rule for t in r.trigger if isinstance(t, ResourceTrigger)]
 
     def watched_files(self) -> list[str]:
         """Files whose content is followed: file triggers' paths."""
@@ -467,5 +708,23 @@ class Policy(Strict):
         return list(dict.fromkeys(files))
 
     def watched_paths(self) -> list[str]:
+        """Paths whose kind is followed (inotify): path triggers' paths, then the paths of every
+        rule's confirm condition (the node view learns their kind from the same events)."""
         paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]
+        paths += [p for r in self.rule if r.confirm is not None for p in r.confirm.paths]
         return list(dict.fromkeys(paths))
+
+    def served(self) -> dict[str, frozenset[str]]:
+        """Per source (a trigger's ``served_by``), what this policy asks of it: "inotify" the paths
+        of ``watched_paths``, "files" the files, "journal" and "dbus" the units, "probe" {"probe"},
+        "resources" one description per check ("fd", "pressure:host:memory", "socket-mode:PATH",
+        ...). A source missing here is not asked for anything. A reload compares it with what the
+        running sources serve."""
+        wanted: dict[str, set[str]] = {}
+        for rule in self.rule:
+            for trig in rule.trigger:
+                wanted.setdefault(trig.served_by, set()).update(trig.wants())
+        confirm_paths = [p for r in self.rule if r.confirm is not None for p in r.confirm.paths]
+        if confirm_paths:
+            wanted.setdefault("inotify", set()).update(confirm_paths)
+        return {source: frozenset(items) for source, items in wanted.items()}

@@ -7,13 +7,20 @@ next whole minute). ``take`` spends one if there is one.
 
 from __future__ import annotations
 
-from nodemedic.ports import Clock
+from typing import Protocol
+
+
+class Monotonic(Protocol):
+    """Where the buckets read the time: only a monotonic reading (a ``ports.Clock`` is one; the
+    SIGHUP guard passes the time of the event it handles)."""
+
+    def monotonic(self) -> float: ...
 
 
 class TokenBucket:
     """One sender's bucket; times are the clock's monotonic readings."""
 
-    def __init__(self, burst: int, refill: int, per: float, clock: Clock) -> None:
+    def __init__(self, burst: int, refill: int, per: float, clock: Monotonic) -> None:
         if burst < 1 or refill < 1 or per <= 0:
             raise ValueError(
                 f"a token bucket needs burst >= 1, refill >= 1, per > 0 (got {burst}, {refill}, {per})"
@@ -53,7 +60,7 @@ class SenderBuckets:
     """A bucket per sender (its cgroup path). A bucket that refilled completely is forgotten: it
     is the same as a new one, and a crashlooping pod's new cgroup per restart must not pile up."""
 
-    def __init__(self, burst: int, refill: int, per: float, clock: Clock) -> None:
+    def __init__(self, burst: int, refill: int, per: float, clock: Monotonic) -> None:
         TokenBucket(burst, refill, per, clock)  # validates the settings once, here
         self.burst, self.refill, self.per = burst, refill, per
         self._clock = clock

@@ -6,9 +6,10 @@ an event (systemd still says active/running), so they are read every ``[daemon.r
 Only the checks some rule uses are read. Readings are events like any other; whether one is a fault
 is the policy's business (policy/match.py), not this module's.
 
-containerd's MainPID is learnt from the D-Bus events (``handle``, an observer of every event), its
-cgroup from /proc/MainPID/cgroup. Everything read here is a file under ``proc`` and ``cgroup_root``,
-so unit tests give a fake tree.
+containerd's MainPID is asked of ``main_pid`` (app.py hands in the node view's, the one copy of it)
+at each reading, its cgroup read from /proc/MainPID/cgroup. Which reading a trigger needs is one
+entry in ``READINGS``. Everything read here is a file under ``proc`` and ``cgroup_root``, so unit
+tests give a fake tree.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from nodemedic.configs import read_config
 from nodemedic.errors import ProbeError
@@ -31,7 +33,6 @@ from nodemedic.events import (
     OomKills,
     PressureSeen,
     SocketModeSeen,
-    UnitChanged,
     VersionSeen,
 )
 from nodemedic.policy.model import (
@@ -39,7 +40,7 @@ from nodemedic.policy.model import (
     GrpcStreamsTrigger,
     OomTrigger,
     PressureTrigger,
-    ResourceTriggerType,
+    ResourceTrigger,
     SocketModeTrigger,
     VersionTrigger,
 )
@@ -53,32 +54,40 @@ else:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T", bound=ResourceTrigger)
+
 
 class ResourceWatch:
     """Reads, every ``interval``, each check that ``triggers`` need and emits what it found."""
 
-    def __init__(self, triggers: list[ResourceTriggerType], unit: str, interval: float,
-                 probe: VersionProbe, probe_socket: str, probe_timeout: float,
-                 emit: Callable[[Event], None], clock: Clock, *,
-                 proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> None:  # fmt: skip
+    def __init__(
+        self,
+        triggers: Sequence[ResourceTrigger],
+        unit: str,
+        interval: float,
+        probe: VersionProbe,
+        probe_socket: str,
+        probe_timeout: float,
+        emit: Callable[[Event], None],
+        clock: Clock,
+        *,
+        main_pid: Callable[[], int],
+        proc: Path = Path("/proc"),
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+    ) -> None:
         self.unit = unit
         self.interval = interval
-        self._triggers = triggers
+        self._triggers = list(triggers)
+        self._main_pid = main_pid  # ``unit``'s main process as last reported (0 while not running)
         self._probe = probe
         self._probe_socket, self._probe_timeout = probe_socket, probe_timeout
         self._emit = emit
         self._clock = clock
         self._proc, self._cgroup_root = proc, cgroup_root
-        self.main_pid = 0
         self._oom_seen: int | None = None
         self._version = ""
         self._warned: set[str] = set()
         self._streams_seen: dict[str, tuple[tuple[int, ...], str | None]] = {}  # path: (stat, value)
-
-    def handle(self, event: Event) -> None:
-        """Learn the unit's MainPID from what D-Bus reports (0 while it is not running)."""
-        if isinstance(event, UnitChanged) and event.unit == self.unit:
-            self.main_pid = event.main_pid
 
     async def run(self) -> None:
         if not self._triggers:
@@ -88,17 +97,14 @@ class ResourceWatch:
             await asyncio.sleep(self.interval)
 
     async def read_once(self) -> None:
-        """One reading of every check in use."""
+        """One reading of every check in use, in the order of ``READINGS``."""
         kinds = {type(t) for t in self._triggers}
-        readers: list[tuple[type, Callable[[], None]]] = [
-            (FdTrigger, self._fds), (PressureTrigger, self._pressures), (OomTrigger, self._oom),
-            (SocketModeTrigger, self._sockets), (GrpcStreamsTrigger, self._grpc_streams),
-        ]  # fmt: skip
-        for kind, read in readers:
+        for kind, read in READINGS.items():
             if kind in kinds:
-                self._guarded(kind.__name__, read)
-        if VersionTrigger in kinds:
-            await self._containerd_version()
+                await read(self)
+
+    def _of(self, kind: type[T]) -> list[T]:
+        return [t for t in self._triggers if isinstance(t, kind)]
 
     def _guarded(self, what: str, read: Callable[[], None]) -> None:
         """A check that cannot read its files (a process gone between two reads, no permission, no
@@ -111,14 +117,14 @@ class ResourceWatch:
                 log.warning("resource watcher: %s cannot be read: %s", what, exc)
 
     def _fds(self) -> None:
-        pid = self.main_pid
+        pid = self._main_pid()
         if pid <= 0:
             return
         limit, count = soft_nofile(self._proc, pid), open_fds(self._proc, pid)
         self._emit(FdUsage(self.unit, pid, count, limit, at=self._clock.monotonic()))
 
     def _pressures(self) -> None:
-        wanted = {(t.scope, t.resource) for t in self._triggers if isinstance(t, PressureTrigger)}
+        wanted = {(t.scope, t.resource) for t in self._of(PressureTrigger)}
         for scope, resource in sorted(wanted):
             path = self._pressure_path(scope, resource)
             if path is None:
@@ -131,21 +137,23 @@ class ResourceWatch:
             host = self._proc / "pressure" / resource
             # A unit with ProcSubset=pid sees no /proc/pressure; the cgroup2 root has the same figures.
             return host if host.exists() else self._cgroup_root / f"{resource}.pressure"
-        if self.main_pid <= 0:
+        pid = self._main_pid()
+        if pid <= 0:
             return None
-        return unit_cgroup(self._proc, self._cgroup_root, self.main_pid) / f"{resource}.pressure"
+        return unit_cgroup(self._proc, self._cgroup_root, pid) / f"{resource}.pressure"
 
     def _oom(self) -> None:
-        if self.main_pid <= 0:
+        pid = self._main_pid()
+        if pid <= 0:
             return
-        path = unit_cgroup(self._proc, self._cgroup_root, self.main_pid) / "memory.events"
+        path = unit_cgroup(self._proc, self._cgroup_root, pid) / "memory.events"
         total = oom_kill_count(path)
         new = 0 if self._oom_seen is None else max(0, total - self._oom_seen)
         self._oom_seen = total
         self._emit(OomKills(self.unit, total, new, str(path), at=self._clock.monotonic()))
 
     def _sockets(self) -> None:
-        paths = {t.path for t in self._triggers if isinstance(t, SocketModeTrigger)}
+        paths = {t.path for t in self._of(SocketModeTrigger)}
         for path in sorted(paths):
             try:
                 st = os.lstat(path)
@@ -156,7 +164,7 @@ class ResourceWatch:
                 self._emit(SocketModeSeen(path, mode, st.st_uid, st.st_gid, at=self._clock.monotonic()))
 
     def _grpc_streams(self) -> None:
-        paths = {t.config for t in self._triggers if isinstance(t, GrpcStreamsTrigger)}
+        paths = {t.config for t in self._of(GrpcStreamsTrigger)}
         for path in sorted(paths):
             value = self._streams_setting(Path(path))
             if value is not None:
@@ -185,6 +193,29 @@ class ResourceWatch:
         if version != self._version:
             self._version = version
             self._emit(VersionSeen(version, at=self._clock.monotonic()))
+
+
+def _files_reading(
+    what: str, read: Callable[[ResourceWatch], None]
+) -> Callable[[ResourceWatch], Awaitable[None]]:
+    """A reading of files, as an entry of ``READINGS`` (see ``ResourceWatch._guarded``)."""
+
+    async def reading(watch: ResourceWatch) -> None:
+        watch._guarded(what, lambda: read(watch))
+
+    return reading
+
+
+# Which reading each resource trigger needs, in reading order. A new resource trigger is one class
+# in policy/model.py and one entry here (tests/unit/test_trigger_behaviour.py checks that each has one).
+READINGS: dict[type[ResourceTrigger], Callable[[ResourceWatch], Awaitable[None]]] = {
+    FdTrigger: _files_reading("FdTrigger", ResourceWatch._fds),
+    PressureTrigger: _files_reading("PressureTrigger", ResourceWatch._pressures),
+    OomTrigger: _files_reading("OomTrigger", ResourceWatch._oom),
+    SocketModeTrigger: _files_reading("SocketModeTrigger", ResourceWatch._sockets),
+    GrpcStreamsTrigger: _files_reading("GrpcStreamsTrigger", ResourceWatch._grpc_streams),
+    VersionTrigger: ResourceWatch._containerd_version,
+}
 
 
 def streams_setting(path: Path) -> str | None:

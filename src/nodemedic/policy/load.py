@@ -155,14 +155,18 @@ def _unsafe_lookups(path: Path, checked: set[Path]) -> list[str]:
             continue
         st = folder.stat()
         if st.st_uid != 0:
-            problems.append(f"directory {folder} on the way to the policy is owned by uid {st.st_uid}, not "
-                            f"root: anyone who owns it could swap {folder / name}")  # fmt: skip
+            problems.append(
+                f"directory {folder} on the way to the policy is owned by uid {st.st_uid}, not "
+                f"root: anyone who owns it could swap {folder / name}"
+            )
         elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             if st.st_mode & stat.S_ISVTX and os.lstat(folder / name).st_uid == 0:
                 continue
-            problems.append(f"directory {folder} on the way to the policy is writable by group or others "
-                            f"(mode {stat.S_IMODE(st.st_mode):04o}): anyone could swap {folder / name}; "
-                            "keep the policy and its links in root's folders")  # fmt: skip
+            problems.append(
+                f"directory {folder} on the way to the policy is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): anyone could swap {folder / name}; "
+                "keep the policy and its links in root's folders"
+            )
         checked.add(folder)
     return problems
 

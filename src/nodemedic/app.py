@@ -13,9 +13,9 @@ from nodemedic.actions.freezer import Freezer
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine.lastgood import LastGoodKeeper
-from nodemedic.engine.runner import Runner
 from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import Event
+from nodemedic.executor import Executor
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
 from nodemedic.report import RecordKind, Reporter
@@ -43,7 +43,7 @@ class App:
     events: asyncio.Queue[Event]
     sources: dict[str, Callable[[], Coroutine[Any, Any, None]]]
     systemd: SystemdBus
-    runner: Runner
+    executor: Executor
     repairs: set[asyncio.Task[None]]
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
     guard: SighupGuard | None = None  # [sighup], unless mode = "off"
@@ -93,8 +93,14 @@ def build_app(
         p = settings.probe
         sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
 
-    runner = Runner(policy, ctx, report, _spawner(repairs), StateStore(settings.state_dir),
-                    IntentStore(settings.state_dir))  # fmt: skip
+    executor = Executor(
+        policy,
+        ctx,
+        report,
+        _spawner(repairs),
+        StateStore(settings.state_dir),
+        IntentStore(settings.state_dir),
+    )
     observers: list[Callable[[Event], None]] = [keeper.handle]
     if policy.resource_checks():
         res = settings.resources
@@ -104,7 +110,7 @@ def build_app(
         observers.append(watch.handle)
     guard = None
     if policy.sighup.mode != "off":
-        guard = _build_guard(policy, report, clock, emit, systemd, prober, good, runner, sources, observers)
+        guard = _build_guard(policy, report, clock, emit, systemd, prober, good, executor, sources, observers)
     # file triggers' paths, and config.toml for the guard's coalesced reloads
     files = policy.watched_files() + ([backup.path] if guard is not None else [])
     if files:
@@ -116,7 +122,7 @@ def build_app(
         events=events,
         sources=sources,
         systemd=systemd,
-        runner=runner,
+        executor=executor,
         repairs=repairs,
         observers=observers,
         guard=guard,
@@ -133,7 +139,7 @@ def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, 
 
 
 def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[[Event], None],
-                 systemd: SystemdManager, prober: VersionProbe, good: GoodConfigs, runner: Runner,
+                 systemd: SystemdManager, prober: VersionProbe, good: GoodConfigs, runner: Executor,
                  sources: dict[str, Callable[[], Coroutine[Any, Any, None]]],
                  observers: list[Callable[[Event], None]]) -> SighupGuard:  # fmt: skip
     """[sighup]: the guard, the config watch it reloads from, and the kernel trace that names senders."""
@@ -149,7 +155,7 @@ def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[
     config = Path(settings.config_backup.path)
     ctx = GuardContext(systemd=systemd, probe=prober, probe_socket=settings.probe.socket,
                        probe_timeout=settings.probe.timeout, config=config, good=good, freezer=freezer,
-                       state_file=settings.state_dir / SIGHUP_STATE, exclusive=runner.exclusive,
+                       state_file=settings.state_dir / SIGHUP_STATE, exclusive=lambda: runner.lock,
                        closing=lambda: runner.closing)  # fmt: skip
     guard = SighupGuard(hup, settings.mode, ctx, report, clock)
     sources["sighup"] = guard.run

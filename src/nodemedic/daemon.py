@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 from nodemedic import __version__
 from nodemedic.app import App
 from nodemedic.engine.sighup import RESTART_SOURCES
 from nodemedic.errors import PolicyError
+from nodemedic.events import Event
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.model import DaemonSettings, Policy
 from nodemedic.report import RecordKind
@@ -58,7 +60,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # A repair cut off by our last end (SIGKILL, OOM) is finished first: it holds the repair
         # lock before any source's event can start another one.
-        self.app.runner.recover()
+        self.app.executor.recover()
         tasks = [loop.create_task(run(), name=name) for name, run in self.app.sources.items()]
         tasks.append(loop.create_task(self._dispatch(), name="dispatch"))
         watchdog = _watchdog_interval()
@@ -121,9 +123,22 @@ class Daemon:
         while True:
             event = await self.app.events.get()
             log.debug("event %s", event)
-            self.app.runner.handle(event)
+            self.app.executor.handle(event)
             for observe in self.app.observers:
-                observe(event)
+                self._observe(observe, event)
+
+    def _observe(self, observe: Callable[[Event], None], event: Event) -> None:
+        """One observer's bug is recorded and never keeps the event from the others."""
+        try:
+            observe(event)
+        except Exception as exc:
+            log.debug("observer %r failed on %s", observe, event, exc_info=exc)
+            self.app.report(
+                RecordKind.ERROR,
+                f"internal error in {_name(observe)} on {type(event).__name__} (a nodemedic bug): {exc!r}",
+                OUTCOME="internal-error",
+                DETAIL=repr(exc),
+            )
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -149,7 +164,7 @@ class Daemon:
                 PATH=str(path),
             )
         else:
-            runner = self.app.runner
+            runner = self.app.executor
             if (
                 policy.watched_paths() != runner.policy.watched_paths()
                 or policy.uses_probe() != runner.policy.uses_probe()
@@ -164,7 +179,7 @@ class Daemon:
                 self.app.guard.replace(policy.sighup, policy.daemon.mode)
             self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
                             OUTCOME="reloaded", PATH=str(path))  # fmt: skip
-        self.app.runner.take_resets()
+        self.app.executor.take_resets()
         self._report_set_aside()
         self.notify("READY=1")
 
@@ -172,7 +187,7 @@ class Daemon:
         self.notify("STOPPING=1")
         # Cutting a repair off between "stop containerd" and "start containerd" would leave the
         # node worse than before: no new one starts, and those under way finish (bounded).
-        self.app.runner.closing = True
+        self.app.executor.closing = True
         deadline = asyncio.get_running_loop().time() + REPAIR_GRACE
         while self.app.repairs and asyncio.get_running_loop().time() < deadline:
             await asyncio.wait(set(self.app.repairs), timeout=deadline - asyncio.get_running_loop().time())
@@ -194,6 +209,11 @@ def _sighup_needs_restart(new: Policy, old: Policy) -> bool:
     a, b = new.sighup, old.sighup
     sources = [(getattr(a, k), getattr(b, k)) for k in RESTART_SOURCES]
     return (a.mode == "off") != (b.mode == "off") or any(x != y for x, y in sources)
+
+
+def _name(observe: Callable[[Event], None]) -> str:
+    owner = getattr(observe, "__self__", None)
+    return type(owner).__name__ if owner is not None else getattr(observe, "__name__", repr(observe))
 
 
 def _watchdog_interval() -> float:

@@ -8,10 +8,42 @@ from nodemedic.errors import ProbeError, UnitControlError
 from nodemedic.ports import UnitState
 
 
+class FakeTimer:
+    """A callback armed on the fake clock: it fires when the test says so (``FakeClock.run_due``)."""
+
+    def __init__(self, due: float, delay: float, callback: Callable[[], None]) -> None:
+        self.due, self.delay, self.callback = due, delay, callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
+    """Time that moves only when a test moves it; timers fire only when it runs them."""
+
     def __init__(self, start: float = 1000.0, tick: float = 0.0) -> None:
         self.now = start
         self.tick = tick  # time that passes at each reading: for code that waits on a deadline
+        self.timers: list[FakeTimer] = []  # armed, not fired yet
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.now + delay, delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def run_due(self) -> int:
+        """Fire every timer due by now (and those they arm that are due too); how many fired."""
+        fired = 0
+        while True:
+            due = sorted((t for t in self.timers if t.due <= self.now), key=lambda t: t.due)
+            if not due:
+                return fired
+            for timer in due:
+                self.timers.remove(timer)
+                if not timer.cancelled:
+                    fired += 1
+                    timer.callback()
 
     def monotonic(self) -> float:
         self.now += self.tick

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.events import JournalLine
 from nodemedic.policy.load import parse_policy
 from nodemedic.report import MemorySink, Reporter
@@ -25,7 +25,7 @@ async def test_a_stale_trigger_restarts_no_kubelet(tmp_path: object) -> None:
     ctx = ActionContext(units, FakeProbe(), FakeClock(), quarantine_dir=tmp_path)  # type: ignore[arg-type]
     sink = MemorySink()
     tasks: list[asyncio.Task[None]] = []
-    runner = Runner(
+    runner = Executor(
         policy, ctx, Reporter(sink), lambda c: tasks.append(asyncio.get_running_loop().create_task(c))
     )
     runner.handle(JournalLine("containerd.service", "x"))
@@ -42,7 +42,7 @@ async def test_after_a_change_kubelet_is_restarted(tmp_path: object) -> None:
     units = FakeUnits({"containerd.service": "failed", "kubelet.service": "active"})
     ctx = ActionContext(units, FakeProbe(), FakeClock(), quarantine_dir=tmp_path)  # type: ignore[arg-type]
     tasks: list[asyncio.Task[None]] = []
-    runner = Runner(policy, ctx, Reporter(MemorySink()),
+    runner = Executor(policy, ctx, Reporter(MemorySink()),
                     lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
     runner.handle(JournalLine("containerd.service", "x"))
     while tasks:

@@ -5,6 +5,7 @@ whose wall reading jumps while the monotonic one runs on."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from nodemedic.core.budget import RepairBudget
 from nodemedic.events import PathChanged, PathKind
 from nodemedic.report import RecordKind
 
-from .fakes import FakeClock, FakeUnits
+from .fakes import FakeClock, FakeTimer, FakeUnits
 from .test_runner import Harness
 
 pytestmark = pytest.mark.unit
@@ -209,7 +210,13 @@ async def test_runner_a_clock_set_back_rearms_the_breakers_retry(
         await open_the_breaker(h)
         breaker = h.runner.states["socket-path-is-directory"].breaker
         armed: list[float] = []
-        monkeypatch.setattr(h.runner, "_retry_later", lambda m, delay: armed.append(delay))
+        arm = h.clock.call_later
+
+        def record(delay: float, callback: Callable[[], None]) -> FakeTimer:
+            armed.append(delay)  # the executor's timers: here, only the rule's retries
+            return arm(delay, callback)
+
+        monkeypatch.setattr(h.clock, "call_later", record)
         clock.jump(-HOUR - breaker.cooldown)  # back past the breaker's opening
         await fault(h)  # the old retry, or any event: the jump is seen, the cool-down re-anchored
         assert armed, "a retry for the re-anchored cool-down's end"

@@ -12,7 +12,7 @@ import pytest
 from nodemedic.actions.base import ActionContext
 from nodemedic.app import App
 from nodemedic.daemon import Daemon
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.events import Event
 from nodemedic.policy.load import load_policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
@@ -44,7 +44,7 @@ def make_app(policy_path: Path, sink: MemorySink) -> App:
     events: asyncio.Queue[Event] = asyncio.Queue()
     return App(policy=policy, policy_path=policy_path, report=report, events=events,
                sources={"dbus": systemd.run}, systemd=systemd,  # type: ignore[arg-type]
-               runner=Runner(policy, ctx, report, lambda coro: None), repairs=set())  # fmt: skip
+               executor=Executor(policy, ctx, report, lambda coro: None), repairs=set())  # fmt: skip
 
 
 async def until(predicate: Any, timeout: float = 5.0) -> None:
@@ -76,7 +76,7 @@ async def test_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     policy.write_text(SHIPPED.read_text().replace('name = "socket-path-is-directory"', 'name = "renamed"'))
     reload.set()
-    await until(lambda: app.runner.policy.rule[0].name == "renamed")
+    await until(lambda: app.executor.policy.rule[0].name == "renamed")
     assert "RELOADING=1" in notes
 
     shutdown.set()
@@ -132,7 +132,7 @@ async def test_reload_keeps_the_policy_in_force_whatever_the_file(
     policy.write_text(SHIPPED.read_text())
     sink, notes = MemorySink(), []
     app = make_app(policy, sink)
-    in_force = app.runner.policy
+    in_force = app.executor.policy
     shutdown, reload = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
     await until(lambda: any(n.startswith("READY=1") for n in notes))
@@ -164,7 +164,7 @@ async def test_reload_keeps_the_policy_in_force_whatever_the_file(
     assert record.fields["OUTCOME"] == "refused"
     assert record.fields["DETAIL"] == "internal error: RuntimeError('a bug in loading')"
     assert not task.done()
-    assert app.runner.policy is in_force
+    assert app.executor.policy is in_force
     shutdown.set()
     await asyncio.wait_for(task, 5)
 
@@ -182,7 +182,7 @@ async def test_reload_keeps_the_policy_when_it_is_removed_or_linked_to_a_public_
     policy.chmod(0o644)
     sink, notes = MemorySink(), []
     app = make_app(policy, sink)
-    in_force = app.runner.policy
+    in_force = app.executor.policy
     shutdown, reload = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(Daemon(app, shutdown, reload, notify=notes.append).run())
     await until(lambda: any(n.startswith("READY=1") for n in notes))
@@ -204,7 +204,7 @@ async def test_reload_keeps_the_policy_when_it_is_removed_or_linked_to_a_public_
     linked = sink.of(RecordKind.ERROR)[1]
     assert linked.fields["OUTCOME"] == "refused"
     assert f"directory {public} is writable by group or others" in linked.fields["DETAIL"]
-    assert app.runner.policy is in_force
+    assert app.executor.policy is in_force
     policy.unlink()
     kept.rename(policy)
     reload.set()

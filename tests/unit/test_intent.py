@@ -12,7 +12,7 @@ import pytest
 
 from nodemedic.actions import socket_dir
 from nodemedic.actions.socket_dir import finish_quarantines
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.events import PathChanged, PathKind, UnitChanged
 from nodemedic.policy.actions import RemoveSocketDirParams
 from nodemedic.report import RecordKind
@@ -44,10 +44,10 @@ def intent(step: str, index: int, stopped: tuple[str, ...] = ("containerd.servic
                         stopped=stopped, applied=("stop-unit",), at=1.7e9)  # fmt: skip
 
 
-def restarted(h: Harness, state: Path) -> Runner:
+def restarted(h: Harness, state: Path) -> Executor:
     """nodemedic started again after a SIGKILL: a new runner on the same state directory, and D-Bus
     resynchronising containerd's state (inactive: the stop of the cut-off repair)."""
-    runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
+    runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
     runner.handle(UnitChanged("containerd.service", "inactive", "dead"))
     return runner
 
@@ -86,7 +86,7 @@ async def test_the_record_says_what_is_under_way_before_each_change(
 ) -> None:
     h = harness()
     state = tmp_path / "state"
-    runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
+    runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
     runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     seen: list[tuple[str, list[str]]] = []
     began: set[float] = set()
@@ -223,7 +223,7 @@ async def test_a_state_folder_that_refuses_the_record_does_not_stop_a_repair(
     h = harness()
     state = tmp_path / "not-a-folder"
     state.write_text("")  # every save fails (ENOTDIR)
-    runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
+    runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
     runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     h.sock.mkdir()
     runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY, at=h.clock.now))
@@ -252,7 +252,7 @@ async def test_a_repair_in_observe_mode_leaves_the_record_alone(
     h = harness(mode="observe")
     state = tmp_path / "state"
     IntentStore(state).save(intent("remove-socket-dir", 1))
-    runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
+    runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, None, IntentStore(state))
     runner.unfinished = None  # as if the enforce repair of this record were under way now
     runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     h.sock.mkdir()
@@ -298,6 +298,6 @@ async def test_a_repair_cut_off_again_and_again_is_only_undone(
 
 
 def runner_max() -> int:
-    from nodemedic.engine.runner import MAX_RESUMES
+    from nodemedic.executor.repairs import MAX_RESUMES
 
     return MAX_RESUMES

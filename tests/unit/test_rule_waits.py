@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.events import JournalLine, PathChanged, PathKind
 from nodemedic.policy.load import parse_policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
@@ -55,7 +55,7 @@ async def test_a_rule_that_waited_for_another_repair_asks_again(tmp_path: Path) 
     units.on_start = lambda unit: setattr(probe, "answers", True)  # containerd serves again
     ctx = ActionContext(units, probe, FakeClock(), tmp_path / "state" / "quarantine")
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
-    runner = Runner(parse_policy(two_rules(root)), ctx, Reporter(sink), spawn)
+    runner = Executor(parse_policy(two_rules(root)), ctx, Reporter(sink), spawn)
 
     runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))
     await asyncio.sleep(0.01)  # the socket repair holds the lock, stopping containerd

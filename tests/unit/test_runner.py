@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from nodemedic.actions.base import ActionContext, Step
-from nodemedic.engine.runner import Runner
 from nodemedic.events import JournalLine, PathChanged, PathKind, UnitChanged
+from nodemedic.executor import Executor
 from nodemedic.policy.load import parse_policy, parse_policy_text
 from nodemedic.policy.model import Policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
@@ -72,7 +72,7 @@ class Harness:
         # containerd coming back after a start: its socket path becomes a socket
         self.units.on_start = lambda unit: unit == "containerd.service" and self.serve_socket_if_free()
         ctx = ActionContext(self.units, self.probe, self.clock, self.quarantine)
-        self.runner = Runner(make_policy(self.root, mode), ctx, Reporter(self.sink), self._spawn)
+        self.runner = Executor(make_policy(self.root, mode), ctx, Reporter(self.sink), self._spawn)
         # as at start-up: D-Bus resynchronises the units' state first (a crashed containerd)
         self.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
 
@@ -236,7 +236,7 @@ async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harne
     units.fail.add(("start", "containerd.service"))
     h = harness(units=units)
     store = StateStore(tmp_path / "state")
-    h.runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, store)
+    h.runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, store)
     h.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     for _ in range(3):  # default breaker: 3 failures within 15 min
         h.sock.mkdir(exist_ok=True)
@@ -255,7 +255,7 @@ async def test_breaker_opens_escalates_and_persists(harness: Callable[..., Harne
     assert len(held) == 1
     assert h.outcomes()[-1][1] == "would-do"
     # a restarted daemon finds the breaker still open
-    again = Runner(h.runner.policy, h.runner.ctx, Reporter(MemorySink()), h._spawn, store)
+    again = Executor(h.runner.policy, h.runner.ctx, Reporter(MemorySink()), h._spawn, store)
     assert again.states["socket-path-is-directory"].breaker.state == "open"
     # the operator's reset closes it, and the fault still there is acted on at once
     units.fail.clear()
@@ -296,10 +296,7 @@ async def test_failed_repair_is_retried_without_a_new_event(harness: Callable[..
     assert units.calls == [("stop", "containerd.service"), ("start", "containerd.service")]
     units.fail.clear()
     h.clock.advance(1.0)  # the backoff has passed on the wall clock too
-    for _ in range(100):  # only the runner's own timer can start the retry: no event is sent
-        await asyncio.sleep(0.01)
-        if h.tasks:
-            break
+    h.clock.run_due()  # only the executor's own timer can start the retry: no event is sent
     await h.settle()
     assert units.calls.count(("stop", "containerd.service")) == 2
     assert h.sink.of(RecordKind.OUTCOME)[-1].fields["OUTCOME"] == "repaired"
@@ -350,7 +347,7 @@ async def test_at_start_up_it_waits_to_know_whether_an_operator_stopped_the_unit
     units, sink, tasks = FakeUnits({"containerd.service": "inactive"}), MemorySink(), []
     ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path / "q")
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
-    runner = Runner(make_policy(root), ctx, Reporter(sink), spawn)
+    runner = Executor(make_policy(root), ctx, Reporter(sink), spawn)
     runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))  # inotify: first
     assert tasks == [], "no decision before D-Bus has said how containerd is"
     runner.handle(UnitChanged("containerd.service", "inactive", "dead"))  # an operator stopped it
@@ -368,7 +365,7 @@ async def test_a_malformed_state_file_is_moved_aside(harness: Callable[..., Harn
     (state_dir / "state.json").write_text(
         '{"version": 1, "rules": {"socket-path-is-directory": {"breaker": 7}}}'
     )
-    Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(state_dir))
+    Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(state_dir))
     assert list(state_dir.glob("state.json.corrupt-*"))
     assert h.sink.of(RecordKind.ERROR)[-1].fields["OUTCOME"] == "state-reset"
 
@@ -511,8 +508,8 @@ async def test_a_confirm_step_without_a_verdict_acts_on_nothing(
     harness: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """containerd's config check killed (OOM at MemoryMax=): not a bug, not a fault: not acting."""
-    from nodemedic.engine import runner
     from nodemedic.errors import ConfigCheckError
+    from nodemedic.executor import repairs as runner
 
     async def killed(path: Path) -> str | None:
         raise ConfigCheckError("`containerd config dump` was killed by SIGKILL: cannot tell")
@@ -567,7 +564,7 @@ async def test_compensation_is_bounded(
     harness: Callable[..., Harness], broken: Callable[..., None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from nodemedic.engine import runner
+    from nodemedic.executor import repairs as runner
 
     broken("apply", KeyError("x"))
     monkeypatch.setattr(runner, "COMPENSATE_TIMEOUT", 0.05)
@@ -615,7 +612,7 @@ class ShimNode:
         self.sink = MemorySink()
         self.tasks: list[asyncio.Task[None]] = []
         ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), tmp_path / "quarantine")
-        self.runner = Runner(policy, ctx, Reporter(self.sink), self._spawn)
+        self.runner = Executor(policy, ctx, Reporter(self.sink), self._spawn)
 
     def _spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(coro))

@@ -13,7 +13,7 @@ import pytest
 from nodemedic.actions import nofile
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.nofile import MARKER, RaiseNofileLimit
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.events import (
     Event,
@@ -158,11 +158,13 @@ async def test_the_watcher_emits_a_reading_per_check(tmp_path: Path) -> None:
         {"source": "version", "known_bugs": [{"first": "1.6.0", "reason": "x"}]},
     ]}]})  # fmt: skip
     events: list[Event] = []
+    main_pid = 0
     watch = ResourceWatch(policy.resource_checks(), "containerd.service", 5.0, FakeProbe(), "/sock", 1.0,
-                          events.append, FakeClock(), proc=proc, cgroup_root=cgroot)  # fmt: skip
+                          events.append, FakeClock(), main_pid=lambda: main_pid, proc=proc,
+                          cgroup_root=cgroot)  # fmt: skip
     await watch.read_once()
     assert [type(e) for e in events] == [PressureSeen, VersionSeen], "no MainPID yet: host-wide only"
-    watch.handle(UnitChanged("containerd.service", "active", "running", main_pid=74))
+    main_pid = 74  # D-Bus reported containerd's main process (the node view's copy)
     events.clear()
     await watch.read_once()
     assert FdUsage("containerd.service", 74, 230, 256, at=1000.0) in events
@@ -184,8 +186,8 @@ async def test_an_unreadable_check_emits_nothing_and_the_others_go_on(tmp_path: 
     policy = parse_policy({"rule": [{"name": "r", "trigger": [{"source": "fds"}, {"source": "oom"}]}]})
     events: list[Event] = []
     watch = ResourceWatch(policy.resource_checks(), "containerd.service", 5.0, FakeProbe(), "/s", 1.0,
-                          events.append, FakeClock(), proc=proc, cgroup_root=cgroot)  # fmt: skip
-    watch.main_pid = 74
+                          events.append, FakeClock(), main_pid=lambda: 74, proc=proc,
+                          cgroup_root=cgroot)  # fmt: skip
     await watch.read_once()
     assert [type(e) for e in events] == [OomKills]
 
@@ -209,7 +211,7 @@ async def settle(runner_tasks: list[asyncio.Task[None]]) -> None:
 async def test_a_report_only_rule_reports_once_per_incident(mode: str) -> None:
     sink, tasks = MemorySink(), []
     ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), Path("/nonexistent"))
-    runner = Runner(report_only_policy(mode), ctx, Reporter(sink),
+    runner = Executor(report_only_policy(mode), ctx, Reporter(sink),
                     lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
     high, low = PressureSeen("host", "memory", 30.0, 0.0), PressureSeen("host", "memory", 1.0, 0.0)
     for event in (high, high, high):
@@ -232,7 +234,7 @@ async def test_a_report_only_rule_reports_once_per_incident(mode: str) -> None:
 async def test_another_checks_reading_does_not_clear_an_incident() -> None:
     sink, tasks = MemorySink(), []
     ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), Path("/nonexistent"))
-    runner = Runner(report_only_policy(), ctx, Reporter(sink),
+    runner = Executor(report_only_policy(), ctx, Reporter(sink),
                     lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
     runner.handle(PressureSeen("host", "memory", 30.0, 0.0))
     await settle(tasks)
@@ -387,7 +389,8 @@ async def test_the_watcher_reads_the_setting_and_parses_only_a_changed_file(
     monkeypatch.setattr(resources, "streams_setting", counting)
     events: list[Event] = []
     watch = ResourceWatch(policy.resource_checks(), "containerd.service", 5.0, FakeProbe(), "/s", 1.0,
-                          events.append, FakeClock(), proc=tmp_path, cgroup_root=tmp_path)  # fmt: skip
+                          events.append, FakeClock(), main_pid=lambda: 0, proc=tmp_path,
+                          cgroup_root=tmp_path)  # fmt: skip
     await watch.read_once()
     await watch.read_once()
     assert events == [GrpcStreamsSetting(str(config), "2", at=1000.0)] * 2, "a reading each time"
@@ -409,7 +412,7 @@ async def test_a_stream_limit_is_reported_once_while_set_and_again_after_it_went
         "trigger": [{"source": "grpc-streams"}],
     }]})  # fmt: skip
     ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), Path("/nonexistent"))
-    runner = Runner(policy, ctx, Reporter(sink),
+    runner = Executor(policy, ctx, Reporter(sink),
                     lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
     set_, unset = GrpcStreamsSetting(CONTAINERD_TOML, "2"), GrpcStreamsSetting(CONTAINERD_TOML, "")
     for event in (set_, set_, ProbeFailed("/run/containerd/containerd.sock", "x"), set_):

@@ -81,7 +81,7 @@ async def test_only_named_and_proven_pids(kill: KillOrphanedShims) -> None:
 async def test_every_named_pid_is_judged_even_when_lines_come_in_a_burst(tmp_path: Path) -> None:
     import asyncio
 
-    from nodemedic.engine.runner import Runner
+    from nodemedic.executor import Executor
     from nodemedic.policy.load import parse_policy
     from nodemedic.report import MemorySink, Reporter
 
@@ -103,7 +103,7 @@ async def test_every_named_pid_is_judged_even_when_lines_come_in_a_burst(tmp_pat
     saved = registry.ACTIONS[KillOrphanedShimsParams]
     registry.ACTIONS[KillOrphanedShimsParams] = Recording
     try:
-        runner = Runner(policy, ctx(""), Reporter(MemorySink()),
+        runner = Executor(policy, ctx(""), Reporter(MemorySink()),
                         lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
         for pid in (62, 111, 140):
             runner.handle(
@@ -122,7 +122,7 @@ async def test_a_repair_whose_actions_all_find_nothing_to_do_spends_no_budget(tm
     """Live shims named at every containerd start are not a repair: no budget, no breaker."""
     import asyncio
 
-    from nodemedic.engine.runner import Runner
+    from nodemedic.executor import Executor
     from nodemedic.policy.load import parse_policy
     from nodemedic.report import MemorySink, Reporter
 
@@ -131,7 +131,7 @@ async def test_a_repair_whose_actions_all_find_nothing_to_do_spends_no_budget(tm
         "action": [{"do": "kill-orphaned-shims", "proc": str(tmp_path)}]}]})  # fmt: skip
     sink = MemorySink()
     tasks: list[asyncio.Task[None]] = []
-    runner = Runner(policy, ctx(""), Reporter(sink),
+    runner = Executor(policy, ctx(""), Reporter(sink),
                     lambda c: tasks.append(asyncio.get_running_loop().create_task(c)))  # fmt: skip
     for _ in range(3):
         runner.handle(JournalLine("containerd.service", "Found left-over process 62 (containerd-shim) x"))

@@ -17,7 +17,7 @@ from nodemedic import store as state
 from nodemedic.actions.freezer import Freezer
 from nodemedic.configs import GoodConfigs
 from nodemedic.engine import coalesce
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.errors import StateSaveError
 from nodemedic.events import PathChanged, PathKind, UnitChanged
 from nodemedic.report import RecordKind
@@ -179,7 +179,7 @@ async def test_repairs_run_with_a_full_state_directory_and_say_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = Harness(tmp_path)
-    h.runner = Runner(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(tmp_path / "st"))
+    h.runner = Executor(h.runner.policy, h.runner.ctx, h.runner.report, h._spawn, StateStore(tmp_path / "st"))
     h.runner.handle(UnitChanged("containerd.service", "activating", "auto-restart"))
     monkeypatch.setattr("nodemedic.store.atomic_write", full_disk)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.errors import PolicyError
 from nodemedic.events import Event, ProbeAnswered, ProbeFailed, SignalSeen, UnitChanged
 from nodemedic.policy.load import parse_policy
@@ -65,11 +65,11 @@ def test_when_unit_must_be_watched() -> None:
         policy({"source": "probe"}, {"unit": "docker.service"})
 
 
-def runner(p: Policy, tmp_path: Path) -> tuple[Runner, FakeUnits, MemorySink, list[asyncio.Task[None]]]:
+def runner(p: Policy, tmp_path: Path) -> tuple[Executor, FakeUnits, MemorySink, list[asyncio.Task[None]]]:
     units, sink, tasks = FakeUnits(), MemorySink(), []
     ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path)
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
-    return Runner(p, ctx, Reporter(sink), spawn), units, sink, tasks
+    return Executor(p, ctx, Reporter(sink), spawn), units, sink, tasks
 
 
 async def test_occurrences_within_a_window(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.engine.runner import Runner
+from nodemedic.executor import Executor
 from nodemedic.events import PathChanged, PathKind, UnitChanged
 from nodemedic.report import MemorySink, RecordKind, Reporter
 
@@ -28,7 +28,7 @@ async def test_a_masked_or_missing_unit_is_refused_once(tmp_path: Path, load_sta
     units, sink, tasks = FakeUnits({"containerd.service": "inactive"}), MemorySink(), []
     ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path / "q")
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
-    runner = Runner(make_policy(root), ctx, Reporter(sink), spawn)
+    runner = Executor(make_policy(root), ctx, Reporter(sink), spawn)
     runner.handle(UnitChanged("containerd.service", "inactive", "dead", load_state=load_state))
     for _ in range(3):  # the same fault seen again (inotify, journal, retries): said once
         runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))
@@ -48,7 +48,7 @@ async def test_a_masked_unit_still_running_is_not_stopped(tmp_path: Path) -> Non
     units, sink, tasks = FakeUnits({"containerd.service": "active"}), MemorySink(), []
     ctx = ActionContext(units, FakeProbe(), FakeClock(), tmp_path / "q")
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
-    runner = Runner(make_policy(root), ctx, Reporter(sink), spawn)
+    runner = Executor(make_policy(root), ctx, Reporter(sink), spawn)
     runner.handle(UnitChanged("containerd.service", "active", "running", load_state="masked"))
     runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))
     await asyncio.gather(*tasks)

@@ -1,10 +1,10 @@
 """What nodemedic knows of the node, fed by events: the one copy of the units' states, their main
-processes and who stopped them. Pure: the core, the executor and the sources (through getters
+processes, who stopped them, and what is at each watched path. Pure: the core, the executor and the sources (through getters
 that app.py hands them) read it; only ``see`` and ``stopping`` change it."""
 
 from __future__ import annotations
 
-from nodemedic.events import Event, UnitChanged
+from nodemedic.events import Event, PathChanged, PathKind, UnitChanged
 
 # A unit down in one of these load states is no operator's stop: systemd will not start it.
 UNIT_REFUSED = {
@@ -19,8 +19,11 @@ class NodeView:
         self.stopped_by_us: set[str] = set()  # units a repair stopped (not yet running again)
         self.stopped_by_others: set[str] = set()  # units an operator stopped
         self._last_pid: dict[str, int] = {}  # the last main PID seen while the unit was active
+        self.paths: dict[str, PathKind] = {}  # what inotify last found at each watched path
 
     def see(self, event: Event) -> None:
+        if isinstance(event, PathChanged):
+            self.paths[event.path] = event.kind
         if not isinstance(event, UnitChanged):
             return
         self.units[event.unit] = event
@@ -53,6 +56,11 @@ class NodeView:
     def last_main_pid(self, unit: str) -> int:
         """The last main process seen while the unit was active (kept while it is down)."""
         return self._last_pid.get(unit, 0)
+
+    def path_is(self, path: str, kind: PathKind) -> bool | None:
+        """Whether ``path`` was last seen as ``kind``; None if no event has said what is there."""
+        seen = self.paths.get(path)
+        return None if seen is None else seen == kind
 
     def unstartable(self) -> set[str]:
         """Units systemd will not start (masked, no unit file), running or not."""

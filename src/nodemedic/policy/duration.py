@@ -50,8 +50,10 @@ def _positive(seconds: float) -> float:
 
 def _interval(seconds: float) -> float:
     if seconds < MIN_INTERVAL:
-        raise ValueError(f"an interval must be at least {MIN_INTERVAL * 1000:.0f}ms: a loop that wakes more "
-                         "often only spends CPU")  # fmt: skip
+        raise ValueError(
+            f"an interval must be at least {MIN_INTERVAL * 1000:.0f}ms: a loop that wakes more "
+            "often only spends CPU"
+        )
     return seconds
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from nodemedic import __version__
 from nodemedic.app import App
 from nodemedic.engine.sighup import RESTART_SOURCES
-from nodemedic.errors import PolicyError
+from nodemedic.errors import PolicyError, SourceFailedError
 from nodemedic.events import Event
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.model import DaemonSettings, Policy
@@ -117,7 +117,7 @@ class Daemon:
             DETAIL=repr(exc),
             OUTCOME="failed",
         )
-        raise SystemExit(1) from exc
+        raise SourceFailedError(f"{task.get_name()} stopped: {exc!r}") from exc
 
     async def _dispatch(self) -> None:
         while True:

@@ -67,3 +67,8 @@ class ConfigCheckError(NodemedicError, ChildProcessError):
 
 class StateSaveError(NodemedicError, OSError):
     """A state file could not be saved (a full or read-only state directory); nodemedic goes on."""
+
+
+class SourceFailedError(NodemedicError, RuntimeError):
+    """A source (D-Bus, journald, inotify, ...) stopped with an error: nodemedic cannot see the node
+    any more, so it exits (systemd's Restart= starts it again) rather than run blind."""

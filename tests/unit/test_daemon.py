@@ -12,8 +12,9 @@ import pytest
 from nodemedic.actions.base import ActionContext
 from nodemedic.app import App
 from nodemedic.daemon import Daemon
-from nodemedic.executor import Executor
+from nodemedic.errors import SourceFailedError
 from nodemedic.events import Event
+from nodemedic.executor import Executor
 from nodemedic.policy.load import load_policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
 
@@ -96,7 +97,7 @@ async def test_a_dead_source_stops_the_daemon(tmp_path: Path) -> None:
         raise OSError("inotify: too many watches")
 
     app.sources["inotify"] = broken
-    with pytest.raises(SystemExit):
+    with pytest.raises(SourceFailedError):  # cli.py turns it into exit status 1
         await Daemon(app, asyncio.Event(), asyncio.Event(), notify=lambda s: None).run()
     [error] = sink.of(RecordKind.ERROR)
     assert "inotify stopped" in error.message

@@ -159,7 +159,7 @@ class Source:
         self.instance = tracefs / "instances" / instance
         self.trace = TraceSignals(tracefs=tracefs, proc=Path("/proc"), unit=UNIT, emit=self.events.append,
                                   clock=MonotonicClock(), on_state=self.states.append,
-                                  instance=instance)  # fmt: skip
+                                  main_pid=lambda: 0, instance=instance)  # fmt: skip
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -299,7 +299,8 @@ async def test_the_instance_is_removed_when_cancelled(source: Source) -> None:
 async def test_a_missing_tracefs_is_reported(tmp_path: Path) -> None:
     states: list[str] = []
     trace = TraceSignals(tracefs=tmp_path, proc=Path("/proc"), unit=UNIT, emit=lambda e: None,
-                         clock=MonotonicClock(), on_state=states.append, instance="x")  # fmt: skip
+                         clock=MonotonicClock(), on_state=states.append, main_pid=lambda: 0,
+                         instance="x")  # fmt: skip
     await asyncio.wait_for(trace.run(), 5)
     assert len(states) == 1
     assert "not mounted" in states[0]
@@ -323,7 +324,8 @@ async def test_a_readonly_tracefs_is_reported(readonly_tracefs: Path) -> None:
     states: list[str] = []
     name = f"nodemedic-test-{os.getpid()}-ro"
     trace = TraceSignals(tracefs=readonly_tracefs, proc=Path("/proc"), unit=UNIT, emit=lambda e: None,
-                         clock=MonotonicClock(), on_state=states.append, instance=name)  # fmt: skip
+                         clock=MonotonicClock(), on_state=states.append, main_pid=lambda: 0,
+                         instance=name)  # fmt: skip
     await asyncio.wait_for(trace.run(), 5)
     (state,) = states
     assert "cannot create the trace instance" in state

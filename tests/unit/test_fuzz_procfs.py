@@ -268,7 +268,8 @@ def test_any_trace_line_never_raises(text: str) -> None:
 def test_feeding_crafted_lines_never_raises(tmp_path: Path, lines: list[str]) -> None:
     seen: list[object] = []
     source = TraceSignals(tracefs=tmp_path / "tracing", proc=tmp_path / "no-proc", unit=UNIT,
-                          emit=seen.append, clock=FakeClock(), on_state=lambda _: None)  # fmt: skip
+                          emit=seen.append, clock=FakeClock(), on_state=lambda _: None,
+                          main_pid=lambda: 0)  # fmt: skip
     for text in lines:
         source.feed(text)
     assert seen == [], "no process of that /proc is containerd: nothing counts"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nodemedic.core.nodeview import NodeView
 from nodemedic.events import Event, JournalLine, SignalSeen, UnitChanged
 from nodemedic.sources.tracefs import (
     TraceLine,
@@ -147,6 +148,7 @@ class Harness:
         self.proc = HostProc(tmp_path / "proc")
         self.events: list[Event] = []
         self.states: list[str] = []
+        self.view = NodeView()  # the one copy of the units' main PIDs, as app.py wires it
         self.source = TraceSignals(
             tracefs=tmp_path / "tracing",
             proc=self.proc.path,
@@ -154,6 +156,7 @@ class Harness:
             emit=self.events.append,
             clock=FakeClock(),
             on_state=self.states.append,
+            main_pid=lambda: self.view.main_pid(UNIT),
             instance="nodemedic-test",
         )
         # our containerd: host PID 16733, PID 33 in our namespace
@@ -165,7 +168,9 @@ class Harness:
         self.proc.add(20002, "bash", "/system.slice/toolkit-standin.service", [20002, 502])
 
     def main_pid(self, pid: int) -> None:
-        self.source.handle(UnitChanged(UNIT, "active", "running", main_pid=pid))
+        event = UnitChanged(UNIT, "active", "running", main_pid=pid)
+        self.view.see(event)  # the executor feeds the view first, then the observers
+        self.source.handle(event)
 
     def seen(self) -> list[SignalSeen]:
         return [e for e in self.events if isinstance(e, SignalSeen)]

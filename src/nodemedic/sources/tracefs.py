@@ -124,6 +124,7 @@ class TraceSignals:
         emit: Callable[[Event], None],
         clock: Clock,
         on_state: Callable[[str], None],
+        main_pid: Callable[[], int],
         instance: str | None = None,
         signal: int = signals.SIGHUP,
         target_comm: str = "containerd",
@@ -137,7 +138,7 @@ class TraceSignals:
         self._emit = emit
         self._clock = clock
         self._on_state = on_state
-        self._main_pid = 0
+        self._main_pid = main_pid  # ``unit``'s main process as last reported (the node view's copy)
         # trace PID -> (PID in our namespace, start time): the target may be gone when its line
         # is read (containerd dies within milliseconds of a SIGHUP), so it is found beforehand.
         self._targets: OrderedDict[int, tuple[int, str]] = OrderedDict()
@@ -146,11 +147,12 @@ class TraceSignals:
     # ---- observer --------------------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
-        """Learn containerd's main PID from ``unit``'s UnitChanged events."""
-        if not isinstance(event, UnitChanged) or event.unit != self.unit:
+        """Look up a new main process of ``unit`` as soon as D-Bus reports it: containerd dies
+        within milliseconds of a SIGHUP, before its trace line is read, and a process that is gone
+        can no longer be proven ours."""
+        if not isinstance(event, UnitChanged) or event.unit != self.unit or not event.main_pid:
             return
-        if event.main_pid and event.main_pid != self._main_pid:
-            self._main_pid = event.main_pid
+        if not any(local == event.main_pid for local, _ in self._targets.values()):
             self._learn(event.main_pid)
 
     def _learn(self, local_pid: int) -> None:
@@ -238,8 +240,9 @@ class TraceSignals:
             os.close(fd)  # before the rmdir: an open trace_pipe keeps the instance busy
 
     def _learn_at_start(self) -> None:
-        if self._main_pid:
-            self._learn(self._main_pid)
+        main_pid = self._main_pid()
+        if main_pid:
+            self._learn(main_pid)
         for pid in self._view.find_by_comm(self.target_comm, self.unit):
             self._remember(pid, self._view.local_pid(pid))
 
@@ -276,8 +279,13 @@ class TraceSignals:
             return  # the target signalled itself: no other task sent it
         local_pid = self._target(parsed.target_pid)
         if not local_pid:
-            log.debug("signal %d to PID %d (%s) is not to %s here", parsed.signal, parsed.target_pid,
-                      parsed.target_comm, self.unit)  # fmt: skip
+            log.debug(
+                "signal %d to PID %d (%s) is not to %s here",
+                parsed.signal,
+                parsed.target_pid,
+                parsed.target_comm,
+                self.unit,
+            )
             return
         self._emit(self._seen(parsed, local_pid))
 
@@ -320,8 +328,13 @@ class TraceSignals:
         comm = self._view.comm(line.sender_pid)
         unnamed = line.sender_comm == "<...>"
         if comm is None or (comm != line.sender_comm and not unnamed):
-            log.info("the sender of signal %d to %s (%s, PID %d) is gone: its cgroup is unknown",
-                     line.signal, self.unit, line.sender_comm, line.sender_pid)  # fmt: skip
+            log.info(
+                "the sender of signal %d to %s (%s, PID %d) is gone: its cgroup is unknown",
+                line.signal,
+                self.unit,
+                line.sender_comm,
+                line.sender_pid,
+            )
             return line.sender_comm, ""
         return (comm if unnamed else line.sender_comm), self._view.cgroup(line.sender_pid) or ""
 

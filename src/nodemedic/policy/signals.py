@@ -28,8 +28,10 @@ def signal_number(value: object) -> int:
             return STANDARD[name]
     shown = "a number that long" if isinstance(value, int) and value.bit_length() > 64 else repr(value)
     shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
-    raise ValueError(f'{shown} is not a signal nodemedic can use; write a name such as "SIGHUP" or a number '
-                     f"1-{max(STANDARD.values())} (real-time signals are refused)")  # fmt: skip
+    raise ValueError(
+        f'{shown} is not a signal nodemedic can use; write a name such as "SIGHUP" or a number '
+        f"1-{max(STANDARD.values())} (real-time signals are refused)"
+    )
 
 
 Signal = Annotated[int, BeforeValidator(signal_number)]

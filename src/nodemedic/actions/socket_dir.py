@@ -122,8 +122,9 @@ class RemoveSocketDir:
         return _copy_aside(self.params, ctx.clock, ctx.quarantine_dir, root_fd, name, stamp)
 
 
-def _copy_aside(params: RemoveSocketDirParams, clock: Clock, quarantine: Path, root_fd: int, name: str,
-                stamp: str) -> str:  # fmt: skip
+def _copy_aside(
+    params: RemoveSocketDirParams, clock: Clock, quarantine: Path, root_fd: int, name: str, stamp: str
+) -> str:
     """Copy the aside directory of ``name`` made at ``stamp`` into the quarantine, then remove it."""
     aside = f".{name}.nodemedic-{stamp}"
     source = os.path.join(params.root, name)
@@ -169,8 +170,9 @@ def finish_quarantines(params: RemoveSocketDirParams, clock: Clock, quarantine: 
         os.close(root_fd)
 
 
-def _remove_after_copy(params: RemoveSocketDirParams, clock: Clock, root_fd: int, aside: str,
-                       target: Path) -> bool:  # fmt: skip
+def _remove_after_copy(
+    params: RemoveSocketDirParams, clock: Clock, root_fd: int, aside: str, target: Path
+) -> bool:
     """The removal a dead copy did not finish, of what its complete manifest lists; True if done."""
     try:
         manifest = json.loads((target / MANIFEST).read_bytes())

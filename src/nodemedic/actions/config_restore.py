@@ -48,8 +48,12 @@ class RestoreConfig:
                 "left for a human (generate = false)"
             )
         source = f"the last-known-good copy {good.name}" if good else "`containerd config default`"
-        return Step(f"restore {self.path} from {source}", paths=(str(self.path),),
-                    detail=problem, data={"good": str(good) if good else ""})  # fmt: skip
+        return Step(
+            f"restore {self.path} from {source}",
+            paths=(str(self.path),),
+            detail=problem,
+            data={"good": str(good) if good else ""},
+        )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         good = Path(step.data["good"]) if step.data.get("good") else None

@@ -36,21 +36,29 @@ class RaiseNofileLimit:
     async def check(self, ctx: ActionContext) -> Step | Skip:
         p = self.params
         if self.path.exists() and MARKER not in self.path.read_text(errors="replace"):
-            raise UnsafePathError(f"{self.path} exists and is not nodemedic's: not overwriting it; "
-                                  f"set another name for the drop-in or remove that file")  # fmt: skip
+            raise UnsafePathError(
+                f"{self.path} exists and is not nodemedic's: not overwriting it; "
+                f"set another name for the drop-in or remove that file"
+            )
         pid = await main_pid(p.unit)
         current = soft_nofile(self.proc, pid) if pid else -1
         if current == 0 or current >= p.limit:
             return Skip(f"{p.unit}'s main process {pid} already has LimitNOFILE {current or 'unlimited'}")
-        return Step(f"install {self.path} with LimitNOFILE={p.limit}, reload systemd and restart "
-                    f"{p.unit} (its main process {pid} has a soft limit of {current})",
-                    unit=p.unit, paths=(str(self.path),), data={"pid": str(pid)})  # fmt: skip
+        return Step(
+            f"install {self.path} with LimitNOFILE={p.limit}, reload systemd and restart "
+            f"{p.unit} (its main process {pid} has a soft limit of {current})",
+            unit=p.unit,
+            paths=(str(self.path),),
+            data={"pid": str(pid)},
+        )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         p = self.params
-        text = (f"{MARKER} (rule action raise-nofile-limit): {p.unit} ran out of file descriptors.\n"
-                f"# Remove this file and run `systemctl daemon-reload` to undo; it is gone at reboot.\n"
-                f"[Service]\nLimitNOFILE={p.limit}\n")  # fmt: skip
+        text = (
+            f"{MARKER} (rule action raise-nofile-limit): {p.unit} ran out of file descriptors.\n"
+            f"# Remove this file and run `systemctl daemon-reload` to undo; it is gone at reboot.\n"
+            f"[Service]\nLimitNOFILE={p.limit}\n"
+        )
         atomic_write(self.path, text)
         self.path.chmod(0o644)
         await systemctl("daemon-reload")
@@ -70,8 +78,10 @@ class RaiseNofileLimit:
             raise RepairFailedError(f"{p.unit} has no new main process after the restart (MainPID {pid})")
         soft = soft_nofile(self.proc, pid)
         if soft != 0 and soft < p.limit:
-            raise RepairFailedError(f"{p.unit}'s new main process {pid} still has LimitNOFILE {soft}: "
-                                    "a later drop-in or systemd's own hard limit caps it")  # fmt: skip
+            raise RepairFailedError(
+                f"{p.unit}'s new main process {pid} still has LimitNOFILE {soft}: "
+                "a later drop-in or systemd's own hard limit caps it"
+            )
         return f"{p.unit}'s new main process {pid} has LimitNOFILE {soft or 'unlimited'}"
 
 

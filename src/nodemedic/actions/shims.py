@@ -49,8 +49,12 @@ class KillOrphanedShims:
         kept = "; ".join(f"{pid} kept: {why}" for pid, why in verdicts.items() if why)
         if not orphans:
             return Skip(kept)
-        return Step(f"kill orphaned shim(s) {', '.join(orphans)}", unit=self.params.unit,
-                    detail=kept, data={"pids": " ".join(orphans)})  # fmt: skip
+        return Step(
+            f"kill orphaned shim(s) {', '.join(orphans)}",
+            unit=self.params.unit,
+            detail=kept,
+            data={"pids": " ".join(orphans)},
+        )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         done = []
@@ -136,8 +140,10 @@ class KillOrphanedShims:
                 if tasks.joinpath(thread, "children").read_bytes().strip():
                     return "it has child processes (a container)"
             except OSError as err:
-                return (f"cannot tell whether it has child processes ({err}; without "
-                        "CONFIG_PROC_CHILDREN the kernel has no task/*/children)")  # fmt: skip
+                return (
+                    f"cannot tell whether it has child processes ({err}; without "
+                    "CONFIG_PROC_CHILDREN the kernel has no task/*/children)"
+                )
         return None
 
 

@@ -20,8 +20,11 @@ class VerifyContainerd:
         self.params = params
 
     async def check(self, ctx: ActionContext) -> Step | Skip:
-        return Step(f"check that containerd answers on {self.params.socket}", paths=(self.params.socket,),
-                    changes=False)  # fmt: skip
+        return Step(
+            f"check that containerd answers on {self.params.socket}",
+            paths=(self.params.socket,),
+            changes=False,
+        )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         return ""

@@ -178,8 +178,12 @@ def save_best_effort(path: Path, text: str, mode: int | None = None) -> bool:
         atomic_write(path, text, mode)
     except OSError as exc:
         if note_save_failed(path, exc):
-            log.warning("cannot save %s (%s); nodemedic goes on with this state in memory only "
-                        "(said once, until a save works again)", path, exc)  # fmt: skip
+            log.warning(
+                "cannot save %s (%s); nodemedic goes on with this state in memory only "
+                "(said once, until a save works again)",
+                path,
+                exc,
+            )
         return False
     note_saved(path)
     return True
@@ -239,10 +243,13 @@ class StateStore:
             atomic_write(self.path, text + "\n")
         except OSError as exc:
             if note_save_failed(self.path, exc):
-                raise StateSaveError(exc.errno, f"{exc.strerror or exc}: {self.path} is not saved; repairs "
-                                     "go on with breakers, backoff and budget in memory only; free "
-                                     "space or make the state directory writable (said once until "
-                                     "a save works again)") from exc  # fmt: skip
+                raise StateSaveError(
+                    exc.errno,
+                    f"{exc.strerror or exc}: {self.path} is not saved; repairs "
+                    "go on with breakers, backoff and budget in memory only; free "
+                    "space or make the state directory writable (said once until "
+                    "a save works again)",
+                ) from exc
             return
         note_saved(self.path)
 
@@ -266,8 +273,12 @@ class StateStore:
             try:
                 request.unlink(missing_ok=True)
             except OSError as exc:  # read-only: taken again at each reload, which would undo the breaker
-                log.warning("cannot consume the reset request %s (%s): not applied; make the state "
-                            "directory writable and reset again", request, exc)  # fmt: skip
+                log.warning(
+                    "cannot consume the reset request %s (%s): not applied; make the state "
+                    "directory writable and reset again",
+                    request,
+                    exc,
+                )
                 names.pop()
         return names
 

@@ -188,6 +188,17 @@ class GrpcStreamsSetting:
 ResourceReading = FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen | GrpcStreamsSetting
 
 Event = (
-    UnitChanged | JournalLine | PathChanged | ProbeFailed | ProbeAnswered | SignalSeen | FileChanged
-    | FdUsage | PressureSeen | OomKills | SocketModeSeen | VersionSeen | GrpcStreamsSetting
-)  # fmt: skip
+    UnitChanged
+    | JournalLine
+    | PathChanged
+    | ProbeFailed
+    | ProbeAnswered
+    | SignalSeen
+    | FileChanged
+    | FdUsage
+    | PressureSeen
+    | OomKills
+    | SocketModeSeen
+    | VersionSeen
+    | GrpcStreamsSetting
+)

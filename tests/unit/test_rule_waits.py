@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.executor import Executor
 from nodemedic.events import JournalLine, PathChanged, PathKind
+from nodemedic.executor import Executor
 from nodemedic.policy.load import parse_policy
 from nodemedic.report import MemorySink, RecordKind, Reporter
 
@@ -22,11 +22,30 @@ pytestmark = pytest.mark.unit
 
 
 class SlowUnits(FakeUnits):
-    """A stop that takes a moment, as systemd's does: the other rule decides meanwhile."""
+    """A stop that takes until the test lets it end, as systemd's takes a while: the other rule
+    decides meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = asyncio.Event()  # a stop has begun
+        self.stopped = asyncio.Event()  # set by the test: the stop may end
 
     async def stop(self, unit: str, timeout: float) -> None:
-        await asyncio.sleep(0.05)
+        self.stopping.set()
+        await self.stopped.wait()
         await super().stop(unit, timeout)
+
+
+class AskedProbe(FakeProbe):
+    """Says when it was first asked (the hang rule's confirm)."""
+
+    def __init__(self, answers: bool = True) -> None:
+        super().__init__(answers)
+        self.asked = asyncio.Event()
+
+    async def version(self, socket: str, timeout: float) -> str:
+        self.asked.set()
+        return await super().version(socket, timeout)
 
 
 def two_rules(root: Path) -> dict[str, Any]:
@@ -35,10 +54,12 @@ def two_rules(root: Path) -> dict[str, Any]:
         "name": "socket-path-is-directory",
         "trigger": [{"source": "path", "paths": [sock], "kind": "directory"}],
         "confirm": {"paths": [sock], "kind": "directory"},
-        "action": [{"do": "stop-unit", "unit": "containerd.service"},
-                   {"do": "remove-socket-dir", "paths": [sock], "root": str(root)},
-                   {"do": "start-unit", "unit": "containerd.service"}],
-    }  # fmt: skip
+        "action": [
+            {"do": "stop-unit", "unit": "containerd.service"},
+            {"do": "remove-socket-dir", "paths": [sock], "root": str(root)},
+            {"do": "start-unit", "unit": "containerd.service"},
+        ],
+    }
     hung_rule = {
         "name": "containerd-hung",
         "trigger": [{"source": "journal", "pattern": "^ttrpc: closed$"}],
@@ -51,15 +72,20 @@ def two_rules(root: Path) -> dict[str, Any]:
 async def test_a_rule_that_waited_for_another_repair_asks_again(tmp_path: Path) -> None:
     root = tmp_path / "run" / "containerd"
     (root / "containerd.sock").mkdir(parents=True)
-    units, probe, sink, tasks = SlowUnits(), FakeProbe(answers=False), MemorySink(), []
+    units, probe, sink, tasks = SlowUnits(), AskedProbe(answers=False), MemorySink(), []
     units.on_start = lambda unit: setattr(probe, "answers", True)  # containerd serves again
     ctx = ActionContext(units, probe, FakeClock(), tmp_path / "state" / "quarantine")
     spawn = lambda coro: tasks.append(asyncio.get_running_loop().create_task(coro))  # noqa: E731
     runner = Executor(parse_policy(two_rules(root)), ctx, Reporter(sink), spawn)
 
     runner.handle(PathChanged(str(root / "containerd.sock"), PathKind.DIRECTORY))
-    await asyncio.sleep(0.01)  # the socket repair holds the lock, stopping containerd
-    runner.handle(JournalLine("containerd.service", "ttrpc: closed"))  # the probe fails: confirmed
+    await units.stopping.wait()  # the socket repair holds the lock, stopping containerd
+    runner.handle(JournalLine("containerd.service", "ttrpc: closed"))
+    # The probe fails: confirmed. The probe answers without yielding, so by the time this test runs
+    # again the hang rule waits for the lock.
+    await probe.asked.wait()
+    assert runner.lock.locked()
+    units.stopped.set()
     await asyncio.gather(*tasks)
 
     assert ("restart", "containerd.service") not in units.calls

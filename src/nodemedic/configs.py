@@ -101,9 +101,14 @@ class GoodConfigs:
 
 def file_kind(mode: int) -> str:
     """What a file of ``mode`` is, in words for a record."""
-    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"))  # fmt: skip
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
@@ -138,8 +143,10 @@ def read_config(path: Path) -> bytes:
     finally:
         os.close(fd)
     if size > MAX_CONFIG_BYTES:
-        raise ConfigFileError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a containerd "
-                              "config nodemedic parses (real ones are a few KiB)")  # fmt: skip
+        raise ConfigFileError(
+            f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a containerd "
+            "config nodemedic parses (real ones are a few KiB)"
+        )
     return b"".join(chunks)
 
 
@@ -206,10 +213,10 @@ def toml_problem(content: bytes) -> str | None:
 
 async def _containerd_problem(binary: str, path: Path) -> str | None:
     """containerd's own verdict: ``config dump`` loads the file (imports included) as a start would."""
+    argv = (binary, "--config", str(path), "config", "dump")
     proc = await asyncio.create_subprocess_exec(
-        binary, "--config", str(path), "config", "dump",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
     try:
         _, err = await asyncio.wait_for(proc.communicate(), CONTAINERD_CHECK_TIMEOUT)
     except asyncio.TimeoutError:  # not the builtin TimeoutError on 3.10

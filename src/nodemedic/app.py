@@ -1,4 +1,10 @@
-"""Builds and wires everything from the policy. The one place that knows every part."""
+"""Builds and wires everything from the policy. The one place that knows every part.
+
+Events flow one way: the sources emit them into one queue; the daemon hands each to the executor,
+which feeds the node view and the cores (pure) and runs the effects they return through the
+actions. The sources whose work the rules decide (paths, files, the probe, the resource checks)
+are built by ``policy_sources``, so a reload can build them again for the new policy.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from typing import Any
 
 from nodemedic.actions.base import ActionContext
 from nodemedic.actions.freezer import Freezer
+from nodemedic.actions.good_config import LastGoodKeeper
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
-from nodemedic.engine.lastgood import LastGoodKeeper
 from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import Event
 from nodemedic.executor import Executor
@@ -33,6 +39,21 @@ GOOD_CONFIGS = "config-good"
 FROZEN = "frozen.json"
 SIGHUP_STATE = "sighup.json"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+POLICY_SOURCES = ("inotify", "files", "probe", "resources")  # built again at a reload
+
+Source = Callable[[], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the sources that follow the policy's triggers are built from."""
+
+    emit: Callable[[Event], None]
+    clock: Clock
+    prober: VersionProbe
+    report: Reporter
+    main_pid: Callable[[str], int]  # the node view's copy of a unit's main process
+    guard_config: str | None  # config.toml, followed for the SIGHUP guard's coalesced reloads
 
 
 @dataclass
@@ -41,12 +62,17 @@ class App:
     policy_path: Path | None
     report: Reporter
     events: asyncio.Queue[Event]
-    sources: dict[str, Callable[[], Coroutine[Any, Any, None]]]
+    sources: dict[str, Source]
     systemd: SystemdBus
     executor: Executor
     repairs: set[asyncio.Task[None]]
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
     guard: SighupGuard | None = None  # [sighup], unless mode = "off"
+    wiring: Wiring | None = None  # None: the policy's sources are not rebuilt at a reload
+
+    def policy_sources(self, policy: Policy) -> dict[str, Source]:
+        """Fresh sources for ``policy``'s paths, files, probe and resource checks."""
+        return policy_sources(policy, self.wiring) if self.wiring is not None else {}
 
 
 def build_app(
@@ -62,71 +88,91 @@ def build_app(
 ) -> App:
     clock = clock or MonotonicClock()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    emit = events.put_nowait
     settings = policy.daemon
-
-    def on_bus_state(message: str) -> None:
-        report(RecordKind.DAEMON, message, SOURCE="dbus")
-
-    def on_files_state(message: str) -> None:
-        report(RecordKind.DAEMON, message, SOURCE="inotify")
-
-    systemd = SystemdBus(settings.watch_units, emit, clock, bus_address=bus_address, on_state=on_bus_state)
-    journal = JournalFollower(
-        settings.journal_units,
-        emit,
-        clock,
-        cursor_file=settings.state_dir / CURSOR_FILE,
-        journal_dir=journal_dir,
+    systemd = SystemdBus(
+        settings.watch_units, events.put_nowait, clock, bus_address=bus_address, on_state=_say(report, "dbus")
     )
-    paths = PathWatcher(policy.watched_paths(), emit, clock)
     prober = probe or ContainerdProbe()
-    backup = settings.config_backup
-    good = GoodConfigs(settings.state_dir / GOOD_CONFIGS, backup.keep)
-    ctx = ActionContext(units=units or systemd, probe=prober, clock=clock,
-                        quarantine_dir=settings.quarantine, good_configs=good)  # fmt: skip
-    keeper = LastGoodKeeper(Path(backup.path), good, backup.unit, backup.settle, prober,
-                            settings.probe.socket, settings.probe.timeout, report)  # fmt: skip
+    good = GoodConfigs(settings.state_dir / GOOD_CONFIGS, settings.config_backup.keep)
+    ctx = ActionContext(units or systemd, prober, clock, settings.quarantine, good_configs=good)
     repairs: set[asyncio.Task[None]] = set()
-    sources = {"dbus": systemd.run, "journal": journal.run, "inotify": paths.run, "lastgood": keeper.run}
+    state = StateStore(settings.state_dir), IntentStore(settings.state_dir)
+    executor = Executor(policy, ctx, report, _spawner(repairs), *state)
+    app = App(policy, policy_path, report, events, {"dbus": systemd.run}, systemd, executor, repairs)
+    app.sources["journal"] = _journal(policy, events.put_nowait, clock, journal_dir)
+    _keep_good_copies(app, good)
+    if policy.sighup.mode != "off":
+        app.guard = _build_guard(app, clock, systemd, good)
+    guard_config = settings.config_backup.path if app.guard is not None else None
+    app.wiring = Wiring(events.put_nowait, clock, prober, report, executor.view.main_pid, guard_config)
+    app.sources.update(app.policy_sources(policy))
+    return app
+
+
+def policy_sources(policy: Policy, wiring: Wiring) -> dict[str, Source]:
+    """The sources whose work the policy's triggers decide; each only when some trigger needs it."""
+    emit, clock, settings = wiring.emit, wiring.clock, policy.daemon
+    sources: dict[str, Source] = {"inotify": PathWatcher(policy.watched_paths(), emit, clock).run}
     if policy.uses_probe():
         p = settings.probe
-        sources["probe"] = ProbeLoop(prober, p.socket, p.interval, p.timeout, emit, clock).run
-
-    executor = Executor(
-        policy,
-        ctx,
-        report,
-        _spawner(repairs),
-        StateStore(settings.state_dir),
-        IntentStore(settings.state_dir),
-    )
-    observers: list[Callable[[Event], None]] = [keeper.handle]
+        sources["probe"] = ProbeLoop(wiring.prober, p.socket, p.interval, p.timeout, emit, clock).run
     if policy.resource_checks():
-        res = settings.resources
-        watch = ResourceWatch(policy.resource_checks(), res.unit, res.interval, prober,
-                              settings.probe.socket, settings.probe.timeout, emit, clock)  # fmt: skip
+        res, p = settings.resources, settings.probe
+        unit = res.unit
+        watch = ResourceWatch(
+            policy.resource_checks(),
+            unit,
+            res.interval,
+            wiring.prober,
+            p.socket,
+            p.timeout,
+            emit,
+            clock,
+            main_pid=lambda: wiring.main_pid(unit),
+        )
         sources["resources"] = watch.run
-        observers.append(watch.handle)
-    guard = None
-    if policy.sighup.mode != "off":
-        guard = _build_guard(policy, report, clock, emit, systemd, prober, good, executor, sources, observers)
     # file triggers' paths, and config.toml for the guard's coalesced reloads
-    files = policy.watched_files() + ([backup.path] if guard is not None else [])
+    files = policy.watched_files() + ([wiring.guard_config] if wiring.guard_config else [])
     if files:
-        sources["files"] = FileWatcher(files, emit, clock, on_state=on_files_state).run
-    return App(
-        policy=policy,
-        policy_path=policy_path,
-        report=report,
-        events=events,
-        sources=sources,
-        systemd=systemd,
-        executor=executor,
-        repairs=repairs,
-        observers=observers,
-        guard=guard,
+        sources["files"] = FileWatcher(files, emit, clock, on_state=_say(wiring.report, "inotify")).run
+    return sources
+
+
+def _journal(policy: Policy, emit: Callable[[Event], None], clock: Clock, journal_dir: str | None) -> Source:
+    settings = policy.daemon
+    cursor = settings.state_dir / CURSOR_FILE
+    return JournalFollower(
+        settings.journal_units, emit, clock, cursor_file=cursor, journal_dir=journal_dir
+    ).run
+
+
+def _keep_good_copies(app: App, good: GoodConfigs) -> None:
+    """Last-known-good copies of containerd's config, taken once it has run healthy with one."""
+    settings = app.policy.daemon
+    backup, p = settings.config_backup, settings.probe
+    view = app.executor.view
+    keeper = LastGoodKeeper(
+        Path(backup.path),
+        good,
+        backup.unit,
+        backup.settle,
+        app.executor.ctx.probe,
+        p.socket,
+        p.timeout,
+        app.report,
+        main_pid=lambda: view.main_pid(backup.unit),
     )
+    app.sources["lastgood"] = keeper.run
+    app.observers.append(keeper.handle)
+
+
+def _say(report: Reporter, source: str) -> Callable[[str], None]:
+    """A source's word on its own state (connected, watching, lost), as a DAEMON record."""
+
+    def say(message: str) -> None:
+        report(RecordKind.DAEMON, message, SOURCE=source)
+
+    return say
 
 
 def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -138,31 +184,39 @@ def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, 
     return spawn
 
 
-def _build_guard(policy: Policy, report: Reporter, clock: Clock, emit: Callable[[Event], None],
-                 systemd: SystemdManager, prober: VersionProbe, good: GoodConfigs, runner: Executor,
-                 sources: dict[str, Callable[[], Coroutine[Any, Any, None]]],
-                 observers: list[Callable[[Event], None]]) -> SighupGuard:  # fmt: skip
-    """[sighup]: the guard, the config watch it reloads from, and the kernel trace that names senders."""
+def _build_guard(app: App, clock: Clock, systemd: SystemdManager, good: GoodConfigs) -> SighupGuard:
+    """[sighup]: the guard, and the kernel trace that names senders."""
+    policy, report, executor = app.policy, app.report, app.executor
     hup, settings = policy.sighup, policy.daemon
-
-    def on_trace_state(message: str) -> None:
-        report(RecordKind.DAEMON, message, SOURCE="tracefs")
-
     # nodemedic's own cgroup is protected by the freezer itself
     freezer = Freezer(
         CGROUP_ROOT, settings.state_dir / FROZEN, hup.throttle.deny, [f"/system.slice/{hup.unit}"]
     )
-    config = Path(settings.config_backup.path)
-    ctx = GuardContext(systemd=systemd, probe=prober, probe_socket=settings.probe.socket,
-                       probe_timeout=settings.probe.timeout, config=config, good=good, freezer=freezer,
-                       state_file=settings.state_dir / SIGHUP_STATE, exclusive=lambda: runner.lock,
-                       closing=lambda: runner.closing)  # fmt: skip
+    ctx = GuardContext(
+        systemd=systemd,
+        probe=executor.ctx.probe,
+        probe_socket=settings.probe.socket,
+        probe_timeout=settings.probe.timeout,
+        config=Path(settings.config_backup.path),
+        good=good,
+        freezer=freezer,
+        state_file=settings.state_dir / SIGHUP_STATE,
+        exclusive=lambda: executor.lock,
+        closing=lambda: executor.closing,
+    )
     guard = SighupGuard(hup, settings.mode, ctx, report, clock)
-    sources["sighup"] = guard.run
-    observers.append(guard.handle)
+    app.sources["sighup"] = guard.run
+    app.observers.append(guard.handle)
     if hup.trace:
-        trace = TraceSignals(tracefs=hup.tracefs, proc=hup.proc, unit=hup.unit, emit=emit, clock=clock,
-                             on_state=on_trace_state)  # fmt: skip
-        sources["tracefs"] = trace.run
-        observers.append(trace.handle)
+        trace = TraceSignals(
+            tracefs=hup.tracefs,
+            proc=hup.proc,
+            unit=hup.unit,
+            emit=app.events.put_nowait,
+            clock=clock,
+            on_state=_say(report, "tracefs"),
+            main_pid=lambda: executor.view.main_pid(hup.unit),
+        )
+        app.sources["tracefs"] = trace.run
+        app.observers.append(trace.handle)
     return guard

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol
 
 from nodemedic import __version__
-from nodemedic.app import App
+from nodemedic.app import POLICY_SOURCES, App
 from nodemedic.engine.sighup import RESTART_SOURCES
 from nodemedic.errors import PolicyError, SourceFailedError
 from nodemedic.events import Event
@@ -47,26 +48,29 @@ class Daemon:
         self.shutdown = shutdown
         self.reload = reload
         self.notify = notify
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # sources, the dispatch and the watchdog, by name
 
     async def run(self) -> None:
-        tasks = self._startup()
+        self._startup()
         try:
             await self._ready()
-            await self._main_loop(tasks)
+            await self._main_loop()
         finally:
-            await self._shutdown(tasks)
+            await self._shutdown()
 
-    def _startup(self) -> list[asyncio.Task[None]]:
-        loop = asyncio.get_running_loop()
+    def _startup(self) -> None:
         # A repair cut off by our last end (SIGKILL, OOM) is finished first: it holds the repair
         # lock before any source's event can start another one.
         self.app.executor.recover()
-        tasks = [loop.create_task(run(), name=name) for name, run in self.app.sources.items()]
-        tasks.append(loop.create_task(self._dispatch(), name="dispatch"))
+        for name, run in self.app.sources.items():
+            self._start(name, run)
+        self._start("dispatch", self._dispatch)
         watchdog = _watchdog_interval()
         if watchdog:
-            tasks.append(loop.create_task(self._watchdog(watchdog), name="watchdog"))
-        return tasks
+            self._start("watchdog", lambda: self._watchdog(watchdog))
+
+    def _start(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.tasks[name] = asyncio.get_running_loop().create_task(run(), name=name)
 
     async def _ready(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -90,20 +94,20 @@ class Daemon:
                             f"{found.kept_as} and not used", OUTCOME="state-reset", PATH=found.kept_as,
                             DETAIL=found.why)  # fmt: skip
 
-    async def _main_loop(self, tasks: list[asyncio.Task[None]]) -> None:
-        running = list(tasks)
+    async def _main_loop(self) -> None:
         while not self.shutdown.is_set():
             stop = asyncio.ensure_future(self.shutdown.wait())
             reload = asyncio.ensure_future(self.reload.wait())
+            running = set(self.tasks.values())
             done, _ = await asyncio.wait([stop, reload, *running], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             reload.cancel()
-            for task in [t for t in running if t in done]:
-                if task.exception() is not None:
+            for name, task in [(n, t) for n, t in self.tasks.items() if t in done]:
+                if not task.cancelled() and task.exception() is not None:
                     self._source_ended(task)
                 # a source with nothing to watch (e.g. no paths in the policy) ends at once: fine
-                log.debug("%s has nothing to do", task.get_name())
-                running.remove(task)
+                log.debug("%s has nothing to do", name)
+                del self.tasks[name]
             if self.reload.is_set():
                 self.reload.clear()
                 self._reload()
@@ -164,26 +168,53 @@ class Daemon:
                 PATH=str(path),
             )
         else:
-            runner = self.app.executor
-            if (
-                policy.watched_paths() != runner.policy.watched_paths()
-                or policy.uses_probe() != runner.policy.uses_probe()
-                or _needs_restart(policy.daemon, runner.policy.daemon)
-                or _sighup_needs_restart(policy, runner.policy)
-            ):
-                self.app.report(RecordKind.DAEMON, "reloaded; changes to [daemon] (but mode and budget), "
-                                "to watched paths or to [sighup]'s sources take effect at the next restart",
-                                PATH=str(path))  # fmt: skip
-            runner.replace_policy(policy)
-            if self.app.guard is not None:
-                self.app.guard.replace(policy.sighup, policy.daemon.mode)
-            self.app.report(RecordKind.DAEMON, f"policy reloaded from {path}: {len(policy.rule)} rule(s)",
-                            OUTCOME="reloaded", PATH=str(path))  # fmt: skip
+            self._apply(policy, path)
         self.app.executor.take_resets()
         self._report_set_aside()
         self.notify("READY=1")
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+    def _apply(self, policy: Policy, path: Path) -> None:
+        """Put a reloaded policy in force: the rules at once, and the sources that follow its
+        triggers built again wherever it asks them for something new."""
+        in_force = self.app.executor.policy
+        restarted = self._restart_policy_sources(policy, in_force)
+        if _needs_restart(policy.daemon, in_force.daemon) or _sighup_needs_restart(policy, in_force):
+            message = (
+                "reloaded; changes to [daemon] (but mode and budget) or to [sighup]'s sources take "
+                "effect at the next restart"
+            )
+            self.app.report(RecordKind.DAEMON, message, PATH=str(path))
+        self.app.policy = policy
+        self.app.executor.replace_policy(policy)
+        if self.app.guard is not None:
+            self.app.guard.replace(policy.sighup, policy.daemon.mode)
+        again = f"; followed again: {', '.join(restarted)}" if restarted else ""
+        message = f"policy reloaded from {path}: {len(policy.rule)} rule(s){again}"
+        self.app.report(
+            RecordKind.DAEMON, message, OUTCOME="reloaded", PATH=str(path), DETAIL=" ".join(restarted)
+        )
+
+    def _restart_policy_sources(self, policy: Policy, in_force: Policy) -> list[str]:
+        """Each source whose share of the policy changed (new paths, files, checks, the probe) is
+        replaced by one built for the new policy, so that every trigger of it is served."""
+        new, old = policy.served(), in_force.served()
+        built = self.app.policy_sources(policy)
+        restarted = []
+        for name in POLICY_SOURCES:
+            if new.get(name, frozenset()) == old.get(name, frozenset()) or not self.app.wiring:
+                continue
+            task = self.tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+            if name in built:
+                self.app.sources[name] = built[name]
+                self._start(name, built[name])
+            else:
+                self.app.sources.pop(name, None)
+            restarted.append(name)
+        return restarted
+
+    async def _shutdown(self) -> None:
         self.notify("STOPPING=1")
         # Cutting a repair off between "stop containerd" and "start containerd" would leave the
         # node worse than before: no new one starts, and those under way finish (bounded).
@@ -191,9 +222,9 @@ class Daemon:
         deadline = asyncio.get_running_loop().time() + REPAIR_GRACE
         while self.app.repairs and asyncio.get_running_loop().time() < deadline:
             await asyncio.wait(set(self.app.repairs), timeout=deadline - asyncio.get_running_loop().time())
-        for task in tasks:
+        for task in self.tasks.values():
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         await self.app.systemd.close()
         self.app.report(RecordKind.DAEMON, "nodemedic stopped", OUTCOME="stopped")
 

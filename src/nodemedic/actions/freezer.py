@@ -13,6 +13,7 @@ the state directory, written atomically), so whatever happens to nodemedic, ``no
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import logging
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from nodemedic.errors import FreezeFailedError, FreezeRefusedError
+from nodemedic.ports import Freezing
 from nodemedic.store import DAMAGED, SetAside, atomic_write, load_checked, note_set_aside
 
 log = logging.getLogger(__name__)
@@ -246,6 +248,37 @@ class Freezer:
         self.registry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         body = {"version": VERSION, "frozen": dict(sorted(entries.items()))}
         atomic_write(self.registry, json.dumps(body, indent=1) + "\n")
+
+
+# ---- the steps the executor runs (every call touches cgroupfs: off the event loop) ------------------
+
+ALREADY_FROZEN = "frozen already"
+
+
+async def check_freeze(freezer: Freezing, cgroup: str) -> str | None:
+    """The check: why ``cgroup`` is not to be frozen now (its refusal, or ALREADY_FROZEN), None if
+    it may be."""
+    try:
+        refusal = await asyncio.to_thread(freezer.refusal, cgroup)
+        if refusal is None and cgroup in await asyncio.to_thread(freezer.frozen):
+            return ALREADY_FROZEN
+    except OSError as exc:  # e.g. the sender's cgroup vanished while it was looked at
+        return f"its cgroup could not be read: {exc}"
+    return refusal
+
+
+def start_freeze(freezer: Freezing, cgroup: str, until_wall: float) -> asyncio.Future[None]:
+    """The apply step, in a thread: the caller shields the future, so that a freeze cut off by
+    nodemedic's stop finishes before the exit-time thaw."""
+    return asyncio.ensure_future(asyncio.to_thread(freezer.freeze, cgroup, until_wall))
+
+
+async def thaw_over(freezer: Freezing, now_wall: float) -> tuple[list[str], float | None]:
+    """Thaw the cgroups whose cool-down is over at ``now_wall``: those thawed, and the end of the
+    earliest cool-down still running (None: nothing is frozen any more)."""
+    thawed = await asyncio.to_thread(freezer.thaw_due, now_wall)
+    left = await asyncio.to_thread(freezer.frozen)
+    return thawed, min(left.values(), default=None)
 
 
 def own_cgroup(proc: Path = Path("/proc"), *, v2: bool = True, pid: str = "self") -> str:

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from nodemedic.errors import DropinError
+from nodemedic.ports import SystemdManager
 from nodemedic.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,22 @@ def install_dropin(path: Path, text: str) -> bool:
             return False
     atomic_write(path, text, mode=0o644)
     return True
+
+
+async def dropin_text(systemd: SystemdManager, unit: str) -> str:
+    """The check of an install: the drop-in for ``unit``'s ExecStart as systemd has it now."""
+    return render_dropin(await systemd.exec_start(unit))
+
+
+def install_for(unit: str, persistent: bool, text: str, root: Path = Path("/")) -> bool:
+    """The apply step: install the drop-in at its place (/etc if ``persistent``, else /run); our
+    copy at the other place goes, so that turning ``persistent`` off really reverts at the next
+    reboot. False if nothing changed."""
+    other = dropin_path(unit, not persistent, root)
+    moved = is_ours(other)
+    if moved:
+        other.unlink()
+    return install_dropin(dropin_path(unit, persistent, root), text) or moved
 
 
 def remove_dropins(unit: str, root: Path = Path("/")) -> list[Path]:

@@ -59,7 +59,7 @@ packages: deps
 
 # docs/policy.md is generated from the policy models' docstrings (a unit test checks it is current).
 docs: deps
-	$(PY) -m nodemedic.policy.reference --write docs/policy.md
+	$(PY) -m nodemedic policy-reference --write docs/policy.md
 
 lab-image: deps
 	$(PY) -m lab build

@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the check that only root can write the file (for a draft not yet installed)",
     )
     check.set_defaults(func=_check)
+    _add_operator_commands(sub)
+    _add_cleanup_commands(sub)
+    # No help=: argparse then leaves it out of the command list; it is for `make docs`, not operators.
+    reference = sub.add_parser("policy-reference", description="write docs/policy.md from the models")
+    reference.add_argument("--write", type=Path, metavar="PATH", help="write the reference to PATH")
+    reference.set_defaults(func=_policy_reference)
+    return parser
+
+
+def _add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mode = sub.add_parser("mode", help="set observe or enforce mode in the policy, and reload nodemedic")
     mode.add_argument("mode", choices=["observe", "enforce"])
     mode.add_argument("--rule", metavar="NAME", help="set the mode of this rule only, not of [daemon]")
@@ -82,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
     reset.add_argument("--no-reload", action="store_true", help="only file the request; do not reload")
     reset.set_defaults(func=_reset)
+
+
+def _add_cleanup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     thaw = sub.add_parser("thaw", help="thaw every cgroup nodemedic froze (the unit's ExecStopPost)")
     thaw.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
     thaw.set_defaults(func=_thaw)
@@ -90,7 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
     restore.set_defaults(func=_sighup_restore)
-    return parser
+
+
+def _policy_reference(args: argparse.Namespace) -> int:
+    from nodemedic.policy.reference import render
+
+    text = render()
+    if args.write is None:
+        sys.stdout.write(text)
+    else:
+        args.write.write_text(text, encoding="utf-8")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -183,13 +206,17 @@ def _sighup_restore(args: argparse.Namespace) -> int:
     failed = _thaw_all(daemon.state_dir)
     pid = _main_pid(unit)
     if pid and ignores_sighup(pid):
-        print(f"{unit} (PID {pid}) keeps ignoring SIGHUP until its next start; `systemctl restart "
-              f"{unit}` makes it stock now (KillMode=process: containers keep running)")  # fmt: skip
+        print(
+            f"{unit} (PID {pid}) keeps ignoring SIGHUP until its next start; `systemctl restart "
+            f"{unit}` makes it stock now (KillMode=process: containers keep running)"
+        )
     else:
         print(f"{unit} has stock SIGHUP behaviour (a SIGHUP makes it exit)")
     if sighup.mode in ("coalesce", "throttle") and systemctl("is-active", "--quiet", SERVICE)[0] == 0:
-        print(f"note: {SERVICE} runs with [sighup] mode = {sighup.mode!r} and will act again; "
-              f"set another mode in {args.policy} and `systemctl reload {SERVICE}`")  # fmt: skip
+        print(
+            f"note: {SERVICE} runs with [sighup] mode = {sighup.mode!r} and will act again; "
+            f"set another mode in {args.policy} and `systemctl reload {SERVICE}`"
+        )
     return failed
 
 
@@ -203,8 +230,14 @@ def _settings_for_cleanup(path: Path) -> tuple[DaemonSettings, SighupSettings]:
         daemon = DaemonSettings() if state_dir is None else DaemonSettings(state_dir=state_dir)
         first = exc.problems[0] if isinstance(exc, PolicyError) and exc.problems else repr(exc)
         whose = "the default" if state_dir is None else "the policy's own"
-        log.warning("cannot use the policy %s (%s); using %s state directory %s and the default unit %s",
-                    path, first, whose, daemon.state_dir, SighupSettings().unit)  # fmt: skip
+        log.warning(
+            "cannot use the policy %s (%s); using %s state directory %s and the default unit %s",
+            path,
+            first,
+            whose,
+            daemon.state_dir,
+            SighupSettings().unit,
+        )
         return daemon, SighupSettings()
     return policy.daemon, policy.sighup
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from nodemedic import cli
 from nodemedic.actions.registry import ACTIONS
 from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.model import Policy
-from nodemedic.policy.reference import SECTIONS, main, render
+from nodemedic.policy.reference import SECTIONS, render
 
 pytestmark = pytest.mark.unit
 DOCS = Path(__file__).parents[2] / "docs" / "policy.md"
@@ -96,9 +97,10 @@ def test_rendering_is_deterministic() -> None:
     assert render() == render()
 
 
-def test_main_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 0
+def test_the_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make docs` runs `nodemedic policy-reference --write docs/policy.md`."""
+    assert cli.main(["policy-reference"]) == 0
     assert capsys.readouterr().out == render()
     target = tmp_path / "policy.md"
-    assert main(["--write", str(target)]) == 0
+    assert cli.main(["policy-reference", "--write", str(target)]) == 0
     assert target.read_text(encoding="utf-8") == render()

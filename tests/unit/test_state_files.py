@@ -15,11 +15,11 @@ import pytest
 
 from nodemedic import store as state
 from nodemedic.actions.freezer import Freezer
+from nodemedic.actions.sighup_reload import load_applied
 from nodemedic.configs import GoodConfigs
-from nodemedic.engine import coalesce
-from nodemedic.executor import Executor
 from nodemedic.errors import StateSaveError
 from nodemedic.events import PathChanged, PathKind, UnitChanged
+from nodemedic.executor import Executor
 from nodemedic.report import RecordKind
 from nodemedic.sources import journal
 from nodemedic.store import StateStore
@@ -110,9 +110,9 @@ def test_a_damaged_sighup_state_is_moved_aside(tmp_path: Path) -> None:
     path = tmp_path / "sighup.json"
     good = {"main_pid": 42, "started": "123", "applied": "ab" * 32}
     path.write_text(json.dumps(good))
-    assert coalesce._load_state(path) == good
+    assert load_applied(path) == good
     path.write_text(json.dumps({**good, "applied": "not-a-digest"}))
-    assert coalesce._load_state(path) == {}
+    assert load_applied(path) == {}
     assert aside(path)
     assert [s.path for s in state.take_set_aside(tmp_path)] == [str(path)]
 

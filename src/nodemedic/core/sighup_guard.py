@@ -359,7 +359,7 @@ class SighupGuard:
         if saved is not None and content is not None and saved != digest(content):
             # nodemedic restarted, containerd did not: it still runs what was applied before
             self.running = Running(pid, saved)
-            return self._requested(content, now)
+            return self.config_read(content, now)  # a request, once in the mode
         if content is None:
             return []
         self.running = Running(pid, digest(content), content)

@@ -22,6 +22,7 @@ from .fakes import FakeClock, FakeProbe, FakeUnits
 
 pytestmark = pytest.mark.unit
 SHIPPED = Path(__file__).parents[2] / "policy" / "policy.toml"
+TURNS = 10_000  # far more than any step below needs (tens)
 
 
 class FakeSystemd:
@@ -43,21 +44,31 @@ def make_app(policy_path: Path, sink: MemorySink) -> App:
     systemd = FakeSystemd()
     ctx = ActionContext(FakeUnits(), FakeProbe(), FakeClock(), policy_path.parent / "q")
     events: asyncio.Queue[Event] = asyncio.Queue()
-    return App(policy=policy, policy_path=policy_path, report=report, events=events,
-               sources={"dbus": systemd.run}, systemd=systemd,  # type: ignore[arg-type]
-               executor=Executor(policy, ctx, report, lambda coro: None), repairs=set())  # fmt: skip
+    return App(
+        policy=policy,
+        policy_path=policy_path,
+        report=report,
+        events=events,
+        sources={"dbus": systemd.run},
+        systemd=systemd,  # type: ignore[arg-type]
+        executor=Executor(policy, ctx, report, lambda coro: None),
+        repairs=set(),
+    )
 
 
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
+async def until(predicate: Any) -> None:
+    """Let the loop turn until ``predicate`` holds. Every step the daemon takes here (a reload, a
+    record, a watchdog ping) is a few turns of the loop away, so a bounded count of turns, not a
+    wall-clock wait, says it never came."""
+    for _ in range(TURNS):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"still not true after {TURNS} turns of the loop")
 
 
 async def test_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # pings every 50 ms
+    monkeypatch.setenv("WATCHDOG_USEC", "2")  # pings every microsecond: every turn or so
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     policy = tmp_path / "policy.toml"
     policy.write_text(SHIPPED.read_text())
@@ -116,7 +127,8 @@ async def test_a_source_with_nothing_to_watch_ends_quietly(tmp_path: Path) -> No
     shutdown = asyncio.Event()
     task = asyncio.create_task(Daemon(app, shutdown, asyncio.Event(), notify=notes.append).run())
     await until(lambda: any(n.startswith("READY=1") for n in notes))
-    await asyncio.sleep(0.05)
+    for _ in range(100):  # the main loop sees the source end, and goes on
+        await asyncio.sleep(0)
     assert not task.done()
     shutdown.set()
     await asyncio.wait_for(task, 5)

@@ -508,18 +508,6 @@ class GrpcStreamsTrigger(ResourceTrigger):
         return frozenset({f"grpc-streams:{self.config}"})
 
 
-ResourceTriggerType = (
-    FdTrigger | PressureTrigger | OomTrigger | SocketModeTrigger | VersionTrigger | GrpcStreamsTrigger
-)
-RESOURCE_TRIGGERS = (
-    FdTrigger,
-    PressureTrigger,
-    OomTrigger,
-    SocketModeTrigger,
-    VersionTrigger,
-    GrpcStreamsTrigger,
-)
-
 AnyTrigger = (
     PathTrigger
     | JournalTrigger

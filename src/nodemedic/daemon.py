@@ -90,9 +90,10 @@ class Daemon:
     def _report_set_aside(self) -> None:
         """State files found damaged (journal cursor, SIGHUP state, freezer registry, good copies)."""
         for found in take_set_aside(self.app.policy.daemon.state_dir):
-            self.app.report(RecordKind.ERROR, f"state file {found.path} unusable ({found.why}); kept as "
-                            f"{found.kept_as} and not used", OUTCOME="state-reset", PATH=found.kept_as,
-                            DETAIL=found.why)  # fmt: skip
+            message = f"state file {found.path} unusable ({found.why}); kept as {found.kept_as} and not used"
+            self.app.report(
+                RecordKind.ERROR, message, OUTCOME="state-reset", PATH=found.kept_as, DETAIL=found.why
+            )
 
     async def _main_loop(self) -> None:
         while not self.shutdown.is_set():

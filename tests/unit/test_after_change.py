@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.executor import Executor
 from nodemedic.events import JournalLine
+from nodemedic.executor import Executor
 from nodemedic.policy.load import parse_policy
 from nodemedic.report import MemorySink, Reporter
 

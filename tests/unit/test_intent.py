@@ -12,8 +12,8 @@ import pytest
 
 from nodemedic.actions import socket_dir
 from nodemedic.actions.socket_dir import finish_quarantines
-from nodemedic.executor import Executor
 from nodemedic.events import PathChanged, PathKind, UnitChanged
+from nodemedic.executor import Executor
 from nodemedic.policy.actions import RemoveSocketDirParams
 from nodemedic.report import RecordKind
 from nodemedic.store import INTENT_FILE, IntentStore, RepairIntent

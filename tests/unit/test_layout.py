@@ -32,6 +32,7 @@ FOUNDATION = (
     "nodemedic.ports",
     "nodemedic.clock",
     "nodemedic.store",
+    "nodemedic.fs",
     "nodemedic.procfs",
     "nodemedic.configs",
     "nodemedic.report",

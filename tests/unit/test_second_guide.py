@@ -13,7 +13,6 @@ import pytest
 from nodemedic.actions import nofile
 from nodemedic.actions.base import ActionContext, Skip, Step
 from nodemedic.actions.nofile import MARKER, RaiseNofileLimit
-from nodemedic.executor import Executor
 from nodemedic.errors import RepairFailedError, UnsafePathError
 from nodemedic.events import (
     Event,
@@ -27,6 +26,7 @@ from nodemedic.events import (
     UnitChanged,
     VersionSeen,
 )
+from nodemedic.executor import Executor
 from nodemedic.policy.actions import RaiseNofileLimitParams
 from nodemedic.policy.load import load_policy, parse_policy
 from nodemedic.policy.match import known_bugs, match, version_tuple

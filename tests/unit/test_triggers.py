@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.executor import Executor
 from nodemedic.errors import PolicyError
 from nodemedic.events import Event, ProbeAnswered, ProbeFailed, SignalSeen, UnitChanged
+from nodemedic.executor import Executor
 from nodemedic.policy.load import parse_policy
 from nodemedic.policy.match import match
 from nodemedic.policy.model import Policy

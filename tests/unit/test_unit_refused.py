@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nodemedic.actions.base import ActionContext
-from nodemedic.executor import Executor
 from nodemedic.events import PathChanged, PathKind, UnitChanged
+from nodemedic.executor import Executor
 from nodemedic.report import MemorySink, RecordKind, Reporter
 
 from .fakes import FakeClock, FakeProbe, FakeUnits

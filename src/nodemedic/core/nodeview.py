@@ -1,6 +1,7 @@
 """What nodemedic knows of the node, fed by events: the one copy of the units' states, their main
-processes, who stopped them, and what is at each watched path. Pure: the core, the executor and the sources (through getters
-that app.py hands them) read it; only ``see`` and ``stopping`` change it."""
+processes, who stopped them, and what is at each watched path. Pure: the core, the executor and
+the sources (through getters that app.py hands them) read it; only ``see`` and ``stopping`` change
+it."""
 
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RuleCore, RuleState
 from nodemedic.events import Event, PathChanged
 from nodemedic.executor.repairs import Repairs
+from nodemedic.fs import path_kind
 from nodemedic.policy.match import Match
 from nodemedic.policy.model import PathTrigger, Policy
 from nodemedic.report import RecordKind, Reporter
-from nodemedic.sources.inotify import path_kind
 from nodemedic.store import IntentStore, RepairIntent, StateStore
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from nodemedic.events import (
     SocketModeSeen,
     UnitChanged,
 )
+from nodemedic.fs import path_kind
 from nodemedic.policy.actions import KillOrphanedShimsParams, RemoveSocketDirParams
 from nodemedic.policy.match import Match
 from nodemedic.policy.model import Confirm, Mode, Rule
 from nodemedic.report import RecordKind
-from nodemedic.sources.inotify import path_kind
 from nodemedic.store import IntentStore, RepairIntent
 
 if TYPE_CHECKING:

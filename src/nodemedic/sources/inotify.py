@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import Callable
 
 from asyncinotify import Inotify, Mask, Watch
 
 from nodemedic.events import Event, PathChanged, PathKind
+from nodemedic.fs import path_kind
 from nodemedic.ports import Clock
 
 log = logging.getLogger(__name__)
@@ -30,23 +30,6 @@ DIR_MASK = (
     | Mask.MOVE_SELF
     | Mask.ONLYDIR
 )
-
-
-def path_kind(path: str) -> PathKind:
-    """What is at ``path``, without following a symlink."""
-    try:
-        mode = os.lstat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return PathKind.MISSING
-    if stat.S_ISLNK(mode):
-        return PathKind.SYMLINK
-    if stat.S_ISDIR(mode):
-        return PathKind.DIRECTORY
-    if stat.S_ISSOCK(mode):
-        return PathKind.SOCKET
-    if stat.S_ISREG(mode):
-        return PathKind.FILE
-    return PathKind.OTHER
 
 
 class PathWatcher:

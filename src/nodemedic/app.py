@@ -160,7 +160,7 @@ def _keep_good_copies(app: App, good: GoodConfigs) -> None:
         p.socket,
         p.timeout,
         app.report,
-        main_pid=lambda: view.main_pid(backup.unit),
+        main_pid=lambda: view.last_main_pid(backup.unit),
     )
     app.sources["lastgood"] = keeper.run
     app.observers.append(keeper.handle)

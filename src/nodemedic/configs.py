@@ -1,7 +1,7 @@
 """containerd's config.toml: validation, and the last-known-good copies nodemedic keeps.
 
 A copy is taken only once containerd has run healthy with that content for a while (the keeper in
-engine/lastgood.py decides when); copies are content-addressed (sha256) and the newest ``keep``
+actions/good_config.py decides when); copies are content-addressed (sha256) and the newest ``keep``
 are kept. Validation is containerd's own: ``containerd --config FILE config dump`` loads the file
 as containerd does; without the binary, a TOML parse is the fallback.
 

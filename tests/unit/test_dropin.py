@@ -14,6 +14,7 @@ from nodemedic.actions.sighup_dropin import (
     env_ignores_signals,
     ignores_sighup,
     install_dropin,
+    install_for,
     quote,
     remove_dropins,
     render_dropin,
@@ -116,6 +117,16 @@ def test_install_is_idempotent_and_atomic(tmp_path: Path) -> None:
     changed = render_dropin([["/usr/bin/containerd", "-v"]])
     assert install_dropin(path, changed) is True
     assert path.read_text() == changed
+
+
+def test_install_for_moves_our_copy_between_run_and_etc(tmp_path: Path) -> None:
+    """Turning ``persistent`` off really reverts at the next reboot: our /etc copy goes."""
+    text = render_dropin([["/usr/bin/containerd"]])
+    assert install_for(UNIT, True, text, tmp_path) is True
+    assert install_for(UNIT, True, text, tmp_path) is False
+    assert install_for(UNIT, False, text, tmp_path) is True
+    assert dropin_path(UNIT, False, tmp_path).read_text() == text
+    assert not dropin_path(UNIT, True, tmp_path).exists()
 
 
 def test_install_never_replaces_someone_elses_file(tmp_path: Path) -> None:

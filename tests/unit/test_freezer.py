@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from nodemedic.actions.freezer import Freezer, own_cgroup
+from nodemedic.actions.freezer import (
+    ALREADY_FROZEN,
+    Freezer,
+    check_freeze,
+    own_cgroup,
+    start_freeze,
+    thaw_over,
+)
 from nodemedic.errors import FreezeFailedError, FreezeRefusedError
 from nodemedic.policy.sighup import DEFAULT_DENY
 
@@ -231,3 +238,16 @@ def test_own_cgroup(tmp_path: Path, proc: Path) -> None:
     (proc / "self" / "cgroup").write_text("5:freezer:/frz\n1:name=systemd:/system.slice/x\n0::/u\n")
     assert own_cgroup(proc, v2=False) == "/frz"
     assert own_cgroup(tmp_path / "nothing") == ""
+
+
+async def test_the_executor_steps_check_freeze_and_thaw_what_is_due(tree: Path, proc: Path) -> None:
+    """The steps executor/interventions.py runs: the check says why not (or that it is frozen
+    already), the freeze runs in a thread, the thaw says when the next cool-down ends."""
+    freezer, _ = make_freezer(tree, proc)
+    assert "deny-list" in (await check_freeze(freezer, "/system.slice/kubelet.service") or "")
+    assert await check_freeze(freezer, STANDIN) is None
+    await start_freeze(freezer, STANDIN, 100.0)
+    await start_freeze(freezer, POD, 200.0)
+    assert await check_freeze(freezer, STANDIN) == ALREADY_FROZEN
+    assert await thaw_over(freezer, 150.0) == ([STANDIN], 200.0)
+    assert await thaw_over(freezer, 250.0) == ([POD], None)

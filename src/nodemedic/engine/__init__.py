@@ -1,1 +1,0 @@
-"""Decision making: pure state machines (backoff) and the runner that applies rules."""

@@ -19,9 +19,9 @@ from nodemedic.actions.freezer import Freezer
 from nodemedic.actions.good_config import LastGoodKeeper
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
-from nodemedic.engine.sighup import GuardContext, SighupGuard
 from nodemedic.events import Event
 from nodemedic.executor import Executor
+from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
 from nodemedic.report import RecordKind, Reporter
@@ -67,7 +67,7 @@ class App:
     executor: Executor
     repairs: set[asyncio.Task[None]]
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
-    guard: SighupGuard | None = None  # [sighup], unless mode = "off"
+    guard: SighupInterventions | None = None  # [sighup], unless mode = "off"
     wiring: Wiring | None = None  # None: the policy's sources are not rebuilt at a reload
 
     def policy_sources(self, policy: Policy) -> dict[str, Source]:
@@ -184,29 +184,25 @@ def _spawner(repairs: set[asyncio.Task[None]]) -> Callable[[Coroutine[Any, Any, 
     return spawn
 
 
-def _build_guard(app: App, clock: Clock, systemd: SystemdManager, good: GoodConfigs) -> SighupGuard:
-    """[sighup]: the guard, and the kernel trace that names senders."""
+def _build_guard(app: App, clock: Clock, systemd: SystemdManager, good: GoodConfigs) -> SighupInterventions:
+    """[sighup]: the guard's core and its interventions on the executor, and the kernel trace that
+    names senders. Good copies of config.toml come from the executor's context."""
     policy, report, executor = app.policy, app.report, app.executor
     hup, settings = policy.sighup, policy.daemon
     # nodemedic's own cgroup is protected by the freezer itself
     freezer = Freezer(
         CGROUP_ROOT, settings.state_dir / FROZEN, hup.throttle.deny, [f"/system.slice/{hup.unit}"]
     )
-    ctx = GuardContext(
+    parts = GuardParts(
         systemd=systemd,
-        probe=executor.ctx.probe,
+        freezer=freezer,
+        config=Path(settings.config_backup.path),
+        state_file=settings.state_dir / SIGHUP_STATE,
         probe_socket=settings.probe.socket,
         probe_timeout=settings.probe.timeout,
-        config=Path(settings.config_backup.path),
-        good=good,
-        freezer=freezer,
-        state_file=settings.state_dir / SIGHUP_STATE,
-        exclusive=lambda: executor.lock,
-        closing=lambda: executor.closing,
     )
-    guard = SighupGuard(hup, settings.mode, ctx, report, clock)
+    guard = register(executor, hup, settings.mode, parts)
     app.sources["sighup"] = guard.run
-    app.observers.append(guard.handle)
     if hup.trace:
         trace = TraceSignals(
             tracefs=hup.tracefs,

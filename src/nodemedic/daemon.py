@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from nodemedic import __version__
 from nodemedic.app import POLICY_SOURCES, App
-from nodemedic.engine.sighup import RESTART_SOURCES
+from nodemedic.core.sighup_guard import RESTART_SOURCES
 from nodemedic.errors import PolicyError, SourceFailedError
 from nodemedic.events import Event
 from nodemedic.policy.load import load_policy

@@ -27,7 +27,7 @@ from nodemedic.executor.repairs import Repairs
 from nodemedic.fs import path_kind
 from nodemedic.policy.match import Match
 from nodemedic.policy.model import PathTrigger, Policy
-from nodemedic.report import RecordKind, Reporter
+from nodemedic.report import Record, RecordKind, Reporter
 from nodemedic.store import IntentStore, RepairIntent, StateStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class Executor:
         intents: IntentStore | None = None,
     ) -> None:
         self.ctx = ctx
-        self.report = report
+        self.reporter = report
+        self.listeners: list[Callable[[Record], None]] = []  # see every record (status, the D-Bus API)
         self._spawn = spawn
         self._store = store
         self.view = NodeView()
@@ -106,6 +107,17 @@ class Executor:
     @unfinished.setter
     def unfinished(self, intent: RepairIntent | None) -> None:
         self.repairs.unfinished = intent
+
+    def report(self, kind: RecordKind, message: str, **fields: object) -> Record:
+        """Write one journald record, and tell every listener: every decision and effect of
+        nodemedic is written through here."""
+        record = self.reporter(kind, message, **fields)
+        for listen in self.listeners:
+            try:
+                listen(record)
+            except Exception:  # a listener's bug must not stop a repair's records
+                log.exception("record listener %r failed", listen)
+        return record
 
     def now(self) -> Instant:
         return Instant(self.ctx.clock.monotonic(), self.ctx.clock.wall())

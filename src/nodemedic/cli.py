@@ -1,4 +1,6 @@
-"""The command line: the only place that parses argv and exits."""
+"""The command line: the only place that parses argv and exits.
+
+Its help speaks to operators (``DESCRIPTION``, ``EXIT_CODES``); this docstring is for developers."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from nodemedic.policy.load import (
 from nodemedic.policy.model import DaemonSettings, Mode, Policy
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.store import StateStore, atomic_write
+from nodemedic.tools import diagnose, replay, status
 
 log = logging.getLogger("nodemedic")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -55,8 +58,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+DESCRIPTION = """\
+nodemedic keeps containerd working on this node: it watches systemd, the journal, containerd's
+socket paths and containerd itself, repairs the faults its policy (/etc/nodemedic/policy.toml)
+knows, and writes every decision to the journal (journalctl -u nodemedic)."""
+
+EXIT_CODES = """\
+exit codes:
+  0  done (status: the daemon runs; diagnose: healthy)
+  1  a problem: an invalid policy, a failed command, or (diagnose) a fault found on this node
+  2  could not check (diagnose, status: what was needed could not be read); wrong usage"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nodemedic", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nodemedic",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"nodemedic {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -72,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=_check)
     _add_operator_commands(sub)
+    for tool in (status, diagnose, replay):
+        tool.add_command(sub)
     _add_cleanup_commands(sub)
     # No help=: argparse then leaves it out of the command list; it is for `make docs`, not operators.
     reference = sub.add_parser("policy-reference", description="write docs/policy.md from the models")

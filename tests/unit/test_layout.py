@@ -50,6 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "actions": ("nodemedic.actions",),
     "executor": ("nodemedic.executor",),
     "wiring": ("nodemedic.app", "nodemedic.daemon", "nodemedic.cli", "nodemedic.__main__"),
+    "tools": ("nodemedic.tools", "nodemedic.api"),
 }
 
 # layer: what of nodemedic it may import (a module, a package, or one name of a module).
@@ -70,6 +71,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "actions": (*FOUNDATION, *POLICY, "nodemedic.actions"),
     "executor": (*FOUNDATION, *POLICY, "nodemedic.core", "nodemedic.actions", "nodemedic.executor"),
     "wiring": ("nodemedic",),
+    # the operator's tools read what the daemon knows (its status, the API) and reuse its parts
+    "tools": ("nodemedic",),
 }
 
 # What the core may not import from outside nodemedic: anything that reads or writes the world,

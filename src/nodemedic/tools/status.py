@@ -1,0 +1,15 @@
+"""`nodemedic status` (being written: issue 13)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cmd = sub.add_parser("status", help="(not yet available)")
+    cmd.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    print("nodemedic status: not yet available")
+    return 2

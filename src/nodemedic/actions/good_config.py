@@ -1,18 +1,21 @@
-"""Takes last-known-good copies of containerd's config: once containerd has run healthy with a
+"""Keeping a last-known-good copy of containerd's config: the steps the executor runs when
+``core/good_copies.py`` asks (``executor/keeping.py``). Once containerd has run healthy with a
 content for ``settle`` (the same main process still active, answering a real request, the file
 unchanged since it started and loadable), that content is kept (content-addressed), for
-``restore-config`` to put back."""
+``restore-config`` to put back.
+
+Every file read and write runs in a thread, off the event loop; what cannot be read or saved
+leaves nothing kept (a good copy is a convenience: no copy is better than a wrong one).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from nodemedic.configs import GoodConfigs, config_problem, read_config
-from nodemedic.errors import ProbeError
 from nodemedic.events import Event, UnitChanged
 from nodemedic.ports import VersionProbe
 from nodemedic.report import RecordKind, Reporter
@@ -20,9 +23,59 @@ from nodemedic.report import RecordKind, Reporter
 log = logging.getLogger(__name__)
 
 
+class GoodConfigKeeper:
+    """Reads, judges (``check``) and keeps (``apply``) the content containerd runs with. The copy
+    is the ``verify``: content-addressed, it holds exactly what was judged."""
+
+    def __init__(
+        self, path: Path, store: GoodConfigs, probe: VersionProbe, socket: str, timeout: float
+    ) -> None:
+        self.path, self.store = path, store
+        self._probe, self._socket, self._timeout = probe, socket, timeout
+
+    async def started_with(self) -> bytes | None:
+        """The file's content now (at a start); None if it cannot be read."""
+        try:
+            return await asyncio.to_thread(read_config, self.path)
+        except OSError as exc:
+            log.debug("not judging this start: %s", exc)
+            return None
+
+    async def check(self, content: bytes, running: Callable[[], bool]) -> str | None:
+        """Why ``content`` is not to be kept; None if it ran healthy. ``running``: whether the
+        process that started with it is still the unit's main process (and may still be judged)."""
+        gone = "no longer the main process (or nodemedic is stopping)"
+        try:
+            if not running():
+                return gone
+            if await asyncio.to_thread(read_config, self.path) != content:
+                return "edited since it started"
+            await self._probe.version(self._socket, self._timeout)  # ProbeError: an OSError
+            if not running():
+                return gone
+            problem = await config_problem(self.path)
+        except OSError as exc:  # unreadable, no answer, or containerd's own check gave no verdict
+            return str(exc)
+        return problem
+
+    async def apply(self, content: bytes) -> Path | None:
+        """Keep ``content``; the copy's path if it is a new one, None if it was kept before (or
+        cannot be saved)."""
+        try:
+            return await asyncio.to_thread(self._save_new, content)
+        except OSError as exc:
+            log.debug("cannot keep a good copy of %s: %s", self.path, exc)
+            return None
+
+    def _save_new(self, content: bytes) -> Path | None:
+        known = {p.name for p in self.store.copies()}
+        kept = self.store.save(content)
+        return None if kept.name in known else kept
+
+
 class LastGoodKeeper:
-    """Judges each start of ``unit`` after ``settle`` and keeps the config it ran with if it ran
-    healthy. ``main_pid`` gives the unit's last main process seen active (the node view's copy)."""
+    """Transitional, until app.py registers ``executor/keeping.py`` instead (then this goes): the
+    old observer, with its own tasks and a real sleep, on the steps above."""
 
     def __init__(
         self,
@@ -37,17 +90,12 @@ class LastGoodKeeper:
         *,
         main_pid: Callable[[], int],
     ) -> None:
-        self.path, self.store, self.unit, self.settle = path, store, unit, settle
-        self._probe, self._socket, self._timeout = probe, socket, timeout
-        self._report = report
-        self._main_pid = main_pid
-        # The main PID whose start was judged last: one judgement per start, however often D-Bus
-        # reports the same running process (a resync after a bus reconnect, a reload).
+        self.unit, self.settle, self._report, self._main_pid = unit, settle, report, main_pid
+        self._keeper = GoodConfigKeeper(path, store, probe, socket, timeout)
         self._judged = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Lives as long as the daemon; pending checks end with it."""
         try:
             await asyncio.Future()
         finally:
@@ -55,40 +103,23 @@ class LastGoodKeeper:
                 task.cancel()
 
     def handle(self, event: Event) -> None:
-        """Notice a start of ``unit``: a new main process reported active."""
         if not (isinstance(event, UnitChanged) and event.unit == self.unit):
             return
         if event.active_state != "active" or not event.main_pid or event.main_pid == self._judged:
             return
-        self._judged = event.main_pid  # a new containerd process: judge it after it has run a while
+        self._judged = event.main_pid
         task = asyncio.get_running_loop().create_task(self._judge(event.main_pid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _judge(self, pid: int) -> None:
-        try:
-            started_with = await asyncio.to_thread(read_config, self.path)
-        except OSError:
+        content = await self._keeper.started_with()
+        if content is None:
             return
         await asyncio.sleep(self.settle)
-        with contextlib.suppress(OSError):
-            if self._main_pid() != pid or await asyncio.to_thread(read_config, self.path) != started_with:
-                return  # restarted, or edited since: not the content that ran
-            try:
-                await self._probe.version(self._socket, self._timeout)
-            except ProbeError:
-                return
-            if await config_problem(self.path) is not None:
-                return
-            await self._keep(started_with)
-
-    async def _keep(self, content: bytes) -> None:
-        known = {p.name for p in self.store.copies()}
-        kept = await asyncio.to_thread(self.store.save, content)
-        if kept.name not in known:
-            self._report(
-                RecordKind.DAEMON,
-                f"kept a last-known-good copy of {self.path}: {kept}",
-                PATH=str(kept),
-                OUTCOME="config-kept",
-            )
+        if await self._keeper.check(content, lambda: self._main_pid() == pid) is not None:
+            return
+        kept = await self._keeper.apply(content)
+        if kept is not None:
+            message = f"kept a last-known-good copy of {self._keeper.path}: {kept}"
+            self._report(RecordKind.DAEMON, message, PATH=str(kept), OUTCOME="config-kept")

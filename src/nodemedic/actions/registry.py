@@ -11,6 +11,7 @@ from nodemedic.actions.nofile import RaiseNofileLimit
 from nodemedic.actions.shims import KillOrphanedShims
 from nodemedic.actions.signal import SignalUnit
 from nodemedic.actions.socket_dir import RemoveSocketDir
+from nodemedic.actions.socket_mode import RestoreSocketMode
 from nodemedic.actions.units import RestartUnit, StartUnit, StopUnit
 from nodemedic.actions.verify import VerifyContainerd
 from nodemedic.policy.actions import (
@@ -19,6 +20,7 @@ from nodemedic.policy.actions import (
     RemoveSocketDirParams,
     RestartUnitParams,
     RestoreConfigParams,
+    RestoreSocketModeParams,
     SignalUnitParams,
     StartUnitParams,
     StopUnitParams,
@@ -30,6 +32,7 @@ ACTIONS: dict[type[Any], Callable[[Any], Action]] = {
     StartUnitParams: StartUnit,
     RestartUnitParams: RestartUnit,
     RemoveSocketDirParams: RemoveSocketDir,
+    RestoreSocketModeParams: RestoreSocketMode,
     VerifyContainerdParams: VerifyContainerd,
     SignalUnitParams: SignalUnit,
     RestoreConfigParams: RestoreConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nodemedic.actions.base import ActionContext, Skip, Step
+from nodemedic.actions.socket_mode import socket_owner
 from nodemedic.errors import RepairFailedError
 from nodemedic.policy.actions import RestartUnitParams, StartUnitParams, StopUnitParams
 
@@ -70,7 +71,22 @@ class RestartUnit:
             return Skip(f"{self.params.unit} is not installed")
         if self.params.after_change and not ctx.changed:
             return Skip(f"nothing was changed before it: {self.params.unit} is not restarted")
+        owned = self._socket_owned_as_expected()
+        if owned:
+            return Skip(owned)
         return Step(f"restart {self.params.unit}", unit=self.params.unit)
+
+    def _socket_owned_as_expected(self) -> str:
+        """Why ``if_socket_owner_differs`` skips the restart ("" if it does not)."""
+        path = self.params.if_socket_owner_differs
+        if path is None:
+            return ""
+        owner = socket_owner(path)
+        if owner is None:
+            return f"no socket at {path}: {self.params.unit} is not restarted"
+        if owner == self.params.expected_owner:
+            return f"{path} is owned by {self.params.socket_owner}: {self.params.unit} is not restarted"
+        return ""
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         await ctx.units.restart(self.params.unit, self.params.timeout)

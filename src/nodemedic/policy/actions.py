@@ -50,6 +50,20 @@ class RestartUnitParams(_UnitParams):
     after_change: bool = False
     """Only if an earlier action of the same repair changed something (e.g. kubelet after containerd
     was restarted): a repair whose other actions all found nothing to do does not restart it."""
+    if_socket_owner_differs: AbsolutePath | None = None
+    """Only if this socket's owner is not ``socket_owner`` (lstat when checked, never following a
+    symlink; a path that is missing or not a socket skips the restart): containerd makes its socket
+    anew, owned as its ``[grpc]`` says, each time it starts, and nodemedic cannot chown it back
+    itself (no CAP_CHOWN). The socket-mode rule's fallback: ``restore-socket-mode`` after it puts
+    the permission bits back in place, without a restart."""
+    socket_owner: str = Field(default="0:0", pattern=r"^[0-9]{1,10}:[0-9]{1,10}$")
+    """The owner ``if_socket_owner_differs`` expects, as ``UID:GID`` (containerd's ``[grpc]`` uid
+    and gid)."""
+
+    @property
+    def expected_owner(self) -> tuple[int, int]:
+        uid, gid = self.socket_owner.split(":")
+        return int(uid), int(gid)
 
 
 class RemoveSocketDirParams(BaseModel):
@@ -90,6 +104,32 @@ class RemoveSocketDirParams(BaseModel):
             if os.path.normpath(p) != p or os.path.dirname(p) != self.root:
                 raise ValueError(f"{p!r} must be a normalised path directly inside root {self.root!r}")
         return self
+
+
+class RestoreSocketModeParams(BaseModel):
+    """Put a socket's permission bits back in place (chmod), without restarting its server: the
+    socket stays the one containerd listens on, its clients stay connected. Only the very inode
+    looked at is changed: the path is never followed if it is a symlink, and anything but a socket
+    is refused. A socket owned by anyone but ``uid``:``gid`` is left alone (said in the record):
+    nodemedic cannot chown it back, and a restart of containerd (``restart-unit`` with
+    ``if_socket_owner_differs``) makes it anew as configured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    do: Literal["restore-socket-mode"]
+    path: AbsolutePath = "/run/containerd/containerd.sock"
+    """The socket whose mode is put back."""
+    mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
+    """Its permission bits, in octal (containerd creates its socket 0660); no setuid, setgid or
+    sticky bit."""
+    uid: int = Field(default=0, ge=0)
+    """The owner it must already have (containerd's ``[grpc].uid``) for its mode to be put back."""
+    gid: int = Field(default=0, ge=0)
+    """The group it must already have (containerd's ``[grpc].gid``)."""
+
+    @property
+    def bits(self) -> int:
+        return int(self.mode, 8)
 
 
 class VerifyContainerdParams(BaseModel):
@@ -178,6 +218,7 @@ ActionSpec = Annotated[
     | StartUnitParams
     | RestartUnitParams
     | RemoveSocketDirParams
+    | RestoreSocketModeParams
     | VerifyContainerdParams
     | SignalUnitParams
     | RestoreConfigParams

@@ -117,17 +117,7 @@ class JournalFollower:
         self._save_cursor()
 
     def _line(self, entry: Mapping[str, object]) -> JournalLine | None:
-        unit = attribute(entry, self.units)
-        if unit is None:
-            return None
-        return JournalLine(
-            unit=unit,
-            message=_text(entry.get("MESSAGE"), MESSAGE_LIMIT),
-            identifier=_text(entry.get("SYSLOG_IDENTIFIER"), 256),
-            pid=_number(entry.get("_PID")) or 0,
-            cursor=self._cursor,
-            at=self._clock.monotonic(),
-        )
+        return line_from_entry(entry, self.units, self._clock.monotonic(), self._cursor)
 
     def _load_cursor(self) -> str:
         if self._cursor_file is None:
@@ -149,6 +139,24 @@ def _checked_cursor(text: str) -> str:
     if not _CURSOR.fullmatch(cursor):
         raise ValueError(f"not a journal cursor: {cursor[:80]!r}")
     return cursor
+
+
+def line_from_entry(
+    entry: Mapping[str, object], units: Collection[str], at: float, cursor: str = ""
+) -> JournalLine | None:
+    """The JournalLine this source emits for ``entry`` (None: not from or about ``units``); also
+    what `nodemedic replay` turns each entry of a journal's history into."""
+    unit = attribute(entry, units)
+    if unit is None:
+        return None
+    return JournalLine(
+        unit=unit,
+        message=_text(entry.get("MESSAGE"), MESSAGE_LIMIT),
+        identifier=_text(entry.get("SYSLOG_IDENTIFIER"), 256),
+        pid=_number(entry.get("_PID")) or 0,
+        cursor=cursor,
+        at=at,
+    )
 
 
 def attribute(entry: Mapping[str, object], units: Collection[str]) -> str | None:

@@ -16,11 +16,10 @@ from typing import Any
 
 from nodemedic.actions.base import ActionContext
 from nodemedic.actions.freezer import Freezer
-from nodemedic.actions.good_config import LastGoodKeeper
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
-from nodemedic.executor import Executor
+from nodemedic.executor import Executor, keeping
 from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
@@ -100,7 +99,7 @@ def build_app(
     executor = Executor(policy, ctx, report, _spawner(repairs), *state)
     app = App(policy, policy_path, report, events, {"dbus": systemd.run}, systemd, executor, repairs)
     app.sources["journal"] = _journal(policy, events.put_nowait, clock, journal_dir)
-    _keep_good_copies(app, good)
+    keeping.register(executor, settings, good)  # last-known-good copies of config.toml
     if policy.sighup.mode != "off":
         app.guard = _build_guard(app, clock, systemd, good)
     guard_config = settings.config_backup.path if app.guard is not None else None
@@ -144,26 +143,6 @@ def _journal(policy: Policy, emit: Callable[[Event], None], clock: Clock, journa
     return JournalFollower(
         settings.journal_units, emit, clock, cursor_file=cursor, journal_dir=journal_dir
     ).run
-
-
-def _keep_good_copies(app: App, good: GoodConfigs) -> None:
-    """Last-known-good copies of containerd's config, taken once it has run healthy with one."""
-    settings = app.policy.daemon
-    backup, p = settings.config_backup, settings.probe
-    view = app.executor.view
-    keeper = LastGoodKeeper(
-        Path(backup.path),
-        good,
-        backup.unit,
-        backup.settle,
-        app.executor.ctx.probe,
-        p.socket,
-        p.timeout,
-        app.report,
-        main_pid=lambda: view.last_main_pid(backup.unit),
-    )
-    app.sources["lastgood"] = keeper.run
-    app.observers.append(keeper.handle)
 
 
 def _say(report: Reporter, source: str) -> Callable[[str], None]:

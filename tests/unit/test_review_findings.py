@@ -1,7 +1,8 @@
 """Findings of the review of the engine restructure (issue 10), each shown by a test.
 
-A test marked ``xfail(strict=True)`` shows a defect of the code as it is: it fails today and
-passes once the defect is fixed (then the marker goes). See the review's report for the fix of each.
+Each failed before its fix (they were committed marked xfail, strict): a reset waiting at start-up,
+a held drop-in restart in observe mode, a reload's wait for the new main process, a thaw held by a
+repair, a failing effect handler, a new event type's path and unit in the DETECTED record.
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
 # ---- 1. a reset taken at start-up -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Executor.__init__ runs take_resets() before self.repairs exists: a reset that acts at "
-    "once (LookAgain -> Repair) raises AttributeError, so the daemon does not start and the reset "
-    "(already consumed, not yet saved) is lost",
-)
 async def test_a_reset_requested_while_nodemedic_was_down_acts_at_the_next_start(tmp_path: Path) -> None:
     """`nodemedic reset RULE` says the request is taken "at its next reload or start, running or
     not". The old Runner spawned the repair at construction; the Executor must too."""
@@ -85,12 +80,6 @@ async def test_a_reset_requested_while_nodemedic_was_down_acts_at_the_next_start
 # ---- 2. observe mode: a held drop-in restart --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SighupGuard._dropin_retry (the Later armed by held()) and "
-    "SighupInterventions._restart_for_dropin never look at daemon_mode: a drop-in restart held "
-    "by the budget restarts containerd after the policy was reloaded to observe mode",
-)
 async def test_a_held_dropin_restart_is_not_done_once_the_daemon_observes(make: Make) -> None:
     s = make("coalesce", budget={"repairs": 1, "window": "60s"})
     s.ex.spend_budget(s.ex.now())  # a repair restarted containerd just now
@@ -127,12 +116,6 @@ class SlowBus(FakeSystemd):
         asyncio.get_running_loop().call_soon(self.emit, active)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restart_unit waits while view.main_pid() == old, but the NodeView's main_pid is 0 while "
-    "containerd is down (the old Coalescer kept the last active PID): the wait ends at the "
-    "auto-restart state, pid 0 is returned, and the reload is not verified nor reported",
-)
 async def test_a_reload_waits_for_the_new_main_process_not_for_any_change(make: Make) -> None:
     s = make("coalesce")
     bus = SlowBus(s.proc)
@@ -153,12 +136,6 @@ async def test_a_reload_waits_for_the_new_main_process_not_for_any_change(make: 
 # ---- 4. thawing waits for a repair ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SighupInterventions._thaw_due (and _thaw_all) take the executor's repair lock: a cgroup "
-    "whose cool-down is over stays frozen for as long as a repair runs (the old Throttler thawed "
-    "without the lock, at every turn)",
-)
 async def test_a_cooldown_ends_on_time_while_a_repair_runs(make: Make) -> None:
     s = make("throttle")
     s.containerd_runs()
@@ -199,12 +176,6 @@ class Seen:
         return []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Executor.handle guards core.handle() but not self.run(effects): an exception in an "
-    "effect's handler escapes handle(), the cores after it never see the event, and the daemon's "
-    "dispatch task (which calls executor.handle unguarded) ends, stopping the daemon",
-)
 def test_a_failing_effect_handler_never_keeps_the_event_from_the_next_core(tmp_path: Path) -> None:
     sink = MemorySink()
     policy = parse_policy({"daemon": {"state_dir": str(tmp_path / "state")}})
@@ -249,12 +220,6 @@ class ToyTrigger(TriggerModel):
         return frozenset({"/run/toy"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="executor/repairs.py's _event_path and _event_unit are isinstance unions over today's "
-    "event types: a new trigger on a new event is matched and repaired, but its DETECTED record "
-    "has no PATH or UNIT unless repairs.py is edited too (issue 10 item 3)",
-)
 async def test_a_new_kind_of_event_has_its_path_and_unit_in_the_detected_record(tmp_path: Path) -> None:
     policy = parse_policy(
         {

@@ -16,9 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nodemedic.configs import GoodConfigs, config_problem, read_config
-from nodemedic.events import Event, UnitChanged
 from nodemedic.ports import VersionProbe
-from nodemedic.report import RecordKind, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -71,55 +69,3 @@ class GoodConfigKeeper:
         known = {p.name for p in self.store.copies()}
         kept = self.store.save(content)
         return None if kept.name in known else kept
-
-
-class LastGoodKeeper:
-    """Transitional, until app.py registers ``executor/keeping.py`` instead (then this goes): the
-    old observer, with its own tasks and a real sleep, on the steps above."""
-
-    def __init__(
-        self,
-        path: Path,
-        store: GoodConfigs,
-        unit: str,
-        settle: float,
-        probe: VersionProbe,
-        socket: str,
-        timeout: float,
-        report: Reporter,
-        *,
-        main_pid: Callable[[], int],
-    ) -> None:
-        self.unit, self.settle, self._report, self._main_pid = unit, settle, report, main_pid
-        self._keeper = GoodConfigKeeper(path, store, probe, socket, timeout)
-        self._judged = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self) -> None:
-        try:
-            await asyncio.Future()
-        finally:
-            for task in self._tasks:
-                task.cancel()
-
-    def handle(self, event: Event) -> None:
-        if not (isinstance(event, UnitChanged) and event.unit == self.unit):
-            return
-        if event.active_state != "active" or not event.main_pid or event.main_pid == self._judged:
-            return
-        self._judged = event.main_pid
-        task = asyncio.get_running_loop().create_task(self._judge(event.main_pid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _judge(self, pid: int) -> None:
-        content = await self._keeper.started_with()
-        if content is None:
-            return
-        await asyncio.sleep(self.settle)
-        if await self._keeper.check(content, lambda: self._main_pid() == pid) is not None:
-            return
-        kept = await self._keeper.apply(content)
-        if kept is not None:
-            message = f"kept a last-known-good copy of {self._keeper.path}: {kept}"
-            self._report(RecordKind.DAEMON, message, PATH=str(kept), OUTCOME="config-kept")

@@ -100,7 +100,7 @@ async def restart_unit(
         await units.kill(unit, signal.SIGKILL)
     await units.restart(unit, RESTART_TIMEOUT)
     deadline = clock.monotonic() + NEW_PID_WAIT
-    while main_pid() == old and clock.monotonic() < deadline:
+    while main_pid() in (old, 0) and clock.monotonic() < deadline:  # 0: down, the new one not up yet
         new_pid.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(new_pid.wait(), 0.5)

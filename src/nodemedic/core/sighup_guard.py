@@ -460,7 +460,8 @@ class SighupGuard:
         return out
 
     def _dropin_retry(self, now: Instant) -> Effects:
-        return [RestartForDropin()] if self.active and self.settings.coalesce.restart_to_apply else []
+        wanted = self.active and self.daemon_mode != "observe" and self.settings.coalesce.restart_to_apply
+        return [RestartForDropin()] if wanted else []
 
     def restart_started(self, now: Instant) -> None:
         """A restart of ours begins: its new process is ours, and the next waits an interval."""

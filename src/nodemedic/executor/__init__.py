@@ -68,9 +68,10 @@ class Executor:
             Repair: self._repair,
             LookAgain: self._look_again,
         }
+        # Before anything can start a repair: a reset taken at start-up may act at once.
+        self.repairs = Repairs(self, intents)
         self._restore()
         self.take_resets()
-        self.repairs = Repairs(self, intents)
 
     # ---- what the rest of nodemedic reads -------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Executor:
             except Exception as exc:
                 self._core_failed(f"{type(core).__name__} on {type(event).__name__}", exc)
                 continue
-            self.run(effects)
+            self.run(effects)  # a failing handler is recorded there: the next core still sees the event
 
     def _core_failed(self, what: str, exc: Exception) -> None:
         log.debug("%s failed", what, exc_info=exc)
@@ -146,8 +147,13 @@ class Executor:
         self.report(RecordKind.ERROR, message, OUTCOME="internal-error", DETAIL=repr(exc))
 
     def run(self, effects: Iterable[Effect]) -> None:
+        """Each effect by its handler; one that raises is recorded (a nodemedic bug) and the
+        others still run."""
         for effect in effects:
-            self.handlers[type(effect)](effect)
+            try:
+                self.handlers[type(effect)](effect)
+            except Exception as exc:
+                self._core_failed(f"the {type(effect).__name__} handler", exc)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._spawn(coro)

@@ -304,8 +304,8 @@ class SighupInterventions:
 
     async def _restart_for_dropin(self) -> None:
         core, unit = self.core, self.core.unit
-        if not core.active:
-            return  # coalesce was left meanwhile
+        if not self._may_apply_dropin():
+            return  # coalesce was left meanwhile, or nodemedic observes now: it restarts nothing
         pid = await self._main_pid_soon()
         if not pid:
             self._say(
@@ -319,6 +319,8 @@ class SighupInterventions:
         if dropin.ignores_sighup(pid, self.parts.proc):
             return  # already in effect (e.g. nodemedic restarted, containerd did not)
         async with self.ex.lock:
+            if not self._may_apply_dropin():
+                return  # changed while the lock was waited for
             content, problem = await self.reload.loadable(core.not_read())
             if problem is not None:
                 self._say(
@@ -335,6 +337,9 @@ class SighupInterventions:
                 return
             pid = await self._restart("apply the SIGHUP drop-in", content)
         self._dropin_verified(pid)
+
+    def _may_apply_dropin(self) -> bool:
+        return self.core.active and self.core.daemon_mode != "observe"
 
     def _dropin_verified(self, pid: int) -> None:
         """The verify step of applying the drop-in: the new process ignores SIGHUP."""
@@ -535,9 +540,8 @@ class SighupInterventions:
         self.ex.run(self.core.frozen(until, self.ex.now()))
 
     async def _thaw_due(self) -> None:
-        try:
-            async with self.ex.lock:
-                thawed, next_until = await freezing.thaw_over(self.parts.freezer, self.ex.ctx.clock.wall())
+        try:  # no lock: thawing only gives stock behaviour back, and must not wait for a repair
+            thawed, next_until = await freezing.thaw_over(self.parts.freezer, self.ex.ctx.clock.wall())
         except ACTION_ERRORS as exc:  # the registry unusable, say: recorded, and tried again shortly
             self._say(
                 RecordKind.ERROR, f"SIGHUP guard: internal error: {exc!r}", OUTCOME="failed", DETAIL=repr(exc)
@@ -548,8 +552,7 @@ class SighupInterventions:
 
     async def _thaw_all(self, why: str) -> None:
         self._to_freeze.clear()
-        async with self.ex.lock:
-            thawed = await asyncio.to_thread(self.parts.freezer.thaw_all)
+        thawed = await asyncio.to_thread(self.parts.freezer.thaw_all)  # no lock, as for _thaw_due
         self._thawed(thawed, why)
 
     def _thawed(self, cgroups: list[str], why: str) -> None:

@@ -25,15 +25,7 @@ from nodemedic.core.rules import RepairEnd
 from nodemedic.errors import NodemedicError, ProbeError
 from nodemedic.events import (
     Event,
-    FdUsage,
-    FileChanged,
-    GrpcStreamsSetting,
     JournalLine,
-    OomKills,
-    PathChanged,
-    PressureSeen,
-    SocketModeSeen,
-    UnitChanged,
 )
 from nodemedic.fs import path_kind
 from nodemedic.policy.actions import KillOrphanedShimsParams, RemoveSocketDirParams
@@ -589,9 +581,12 @@ def _event_time(event: Event, now: float) -> float:
 
 
 def _event_path(event: Event) -> str:
-    paths = PathChanged | SocketModeSeen | PressureSeen | OomKills | FileChanged | GrpcStreamsSetting
-    return event.path if isinstance(event, paths) else ""
+    """The path an event is about, whatever its type ("" if none)."""
+    path = getattr(event, "path", "")
+    return path if isinstance(path, str) else ""
 
 
 def _event_unit(event: Event) -> str:
-    return event.unit if isinstance(event, UnitChanged | JournalLine | FdUsage | OomKills) else ""
+    """The unit an event is about, whatever its type ("" if none)."""
+    unit = getattr(event, "unit", "")
+    return unit if isinstance(unit, str) else ""

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from dbus_fast import Message, MessageType
 
-from nodemedic import __version__
+from nodemedic import __version__, cli
 from nodemedic import status as status_mod
 from nodemedic.actions.freezer import Freezer
 from nodemedic.app import App
@@ -354,3 +357,207 @@ def test_offline_status_names_what_it_could_not_read(tmp_path: Path, monkeypatch
     assert "budget: 10 repairs within 1h 00m; spent unknown" in text
     assert "frozen cgroups: unknown" in text
     assert "note: cannot read" in text
+
+
+async def test_daemon_status_shows_the_guard_its_storm_and_frozen_cgroups(
+    harness: Callable[..., Harness], tmp_path: Path, policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness()
+    app = app_of(h, policy_file)
+    registry = tmp_path / "state" / "frozen.json"
+    freezer = Freezer(fake_cgroups(tmp_path, monkeypatch, "/system.slice/toolkit.service"), registry)
+    freezer.freeze("/system.slice/toolkit.service", h.clock.wall() + 60)
+    stand_in: Any = SimpleNamespace(
+        settings=SimpleNamespace(mode="throttle"), parts=SimpleNamespace(freezer=freezer)
+    )
+    app.guard = stand_in  # the guard's mode and freezer are all status reads of it
+    storm = {
+        "RULE": "sighup",
+        "OUTCOME": "storm",
+        "SIGNALS": "9",
+        "SENDERS": "pod gpu/toolkit (pid 7 sh)",
+        "INCIDENT": "s1",
+    }
+    h.runner.report(RecordKind.DETECTED, "storm", **storm)
+    guard = daemon_status(app)["sighup"]
+    assert guard["mode"] == "throttle"
+    assert guard["storm"] == {
+        "state": "under-way",
+        **{"began_at": iso(h.clock.wall()), "began_at_epoch": h.clock.wall()},
+        **{"ended_at": None, "ended_at_epoch": None},
+        "signals": 9,
+        "senders": "pod gpu/toolkit (pid 7 sh)",
+        "incident": "s1",
+    }
+    h.clock.advance(20)
+    h.runner.report(
+        RecordKind.DETECTED, "storm ended", **{**storm, "OUTCOME": "storm-ended", "SIGNALS": "30"}
+    )
+    snap = daemon_status(app)
+    assert (snap["sighup"]["storm"]["state"], snap["sighup"]["storm"]["signals"]) == ("ended", 30)
+    assert snap["sighup"]["storm"]["ended_at_epoch"] == h.clock.wall()
+    assert snap["frozen"] == [
+        {
+            "cgroup": "/system.slice/toolkit.service",
+            "until": iso(h.clock.wall() + 40),
+            "until_epoch": h.clock.wall() + 40,
+        }
+    ]
+    text = tool.render(snap)
+    assert "sighup guard: throttle; last storm" in text
+    assert f"frozen cgroups: /system.slice/toolkit.service (until {iso(h.clock.wall() + 40)})" in text
+    registry.write_bytes(b"\xff\xfe not text")  # unreadable: named, the rest still shown
+    snap = daemon_status(app)
+    assert snap["frozen"] is None
+    [error] = snap["errors"]
+    assert error.startswith("frozen cgroups unknown:")
+
+
+# ---- `nodemedic status` -------------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def daemon_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    def ask(_timeout: float) -> dict[str, Any]:
+        raise tool.DaemonNotRunning("no process owns io.nodemedic1 on the system bus")
+
+    monkeypatch.setattr(tool, "ask_daemon", ask)
+
+
+async def test_status_of_the_running_daemon(
+    harness: Callable[..., Harness],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    h = harness()
+    (tmp_path / "policy.toml").write_text("# policy\n")
+    h.clock.advance(3725)
+    h.sock.mkdir()
+    h.runner.handle(PathChanged(str(h.sock), PathKind.DIRECTORY))
+    app = app_of(h, tmp_path / "policy.toml")
+    await h.settle()
+    snap = json.loads(json.dumps(daemon_status(app)))  # as it comes over D-Bus
+    monkeypatch.setattr(tool, "ask_daemon", lambda _timeout: snap)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"nodemedic {__version__} running since {snap['started_at']} (up 0s), mode enforce"
+    assert lines[1] == f"policy {tmp_path / 'policy.toml'} (sha256 {snap['policy']['sha256'][:12]})"
+    header = lines[3].split()
+    assert header == ["RULE", "MODE", "BREAKER", "LAST", "REPAIR"]
+    [row] = [line for line in lines if line.startswith(RULE)]
+    last = rule_of(snap)["last_repair"]
+    assert row.split()[:3] == [RULE, "enforce", "closed"]
+    assert row.endswith(f"repaired {last['at']}, {last['elapsed_ms']:.0f} ms")
+    assert "budget: 1 of 10 repairs spent within 1h 00m; 9 left" in out
+    assert "sighup guard: off; no storm seen since the start" in out
+    assert "frozen cgroups: none" in out
+    assert "\033[" not in out, "no colours when stdout is not a terminal"
+    assert cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == snap
+
+
+def test_status_when_the_daemon_is_not_running(
+    tmp_path: Path, daemon_down: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_policy(tmp_path, state_dir=tmp_path / "state")
+    assert cli.main(["status", "--policy", str(path)]) == 1
+    out = capsys.readouterr().out
+    first = "nodemedic is not running (no process owns io.nodemedic1 on the system bus); from its state files"
+    assert out.splitlines()[0].startswith(first)
+    [row] = [line for line in out.splitlines() if line.startswith(RULE)]
+    assert row.split()[1:] == ["enforce", "closed", "none", "known"]
+    assert cli.main(["status", "--policy", str(path), "--json"]) == 1
+    snap = json.loads(capsys.readouterr().out)
+    assert (snap["schema"], snap["running"]) == (1, False)
+    assert snap["why_not_running"] == "no process owns io.nodemedic1 on the system bus"
+
+
+def test_status_exit_2_when_nothing_can_be_read(
+    tmp_path: Path, daemon_down: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["status", "--policy", str(tmp_path / "missing.toml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "nodemedic is not running (no process owns io.nodemedic1 on the system bus)" in captured.err
+    assert "file not found" in captured.err
+
+
+def test_status_exit_2_when_the_daemon_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def ask(timeout: float) -> dict[str, Any]:
+        raise tool.DaemonNoAnswer(f"io.nodemedic1 did not answer within {timeout:g}s")
+
+    monkeypatch.setattr(tool, "ask_daemon", ask)
+    path = write_policy(tmp_path, state_dir=tmp_path / "state")
+    assert cli.main(["status", "--policy", str(path), "--timeout", "0.5"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("nodemedic is not running (io.nodemedic1 did not answer within 0.5s)")
+
+
+@pytest.mark.parametrize("no_color", [None, "", "1"])
+def test_colours_only_on_a_terminal_without_no_color(
+    tmp_path: Path, daemon_down: None, monkeypatch: pytest.MonkeyPatch, no_color: str | None
+) -> None:
+    state = tmp_path / "state"
+    StateStore(state).save(
+        {"rules": {RULE: {"breaker": {"state": "open", "opened_at": 4e9}, "backoff": {}}}, "budget": {}}
+    )
+    path = write_policy(tmp_path, state_dir=state)
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    assert cli.main(["status", "--policy", str(path)]) == 1
+    out = terminal.getvalue()
+    coloured = no_color in (None, "")  # NO_COLOR set to anything but "" turns colours off
+    assert ("\033[31mopen until" in out) is coloured, out
+    assert ("\033[33mnodemedic is not running" in out) is coloured
+    assert ("\033[" in out) is coloured
+
+
+def test_the_reply_of_status() -> None:
+    def error(name: str, text: str = "") -> Message:
+        return Message(
+            message_type=MessageType.ERROR, error_name=name, reply_serial=1, signature="s", body=[text]
+        )
+
+    with pytest.raises(tool.DaemonNotRunning, match=r"no process owns io\.nodemedic1"):
+        tool.parse_reply(error("org.freedesktop.DBus.Error.ServiceUnknown", "The name is not activatable"))
+    with pytest.raises(tool.DaemonNoAnswer, match="AccessDenied: no"):
+        tool.parse_reply(error("org.freedesktop.DBus.Error.AccessDenied", "no"))
+
+    def reply(body: str) -> Message:
+        return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature="s", body=[body])
+
+    with pytest.raises(tool.DaemonNoAnswer, match="not a status"):
+        tool.parse_reply(reply("{"))
+    with pytest.raises(tool.DaemonNoAnswer, match="another schema"):
+        tool.parse_reply(reply('{"schema": 2}'))
+    assert tool.parse_reply(reply('{"schema": 1, "running": true}')) == {"schema": 1, "running": True}
+
+
+def test_no_system_bus_is_not_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    monkeypatch.setattr(tool, "_unit_active", lambda: False)
+    with pytest.raises(tool.DaemonNotRunning, match="the system bus cannot be reached"):
+        tool.ask_daemon(1.0)
+    monkeypatch.setattr(tool, "_unit_active", lambda: True)  # the unit runs, without its name
+    with pytest.raises(tool.DaemonNoAnswer, match=r"nodemedic.service is active but the system bus"):
+        tool.ask_daemon(1.0)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"), [(0, "0s"), (59.9, "59s"), (61, "1m 01s"), (3725, "1h 02m"), (90061, "1d 01h")]
+)
+def test_durations(seconds: float, said: str) -> None:
+    assert tool.duration(seconds) == said

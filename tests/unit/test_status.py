@@ -469,8 +469,10 @@ def test_status_when_the_daemon_is_not_running(
     path = write_policy(tmp_path, state_dir=tmp_path / "state")
     assert cli.main(["status", "--policy", str(path)]) == 1
     out = capsys.readouterr().out
-    first = "nodemedic is not running (no process owns io.nodemedic1 on the system bus); from its state files"
-    assert out.splitlines()[0].startswith(first)
+    lines = out.splitlines()
+    assert lines[0] == "nodemedic is not running (no process owns io.nodemedic1 on the system bus)"
+    assert lines[1].startswith(f"from its state files: mode enforce, policy {path} (sha256 ")
+    assert "sighup guard: observe; storms are known only while the daemon runs" in lines
     [row] = [line for line in out.splitlines() if line.startswith(RULE)]
     assert row.split()[1:] == ["enforce", "closed", "none", "known"]
     assert cli.main(["status", "--policy", str(path), "--json"]) == 1

@@ -168,7 +168,7 @@ def render(snap: Snapshot, colour: bool = False) -> str:
     paint = _painter(colour)
     lines = [_daemon_line(snap, paint), _policy_line(snap), ""]
     lines += _table(snap, paint)
-    lines += ["", _budget_line(snap["budget"]), _guard_line(snap["sighup"], paint)]
+    lines += ["", _budget_line(snap["budget"]), _guard_line(snap["sighup"], snap["running"], paint)]
     lines.append(_frozen_line(snap["frozen"]))
     lines += [paint(f"note: {e}", "yellow") for e in snap.get("errors") or []]
     return "\n".join(lines) + "\n"
@@ -177,8 +177,7 @@ def render(snap: Snapshot, colour: bool = False) -> str:
 def _daemon_line(snap: Snapshot, paint: Paint) -> str:
     if not snap["running"]:
         why = snap.get("why_not_running") or "unknown why"
-        said = paint(f"nodemedic is not running ({why})", "yellow")
-        return f"{said}; from its state files: mode {snap['mode']}"
+        return paint(f"nodemedic is not running ({why})", "yellow")
     uptime = snap.get("uptime_s")
     up = f" (up {duration(uptime)})" if uptime is not None else ""
     since = f" since {snap['started_at']}{up}" if snap.get("started_at") else ""
@@ -188,7 +187,8 @@ def _daemon_line(snap: Snapshot, paint: Paint) -> str:
 def _policy_line(snap: Snapshot) -> str:
     policy = snap.get("policy") or {}
     sha = policy.get("sha256")
-    return f"policy {policy.get('path') or '?'} (sha256 {sha[:12] if sha else 'unknown'})"
+    line = f"policy {policy.get('path') or '?'} (sha256 {sha[:12] if sha else 'unknown'})"
+    return line if snap["running"] else f"from its state files: mode {snap['mode']}, {line}"
 
 
 def _table(snap: Snapshot, paint: Paint) -> list[str]:
@@ -243,8 +243,10 @@ def _budget_line(budget: dict[str, Any]) -> str:
     return line
 
 
-def _guard_line(guard: dict[str, Any], paint: Paint) -> str:
+def _guard_line(guard: dict[str, Any], running: bool, paint: Paint) -> str:
     storm = guard.get("storm")
+    if not running:
+        return f"sighup guard: {guard['mode']}; storms are known only while the daemon runs"
     if storm is None:
         return f"sighup guard: {guard['mode']}; no storm seen since the start"
     who = f"{storm['signals']} SIGHUPs from {storm['senders'] or 'unknown senders'}"

@@ -131,7 +131,8 @@ def test_a_socket_with_the_wrong_mode(node_factory: Callable[..., Node], mode: s
     mode_now = node.sh(f"stat -c %a {SOCKET}").stdout.strip()
     if mode == "enforce":
         assert mode_now == "660"
-        assert node.unit_property("containerd.service", "MainPID") != old
+        # restore-socket-mode puts the bits back in place: containerd is not restarted any more
+        assert node.unit_property("containerd.service", "MainPID") == old
         assert "RUNNING" in node.run("ctr", "task", "ls").stdout, "the container survived"
         assert containerd_serving(node)
     else:

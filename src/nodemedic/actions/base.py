@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
@@ -32,6 +32,10 @@ class Step:
     detail: str = ""
     data: dict[str, str] = field(default_factory=dict)
     changes: bool = True  # False for a step that only looks (verify-containerd)
+    # What it does to ``unit``, so the executor knows without knowing the action: "stops" (started
+    # again if the repair fails after it), "restarts" (down for a moment: our stop, not an
+    # operator's), "starts" (no longer ours to start again), "" (nothing).
+    unit_effect: Literal["", "stops", "starts", "restarts"] = ""
 
 
 @dataclass(frozen=True, slots=True)

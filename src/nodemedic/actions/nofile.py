@@ -50,6 +50,7 @@ class RaiseNofileLimit:
             unit=p.unit,
             paths=(str(self.path),),
             data={"pid": str(pid)},
+            unit_effect="restarts",
         )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:

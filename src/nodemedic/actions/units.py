@@ -21,6 +21,7 @@ class StopUnit:
         return Step(
             f"stop {self.params.unit} ({state.active_state}/{state.sub_state})",
             unit=self.params.unit,
+            unit_effect="stops",
         )
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
@@ -44,7 +45,7 @@ class StartUnit:
         state = await ctx.units.state(self.params.unit)
         if state.active_state == "active":
             return Skip(f"{self.params.unit} is already active")
-        return Step(f"start {self.params.unit}", unit=self.params.unit)
+        return Step(f"start {self.params.unit}", unit=self.params.unit, unit_effect="starts")
 
     async def apply(self, ctx: ActionContext, step: Step) -> str:
         await ctx.units.start(self.params.unit, self.params.timeout)
@@ -74,7 +75,7 @@ class RestartUnit:
         owned = self._socket_owned_as_expected()
         if owned:
             return Skip(owned)
-        return Step(f"restart {self.params.unit}", unit=self.params.unit)
+        return Step(f"restart {self.params.unit}", unit=self.params.unit, unit_effect="restarts")
 
     def _socket_owned_as_expected(self) -> str:
         """Why ``if_socket_owner_differs`` skips the restart ("" if it does not)."""

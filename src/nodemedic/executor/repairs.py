@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 COMPENSATE_TIMEOUT = 30.0
 MAX_RESUMES = 2  # a repair cut off this often by nodemedic's own end is only undone at the next start
-UNIT_STEPS = ("stop-unit", "start-unit", "restart-unit", "raise-nofile-limit")  # leave a unit down if cut off
-STOPS = ("stop-unit", "restart-unit", "raise-nofile-limit")  # our stop: its inactive state follows at once
 
 
 @dataclasses.dataclass(slots=True)
@@ -284,11 +282,11 @@ class Repairs:
         the next start), our stop known as ours, the units down if it ends now."""
         if step.changes:
             self._note_intent(run, index, name, step)
-        if name in STOPS:
+        if step.unit_effect in ("stops", "restarts"):
             self.ex.view.stopping(step.unit)  # before the stop: its events follow at once
-        if name == "stop-unit":
+        if step.unit_effect == "stops":
             run.stopped.append(step.unit)
-        if name == "start-unit" and step.unit in run.stopped:
+        if step.unit_effect == "starts" and step.unit in run.stopped:
             run.stopped.remove(step.unit)
         if step.changes:
             run.applied.append(name)
@@ -410,7 +408,7 @@ class Repairs:
         if self._intents is None:
             return
         units = [*run.stopped]
-        if name in UNIT_STEPS and step.unit not in units:
+        if step.unit_effect and step.unit not in units:
             units.append(step.unit)  # being stopped or started: down if we die now
         now = self.ctx.clock.wall()
         began = self._began.setdefault(run.common["INCIDENT"], now)

@@ -11,26 +11,22 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from nodemedic import __version__
+from nodemedic import __version__, api
 from nodemedic.actions.freezer import REGISTRY_NAME, Freezer
 from nodemedic.actions.sighup_dropin import ignores_sighup, remove_dropins
 from nodemedic.errors import NodemedicError, PolicyError, UnitControlError, UnknownRuleError
-from nodemedic.policy.edit import set_mode
 from nodemedic.policy.load import (
     DEFAULT_POLICY,
     load_policy,
-    parse_policy_text,
-    read_policy_text,
     salvage_state_dir,
 )
-from nodemedic.policy.model import DaemonSettings, Mode, Policy
+from nodemedic.policy.model import DaemonSettings
 from nodemedic.policy.sighup import SighupSettings
-from nodemedic.store import StateStore, atomic_write
+from nodemedic.store import StateStore
 from nodemedic.tools import diagnose, replay, status
 
 log = logging.getLogger("nodemedic")
@@ -167,37 +163,36 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _mode(args: argparse.Namespace) -> int:
+    """Through the running daemon's API where it serves this policy file (it edits the file and
+    reloads); else on the file, then `systemctl reload`."""
     path: Path = args.policy
     rule: str | None = args.rule
-    text = read_policy_text(path)
-    before = parse_policy_text(text, str(path))
-    edited = set_mode(text, args.mode, rule)
-    what = "[daemon]" if rule is None else f"rule {rule!r}"
-    if _mode_in(before, rule) == args.mode:
-        print(f"{path.name}: {what} mode is already {args.mode}; nothing changed")
-        return 0
-    after = parse_policy_text(edited, str(path))  # never write a policy that would not load
-    if _mode_in(after, rule) != args.mode:
-        raise NodemedicError(f"{path}: setting the mode of {what} did not take; edit the file by hand")
-    _write_keeping_owner(path, edited)
-    print(f"{path.name}: {what} mode {_mode_in(before, rule)} -> {args.mode}")
-    if rule is None:
-        for r in after.rule:
-            if r.mode is not None and r.mode != args.mode:
-                print(f"{path.name}: rule {r.name!r} keeps its own mode {r.mode}")
     if not args.no_reload:
+        said = api.call_daemon("SetMode", "ss", [args.mode, rule or ""], policy_path=path)
+        if said is not None:
+            print(said[0])
+            return 0
+    change = api.change_mode(path, args.mode, rule)
+    print("\n".join(change.lines))
+    if change.changed and not args.no_reload:
         _reload_nodemedic()
     return 0
 
 
 def _reset(args: argparse.Namespace) -> int:
-    """The request is a file the daemon takes at its next reload or start, running or not."""
+    """Through the running daemon's API, at once; else a request file the daemon takes at its next
+    reload or start."""
     policy = load_policy(args.policy)
     names = [r.name for r in policy.rule]
     if args.rule not in names:
         raise UnknownRuleError(
             f"no rule named {args.rule!r}; the policy's rules: {', '.join(map(repr, names))}"
         )
+    if not args.no_reload:
+        said = api.call_daemon("Reset", "s", [args.rule], policy_path=args.policy)
+        if said is not None:
+            print(said[0])
+            return 0
     request = StateStore(policy.daemon.state_dir).request_reset(args.rule)
     print(f"reset of rule {args.rule!r} requested ({request})")
     if not args.no_reload:
@@ -288,25 +283,6 @@ def _main_pid(unit: str) -> int:
         [exe, "show", "-p", "MainPID", "--value", unit], check=False, capture_output=True, text=True
     )
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
-
-
-def _mode_in(policy: Policy, rule: str | None) -> str:
-    """The mode of [daemon], or of a rule: its own, or "(daemon's) enforce" where it has none."""
-    if rule is None:
-        return policy.daemon.mode
-    own: Mode | None = next(r.mode for r in policy.rule if r.name == rule)
-    return own or f"{policy.daemon.mode} (from [daemon])"
-
-
-def _write_keeping_owner(path: Path, text: str) -> None:
-    real = path.resolve()  # a symlinked policy stays a symlink; its target is replaced
-    st = real.stat()
-    try:
-        atomic_write(real, text)
-        os.chown(real, st.st_uid, st.st_gid)
-        os.chmod(real, stat.S_IMODE(st.st_mode))
-    except PermissionError as exc:
-        raise PermissionError(f"cannot write {real} ({exc.strerror}): run this as root") from exc
 
 
 def _reload_nodemedic() -> None:

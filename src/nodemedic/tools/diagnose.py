@@ -188,6 +188,7 @@ class Facts:
     unchecked: dict[str, str] = field(default_factory=dict)  # path -> why no verdict
     good_copy: Path | None = None
     orphans: set[int] = field(default_factory=set)
+    journal_rules: set[str] = field(default_factory=set)  # rules that lines since ``since`` match
     events: list[Event] = field(default_factory=list)
 
     def main_pid(self, unit: str) -> int:
@@ -227,7 +228,7 @@ async def _units_over_dbus(units: list[str], wait: float) -> dict[str, UnitChang
 
     def said(message: str) -> None:
         if not bus.connected.is_set():
-            why.append(message)
+            why.append(message.split("; retrying")[0])
             failed.set()
 
     bus = SystemdBus(units, emit, MonotonicClock(), on_state=said)
@@ -259,7 +260,8 @@ def _units_over_systemctl(units: list[str]) -> dict[str, UnitChanged]:
             timeout=10,
         )
         if done.returncode != 0:
-            raise UnitControlError(f"`systemctl show {unit}`: {done.stderr.strip() or done.returncode}")
+            said = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+            raise UnitControlError(f"`systemctl show {unit}`: {said}")
         found[unit] = unit_from_show(unit, done.stdout)
     return found
 
@@ -635,6 +637,8 @@ def journal_check(policy: Policy, facts: Facts) -> Check:
         if wall >= facts.since:
             facts.events.append(line)
         rules = [m.rule.name for m in match(policy.rule, line)]
+        if rules and wall >= facts.since:
+            facts.journal_rules.update(rules)
         if rules:
             said = f"{_clock(wall)} {line.unit}: {line.message[:300]} (rule {', '.join(rules)})"
             (now if wall >= facts.since else before).append(said)
@@ -924,18 +928,9 @@ async def diagnose(policy: Policy, edges: Edges) -> Diagnosis:
     checks.append(nodemedic_check(policy, facts, saved, saved_problem))
     decisions = decide(policy, saved, facts, Instant(time.monotonic(), edges.wall()))
     cases = name_cases(policy, checks, decisions, facts)
-    journal = next(c for c in checks if c.name == "journal")
-    if any(d.confirmed and isinstance(_event_of(d, facts), JournalLine) for d in decisions if d.mode):
-        journal.status = "problem"
+    if facts.journal_rules & {d.rule.name for d in decisions if d.mode}:
+        next(c for c in checks if c.name == "journal").status = "problem"
     return Diagnosis(checks, cases)
-
-
-def _event_of(d: Decision, facts: Facts) -> Event | None:
-    """The event whose match the core acted on (by what fired: the trigger's words)."""
-    for event in facts.events:
-        if any(m.rule.name == d.rule.name and m.trigger == d.trigger for m in match([d.rule], event)):
-            return event
-    return None
 
 
 # ---- output -----------------------------------------------------------------------------------------

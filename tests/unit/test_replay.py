@@ -39,6 +39,7 @@ SAMPLES = ROOT / "tests" / "samples"
 SHIPPED = tomllib.loads((ROOT / "policy" / "policy.toml").read_text())
 UNIT = "containerd.service"
 T0 = 1_700_000_000.0
+BOOT = "6f1c9a2e3b4d4e5f8a7b6c5d4e3f2a1b"  # a boot ID as journald writes it
 BROKEN = "containerd-config-broken"
 SHIMS = "left-over-shims"
 SOCKET_DIR = "socket-path-is-directory"
@@ -72,7 +73,7 @@ def entry(
     *,
     unit: str = UNIT,
     systemd: bool = False,
-    boot: str = "b1",
+    boot: str = BOOT,
     mono: float = 0.0,
 ) -> bytes:
     """One entry as journald stores it: a unit's own line (its stdout) or systemd's line about it."""
@@ -299,7 +300,13 @@ def test_systemds_own_line_is_attributed_and_a_forged_one_is_not(tmp_path: Path)
 
 def test_rules_that_cannot_be_replayed_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, result = run(tmp_path, entry(TOML_LINE, T0))
-    [socket_dir] = result["not_replayed"]
+    socket_dir, guard = result["not_replayed"]
+    assert guard == {
+        "rule": "sighup",
+        "triggers": ["signal"],
+        "partly": False,
+        "why": replay.WHY_NOT["signals"],
+    }
     assert socket_dir == {
         "rule": SOCKET_DIR,
         "triggers": ["path"],

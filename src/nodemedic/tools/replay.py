@@ -63,7 +63,9 @@ WHY_NOT = {
     "probe": "the probe asks containerd over its socket; the journal holds no answer",
     "dbus": "unit states and signals come over D-Bus; they are not read back from the journal",
     "resources": "readings of /proc, cgroups, the socket and config.toml are taken live, not logged",
+    "signals": "the SIGHUP guard ([sighup]) sees signals over D-Bus and in the kernel's trace",
 }
+SIGHUP_GUARD = "sighup"  # NODEMEDIC_RULE of the guard's records (core/sighup_guard.py)
 
 
 class ReplayInputError(NodemedicError, OSError):
@@ -504,6 +506,8 @@ def not_replayed(policy: Policy) -> list[dict[str, Any]]:
         partly = len(others) < len(rule.trigger)
         triggers = sorted({str(getattr(t, "source", t.served_by)) for t in others})
         out.append({"rule": rule.name, "triggers": triggers, "partly": partly, "why": why})
+    if policy.sighup.mode != "off":  # its records name it as their rule
+        out.append({"rule": SIGHUP_GUARD, "triggers": ["signal"], "partly": False, "why": WHY_NOT["signals"]})
     return out
 
 

@@ -11,12 +11,13 @@ the one place every decision and action passes.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from nodemedic import __version__
 from nodemedic.actions.freezer import REGISTRY_NAME, Freezer
@@ -39,6 +40,14 @@ SCHEMA = 1
 STORM, STORM_ENDED = "storm", "storm-ended"  # the guard's OUTCOME on a storm's two records
 STATE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)  # state.json content not ours
 Snapshot = dict[str, Any]
+
+
+class _Frozen(enum.Enum):
+    READ_HERE = "read here"
+
+
+READ_HERE = _Frozen.READ_HERE
+"""``daemon_status``'s default: the freezer registry is read there, on the caller's thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +125,18 @@ def tracker_of(app: App) -> StatusTracker | None:
     return next((t for t in app.executor.listeners if isinstance(t, StatusTracker)), None)
 
 
-def daemon_status(app: App, frozen: dict[str, float] | None = None) -> Snapshot:
-    """The running daemon's snapshot. ``frozen``: the freezer registry, read beforehand (e.g. in
-    a thread: it touches cgroupfs); None reads it here (see ``read_frozen``). The policy file is
-    read once per reload, to hash it; nothing else here touches the node."""
+def daemon_status(
+    app: App, frozen: dict[str, float] | Literal[_Frozen.READ_HERE] | None = READ_HERE
+) -> Snapshot:
+    """The running daemon's snapshot. ``frozen``: the freezer registry as ``read_frozen`` gave it
+    beforehand (e.g. in a thread: it touches cgroupfs; None: it could not be read); by default it
+    is read here. The policy file is read once per reload, to hash it; nothing else here touches
+    the node."""
     ex, tracker = app.executor, tracker_of(app)
     now = ex.now()
     errors: list[str] = []
-    if frozen is None:
-        frozen = read_frozen(_freezer(app), errors)
+    if frozen is READ_HERE:
+        frozen = read_frozen(freezer_of(app), errors)
     snap = _frame(running=True, why=None, policy=ex.policy, now=now.wall)
     snap["version"] = __version__
     snap["policy"] = _policy_field(app.policy_path, _sha(tracker, ex.policy, app.policy_path))
@@ -150,10 +162,15 @@ def read_frozen(freezer: Freezing, errors: list[str]) -> dict[str, float] | None
         return None
 
 
-def _freezer(app: App) -> Freezing:
+def freezer_of(app: App) -> Freezing:
+    """The freezer whose registry status reads: the SIGHUP guard's, else one on the state
+    directory's registry (a mode that froze nothing may have left entries from another)."""
     if app.guard is not None:
         return app.guard.parts.freezer
     return Freezer(registry=app.policy.daemon.state_dir / REGISTRY_NAME)
+
+
+_freezer = freezer_of  # the name api.py imports today; it can import freezer_of instead
 
 
 def _sha(tracker: StatusTracker | None, policy: Policy, path: Path | None) -> str | None:

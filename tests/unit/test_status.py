@@ -406,6 +406,11 @@ async def test_daemon_status_shows_the_guard_its_storm_and_frozen_cgroups(
     text = tool.render(snap)
     assert "sighup guard: throttle; last storm" in text
     assert f"frozen cgroups: /system.slice/toolkit.service (until {iso(h.clock.wall() + 40)})" in text
+    # read beforehand (the D-Bus API reads it in a thread): given, not read again; None: unknown
+    assert daemon_status(app, {"/a.scope": 5.0})["frozen"] == [
+        {"cgroup": "/a.scope", "until": iso(5.0), "until_epoch": 5.0}
+    ]
+    assert daemon_status(app, None)["frozen"] is None
     registry.write_bytes(b"\xff\xfe not text")  # unreadable: named, the rest still shown
     snap = daemon_status(app)
     assert snap["frozen"] is None

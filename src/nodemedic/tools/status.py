@@ -17,13 +17,11 @@ from typing import Any
 from dbus_fast import AuthError, BusType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
+from nodemedic.api import BUS_NAME, INTERFACE, OBJECT_PATH
 from nodemedic.errors import NodemedicError
 from nodemedic.policy.load import DEFAULT_POLICY
 from nodemedic.status import SCHEMA, Snapshot, offline_status
 
-BUS_NAME = "io.nodemedic1"
-OBJECT_PATH = "/io/nodemedic1"
-INTERFACE = "io.nodemedic1.Manager"
 TIMEOUT = 5.0
 NO_OWNER = frozenset(
     {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}

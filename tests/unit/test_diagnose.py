@@ -466,16 +466,6 @@ async def test_units_fall_back_to_systemctl_when_the_bus_is_down(monkeypatch: py
     assert how == "systemctl (D-Bus: D-Bus connection failed)"
 
 
-def test_journal_lines_are_attributed_as_the_journal_source_does() -> None:
-    units = ["containerd.service", "kernel"]
-    systemd = {"_PID": 1, "_UID": 0, "UNIT": "containerd.service", "MESSAGE": "x"}
-    assert dg.journal_line(systemd, units) is not None
-    assert dg.journal_line({**systemd, "_PID": 99}, units) is None, "UNIT= from anyone else is not trusted"
-    kernel = dg.journal_line({"_TRANSPORT": "kernel", "MESSAGE": b"Out of memory"}, units)
-    assert kernel is not None
-    assert (kernel.unit, kernel.message) == ("kernel", "Out of memory")
-
-
 @pytest.mark.parametrize(
     ("tty", "no_color", "expected"), [(True, False, True), (True, True, False), (False, False, False)]
 )

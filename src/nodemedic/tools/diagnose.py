@@ -71,7 +71,7 @@ from nodemedic.policy.model import (
 from nodemedic.ports import VersionProbe
 from nodemedic.procfs import ProcView, is_unit_cgroup, open_fds, read_pressure, soft_nofile, unit_cgroup
 from nodemedic.sources.dbus import SystemdBus
-from nodemedic.sources.journal import KERNEL, KERNEL_TRANSPORTS, MESSAGE_LIMIT, attribute
+from nodemedic.sources.journal import KERNEL, KERNEL_TRANSPORTS, line_from_entry
 from nodemedic.sources.probe import ContainerdProbe
 from nodemedic.sources.resources import streams_setting
 from nodemedic.store import STATE_FILE, STATE_VERSION
@@ -304,27 +304,6 @@ def read_journal(units: list[str], since: float) -> list[Mapping[str, object]]:
         reader.close()
 
 
-def journal_line(entry: Mapping[str, object], units: list[str]) -> JournalLine | None:
-    """The JournalLine the journal source would emit for ``entry`` (None: not a followed unit's)."""
-    unit = attribute(entry, units)
-    if unit is None:
-        return None
-    return JournalLine(
-        unit=unit,
-        message=_text(entry.get("MESSAGE"))[:MESSAGE_LIMIT],
-        identifier=_text(entry.get("SYSLOG_IDENTIFIER"))[:256],
-        pid=_number(entry.get("_PID")),
-    )
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value[: 4 * MESSAGE_LIMIT].decode("utf-8", "replace")
-    if isinstance(value, list):
-        return "\n".join(_text(v) for v in value[:64])
-    return "" if value is None else str(value)
-
-
 def _number(value: object) -> int:
     try:
         return int(str(value)) if value is not None and not isinstance(value, bool) else 0
@@ -349,7 +328,7 @@ def _from_systemd(entry: Mapping[str, object], unit: str, catalog: str, text: st
     """A line of systemd's own (PID 1) about ``unit``: by its catalog id, or by its text."""
     if _number(entry.get("_PID")) != 1 or entry.get("UNIT") != unit:
         return False
-    message = _text(entry.get("MESSAGE"))
+    message = str(entry.get("MESSAGE") or "")
     return _message_id(entry) == catalog or message.startswith(text) or f": {text}" in message
 
 
@@ -383,7 +362,7 @@ async def read_journal_into(policy: Policy, edges: Edges, facts: Facts) -> None:
     facts.journal = []
     unit = containerd_unit(policy)
     for entry in entries:
-        line = journal_line(entry, units)
+        line = line_from_entry(entry, units, at=0.0)
         if line is None:
             continue
         facts.journal.append((_wall(entry), line, entry))
@@ -939,8 +918,8 @@ _COLOURS = {"ok": "32", "problem": "31;1", "unknown": "33", "healthy": "32", "ad
 
 
 def use_colour(stream: Any) -> bool:
-    """Colours only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
-    return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+    """Colours only on a terminal, and never with NO_COLOR set and not empty (https://no-color.org)."""
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
 
 
 def _paint(text: str, key: str, colour: bool) -> str:

@@ -1,9 +1,9 @@
 """`nodemedic replay` against what really happened (issue 13 item 4): on a lab node the daemon meets a
 broken config.toml (containerd refuses it after the toolkit's SIGHUP) and repairs it; the node's
 journal, exported (`journalctl -o export`) and as its journal file, is replayed on the host with the
-node's policy, and gives the incidents the live daemon detected from the journal. The incidents the
-live daemon detected from other sources (the version reading at start) are those of rules replay
-names as not replayable.
+node's policy (and on the node from its own journal), and gives the incidents the live daemon
+detected from the journal. The incidents it detected from other sources (the version reading at
+start, the SIGHUP guard) are those replay names as not replayable.
 """
 
 from __future__ import annotations
@@ -89,3 +89,8 @@ def test_replay_of_a_repaired_node_finds_the_live_incidents(node: Node, tmp_path
     from_file = replay("--file", str(copy), "--policy", str(policy))
     assert from_file["source"]["kind"] == "journal-file"
     assert from_file["incidents"] == result["incidents"], "the journal file replays as its export"
+
+    # On the node itself: its own journal (read with the journal source's matches), the last hour.
+    local = json.loads(node.run("nodemedic", "replay", "--json", "--since=-1h", timeout=120).stdout)
+    assert local["source"]["kind"] == "journal"
+    assert Counter(i["rule"] for i in local["incidents"]) == live

@@ -64,7 +64,10 @@ class Seen:
 class StatusTracker:
     """Keeps, from every record the executor writes, what status shows and no state holds: per
     rule the last trigger (DETECTED) and the last end of a repair (OUTCOME), the SIGHUP guard's
-    last storm, and when the daemon started (this tracker's construction, in build_app)."""
+    last storm, when the daemon started and the hash of the policy it loaded. Where the daemon's
+    own records pass the executor's listeners too, its "started" record dates the start and each
+    "reloaded" one hashes the file just loaded; else the tracker's construction dates it and a
+    reload is hashed at the first request after it."""
 
     def __init__(self, clock: Clock, policy: Policy | None = None, policy_path: Path | None = None) -> None:
         self.clock = clock
@@ -74,17 +77,21 @@ class StatusTracker:
         self.outcome: dict[str, Seen] = {}
         self.storm_began: Seen | None = None
         self.storm_ended: Seen | None = None
+        self._said_started = False
         self._digest: tuple[Policy, str | None] | None = None
+        self._reloaded: str | None = None  # the hash taken at a reload, for the policy next asked of
         if policy is not None:
             self.policy_loaded(policy, policy_path)
 
     def __call__(self, record: Record) -> None:
-        """An executor listener: no I/O, a few dict writes per record."""
-        rule = record.fields.get("RULE")
-        if rule is None:
+        """An executor listener: a few dict writes per record (and a read of the policy file at a
+        reload, which has just read it too)."""
+        rule, outcome = record.fields.get("RULE"), record.fields.get("OUTCOME")
+        if record.kind is RecordKind.DAEMON:
+            self._daemon(outcome, record.fields.get("PATH"))
+        elif rule is None:
             return
-        outcome = record.fields.get("OUTCOME")
-        if rule == SIGHUP_RULE and outcome in (STORM, STORM_ENDED):
+        elif rule == SIGHUP_RULE and outcome in (STORM, STORM_ENDED):
             seen = Seen(self.clock.wall(), record)
             if outcome == STORM:
                 self.storm_began, self.storm_ended = seen, None
@@ -95,16 +102,26 @@ class StatusTracker:
         elif record.kind is RecordKind.OUTCOME:
             self.outcome[rule] = Seen(self.clock.wall(), record)
 
+    def _daemon(self, outcome: str | None, path: str | None) -> None:
+        if outcome == "started" and not self._said_started:
+            self._said_started = True
+            self.started_wall, self.started_monotonic = self.clock.wall(), self.clock.monotonic()
+        elif outcome == "reloaded" and path:
+            self._reloaded = file_sha256(Path(path))
+
     def policy_loaded(self, policy: Policy, path: Path | None) -> str | None:
-        """Hash the policy file now (at its load); the daemon may call it at each reload."""
+        """Hash the policy file now (at its load)."""
         digest = file_sha256(path) if path is not None else None
-        self._digest = (policy, digest)
+        self._digest, self._reloaded = (policy, digest), None
         return digest
 
     def policy_sha256(self, policy: Policy, path: Path | None) -> str | None:
-        """The policy's sha256, hashed once per policy object: a reload not told through
-        ``policy_loaded`` is hashed at the first request after it."""
+        """The sha256 of ``policy``'s file, taken when it was loaded where the tracker saw that,
+        else at this first request for this policy object."""
         if self._digest is not None and self._digest[0] is policy:
+            return self._digest[1]
+        if self._reloaded is not None:
+            self._digest, self._reloaded = (policy, self._reloaded), None
             return self._digest[1]
         return self.policy_loaded(policy, path)
 

@@ -93,6 +93,25 @@ def test_policy_hash_is_taken_once_per_policy(tmp_path: Path) -> None:
     assert tracker.policy_sha256(reloaded, path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_the_daemons_own_records_date_the_start_and_hash_each_reload(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(SHIPPED.read_text())
+    clock = FakeClock()
+    tracker = StatusTracker(clock, parse_policy_text(path.read_text()), path)
+    clock.advance(3)  # recovery, waiting for D-Bus: "started" is said once ready
+    tracker(record(RecordKind.DAEMON, OUTCOME="started", VERSION=__version__))
+    assert (tracker.started_wall, tracker.started_monotonic) == (clock.wall(), clock.now)
+    path.write_text(SHIPPED.read_text() + "\n# reloaded\n")
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    tracker(record(RecordKind.DAEMON, OUTCOME="reloaded", PATH=str(path)))
+    path.write_text(SHIPPED.read_text() + "\n# edited after the reload\n")
+    reloaded = parse_policy_text(SHIPPED.read_text())
+    assert tracker.policy_sha256(reloaded, path) == loaded, "the file as the reload read it"
+    clock.advance(9)
+    tracker(record(RecordKind.DAEMON, OUTCOME="started"))  # said once per run: not moved
+    assert tracker.started_monotonic == clock.now - 9
+
+
 # ---- the running daemon -----------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
-"""`nodemedic diagnose` on a real node with nodemedic stopped: each fault injected as it happens in
-production (see lab/faults.py and the tests of each rule) is named, with the shipped policy's rule,
-and exits 1; a healthy node is "healthy" and exits 0. diagnose changes nothing: the fault is still
-there after it ran."""
+"""`nodemedic diagnose` on a real node with nodemedic stopped (and once with D-Bus down too): each
+fault injected as it happens in production (see lab/faults.py and the tests of each rule) is named,
+with the shipped policy's rule, and exits 1; a healthy node is "healthy" and exits 0. diagnose
+changes nothing: the fault is still there after it ran."""
 
 from __future__ import annotations
 
@@ -150,3 +150,19 @@ def test_fd_exhaustion(node: Node) -> None:
     assert case["would"].startswith("observe"), "the rule ships in observe mode"
     assert "LimitNOFILE" in case["advice"]
     assert status(report, "fds") == "problem"
+
+
+def test_with_the_bus_down_units_are_read_with_systemctl(node: Node) -> None:
+    installed_and_stopped(node)
+    node.run("systemctl", "stop", "dbus.socket", "dbus.service")
+    pid = node.unit_property("containerd.service", "MainPID")
+    node.run("kill", "-STOP", pid)
+    try:
+        code, report = diagnose(node)
+        assert code == 1
+        assert (the_fault(report)["name"], the_fault(report)["rule"]) == ("hang", "containerd-hung")
+        unit = next(c for c in report["checks"] if c["name"] == "unit")
+        assert unit["status"] == "ok"
+        assert "read over systemctl (D-Bus: " in unit["evidence"][0]
+    finally:
+        node.run("kill", "-CONT", pid)

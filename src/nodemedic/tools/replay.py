@@ -157,7 +157,7 @@ class History:
 
     def __init__(self, path: str | None, since: float | None, until: float | None) -> None:
         self.path, self.since, self.until = path, since, until
-        self.kind = "journal"
+        self.kind = "journal" if path is None else "export"  # until its first bytes say otherwise
         self._stream: BinaryIO | None = None
         self.size: int | None = None
 
@@ -184,7 +184,6 @@ class History:
 
     def _fields(self, units: list[str]) -> Iterator[Mapping[str, object]]:
         if self.path == "-":
-            self.kind = "export"
             return parse_export(sys.stdin.buffer)
         if self.path is None:
             return self._reader(units, None)
@@ -192,7 +191,6 @@ class History:
             if probe.read(len(JOURNAL_MAGIC)) == JOURNAL_MAGIC:
                 self.kind = "journal-file"
                 return self._reader(units, self.path)
-        self.kind = "export"
         return self._export(self.path)
 
     def _export(self, path: str) -> Iterator[Mapping[str, object]]:
@@ -311,10 +309,15 @@ class _Timer:
     fire: Callable[[Instant], None] = field(compare=False)
 
 
+_DECIDED: dict[Mode, str] = {"enforce": "repair", "observe": "observe"}
+
+
 class Replay:
     """Feeds entries through the real NodeView and RuleCore and keeps what they decide."""
 
-    def __init__(self, policy: Policy, repair_time: float = DEFAULT_REPAIR_TIME, assume_failed: bool = False):
+    def __init__(
+        self, policy: Policy, repair_time: float = DEFAULT_REPAIR_TIME, assume_failed: bool = False
+    ) -> None:
         self.policy, self.repair_time, self.assume_failed = policy, repair_time, assume_failed
         self.view = NodeView()
         for unit in dict.fromkeys([*policy.daemon.watch_units, *policy.daemon.journal_units]):
@@ -411,15 +414,7 @@ class Replay:
         if e.mode == "observe" and self.policy.mode_of(rule) == "enforce" and rule.action:
             breaker = self.core.states[rule.name].breaker.state == OPEN
             held = "circuit breaker open" if breaker else "global repair budget spent"
-        decided = (
-            "held"
-            if held
-            else "report"
-            if not rule.action
-            else "repair"
-            if e.mode == "enforce"
-            else "observe"
-        )
+        decided = "held" if held else "report" if not rule.action else _DECIDED[e.mode]
         would = [describe(a) for a in rule.action]
         incident = Incident(
             len(self.incidents) + 1, rule.name, e.mode, now.wall, e.match.trigger, decided, would
@@ -463,9 +458,8 @@ class Replay:
 
     def _report(self, e: Report, now: Instant) -> None:
         rule = str(e.fields.get("RULE", ""))
-        number = str(e.fields.get("INCIDENT", ""))
-        incident = next((i for i in self.incidents if str(i.number) == number), None) if number else None
-        incident = incident or self._latest.get(rule)
+        number = str(e.fields.get("INCIDENT", ""))  # ours: the RepairEnd's common fields
+        incident = self.incidents[int(number) - 1] if number.isdigit() else self._latest.get(rule)
         outcome = str(e.fields.get("OUTCOME", ""))
         if e.kind == RecordKind.ESCALATED and rule in self.rules:
             self.rules[rule].breaker_opened += 1
@@ -488,8 +482,8 @@ def describe(params: BaseModel) -> str:
     words = [str(data.get("do", type(params).__name__))]
     words += [str(data[k]) for k in ("unit", "path", "socket") if isinstance(data.get(k), str)]
     words += [str(p) for p in data.get("paths") or []]
-    if isinstance(data.get("signal"), int):
-        words.append(signal.Signals(data["signal"]).name)
+    if isinstance(number := data.get("signal"), int):
+        words.append(signal.Signals(number).name if number in set(signal.Signals) else str(number))
     if data.get("after_change"):
         words.append("(only after a change)")
     return " ".join(words)
@@ -718,7 +712,10 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--file", metavar="PATH", help="a journal file, or a `journalctl -o export` stream ('-': stdin)"
     )
     cmd.add_argument(
-        "--since", type=_time_arg, metavar="TIME", help="from this time on ('2024-05-01 10:00', '-2h')"
+        "--since",
+        type=_time_arg,
+        metavar="TIME",
+        help="from this time on ('2024-05-01 10:00', --since=-2h, '2h ago')",
     )
     cmd.add_argument("--until", type=_time_arg, metavar="TIME", help="up to this time")
     cmd.add_argument(

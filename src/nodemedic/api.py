@@ -331,16 +331,18 @@ class Api:
         return bus
 
     def _failed(self, exc: BaseException) -> None:
+        # once per reason: a bus error's text names this try's connection (":1.42"), its type not
+        reason = exc.type if isinstance(exc, DBusError) else str(exc) or type(exc).__name__
+        if reason == self._said:
+            log.debug("D-Bus API still not served: %s", exc)
+            return
+        self._said = reason
         why = str(exc) or type(exc).__name__
         if isinstance(exc, DBusError) and exc.type == ErrorType.ACCESS_DENIED.value:
             why = (
                 f"the bus does not let nodemedic own {BUS_NAME} ({exc.text}); is "
                 "/usr/share/dbus-1/system.d/io.nodemedic1.conf installed?"
             )
-        if why == self._said:
-            log.debug("D-Bus API still not served: %s", why)
-            return
-        self._said = why
         self._say(
             f"D-Bus API not served: {why}; nodemedic runs on without it and tries again every "
             f"{RECONNECT_MAX:g}s at most"

@@ -75,6 +75,11 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Config
 </busconfig>
 """
 
+EMPTY_BUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig/>
+"""
+
 POLICY = """
 [daemon]
 mode = "enforce"
@@ -198,21 +203,22 @@ def make_app(policy_path: Path, sink: MemorySink) -> App:
 
 
 @asynccontextmanager
-async def serving(tmp: Path, bus: DbusDaemon, text: str = POLICY) -> AsyncIterator[Node]:
+async def serving(tmp: Path, bus: DbusDaemon, first: str = "serving") -> AsyncIterator[Node]:
+    """The daemon with the API as its source, once the API said ``first`` (it serves, by default)."""
     (tmp / "state").mkdir(exist_ok=True)
     policy_path = tmp / "policy.toml"
-    policy_path.write_text(text.format(tmp=tmp))
+    policy_path.write_text(POLICY.format(tmp=tmp))
     policy_path.chmod(0o644)
     sink = MemorySink()
     app = make_app(policy_path, sink)
     shutdown, reload = asyncio.Event(), asyncio.Event()
-    fast = Backoff(initial=0.05, factor=2.0, maximum=0.2)
+    fast = Backoff(initial=0.02, factor=2.0, maximum=0.05)
     api = Api(app, reload.set, bus_address=bus.address, reconnect=fast)
     app.sources["api"] = api.run
     task = asyncio.create_task(Daemon(app, shutdown, reload, notify=lambda state: None).run())
     node = Node(app, api, sink, policy_path, bus, bus.address)
     try:
-        await until(lambda: said(node, "serving"), "the API to own its name")
+        await until(lambda: said(node, first), f"the API to say {first!r}")
         yield node
     finally:
         shutdown.set()
@@ -433,29 +439,14 @@ async def test_a_name_owned_by_another_is_said_once_and_taken_when_free(
 ) -> None:
     squatter = await MessageBus(bus_address=bus.address).connect()
     await squatter.request_name(BUS_NAME)
-    (short_tmp / "state").mkdir()
-    path = short_tmp / "policy.toml"
-    path.write_text(POLICY.format(tmp=short_tmp))
-    sink = MemorySink()
-    app = make_app(path, sink)
-    shutdown, reload = asyncio.Event(), asyncio.Event()
-    api = Api(app, reload.set, bus_address=bus.address, reconnect=Backoff(initial=0.02, maximum=0.05))
-    app.sources["api"] = api.run
-    task = asyncio.create_task(Daemon(app, shutdown, reload, notify=lambda state: None).run())
-    node = Node(app, api, sink, path, bus, bus.address)
-    try:
-        await until(lambda: said(node, "not served"), "the API to say it cannot own its name")
+    async with serving(short_tmp, bus, first="not served") as node:
         await asyncio.sleep(0.3)  # several tries
-        assert len(said(node, "not served")) == 1
-        assert "owned by another process" in said(node, "not served")[0].message
-        assert not task.done()
+        [why] = said(node, "not served")
+        assert "owned by another process" in why.message
         squatter.disconnect()
         await until(lambda: said(node, "serving"), "the API to own the name once free")
         reply = await root_calls(node, "Get", "ss", [INTERFACE, "Mode"], "org.freedesktop.DBus.Properties")
         assert reply.body == [Variant("s", "enforce")]
-    finally:
-        shutdown.set()
-        await asyncio.wait_for(task, WAIT)
 
 
 async def test_the_api_comes_back_with_the_bus(short_tmp: Path, bus: DbusDaemon) -> None:
@@ -493,3 +484,19 @@ async def test_the_cli_changes_through_the_running_daemon(
         assert capsys.readouterr().out == f"rule {RULE!r}: breaker closed (it was open)\n"
         assert node.app.executor.states[RULE].breaker.state == "closed"
         assert StateStore(node.app.policy.daemon.state_dir).take_resets() == []  # no request file
+
+
+async def test_without_the_bus_policy_file_the_daemon_runs_and_says_why(short_tmp: Path) -> None:
+    bus = DbusDaemon(short_tmp)
+    empty = short_tmp / "none.conf"
+    empty.write_text(EMPTY_BUS_POLICY, encoding="utf-8")
+    bus.config.write_text(BUS_CONFIG.format(socket=bus.socket, policy=empty), encoding="utf-8")
+    await bus.start()
+    try:
+        async with serving(short_tmp, bus, first="not served") as node:
+            await asyncio.sleep(0.2)  # several tries, said once
+            [why] = said(node, "not served")
+            assert "/usr/share/dbus-1/system.d/io.nodemedic1.conf installed?" in why.message
+            assert not [r for r in node.sink.of(RecordKind.ERROR)]
+    finally:
+        await bus.kill()

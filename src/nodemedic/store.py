@@ -124,6 +124,21 @@ def load_checked(path: Path, check: Callable[[str], T], on_aside: Noter | None =
         return None
 
 
+def peek_checked(path: Path, check: Callable[[str], T]) -> tuple[T | None, str]:
+    """``load_checked`` for the operator's tools: reads only, never moves a damaged file aside.
+    The content (None where there is none or it is damaged) and why it is not usable ("" if it is)."""
+    try:
+        raw = _read_state_file(path)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"cannot read: {exc}"
+    try:
+        return check(raw.decode("utf-8")), ""
+    except DAMAGED as exc:
+        return None, str(exc) or type(exc).__name__
+
+
 def _read_state_file(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -227,6 +242,12 @@ class StateStore:
     def load(self) -> dict[str, Any]:
         """The saved state, or an empty one. A corrupt file is moved aside, never deleted."""
         return load_checked(self.path, _checked_state, self._noted) or {}
+
+    def peek(self) -> tuple[dict[str, Any], str]:
+        """The saved state read only (for `nodemedic status` and `diagnose`): a damaged file is
+        left where it is, for the daemon to set aside, and said in the second value."""
+        data, why = peek_checked(self.path, _checked_state)
+        return data or {}, why
 
     def set_aside(self, why: str) -> None:
         """Move an unusable state file aside (never deleted); the daemon starts clean."""

@@ -233,15 +233,16 @@ def _restored(policy: Policy, errors: list[str]) -> RuleCore | None:
         return None
     store = StateStore(state_dir)
     core = RuleCore(policy, NodeView())
+    data, why = store.peek()  # read only: a damaged file is the daemon's to set aside, and say
     try:
-        core.restore(store.load())
+        core.restore(data)
     except STATE_ERRORS as exc:
-        errors.append(f"{store.path} unusable ({exc!r}); the daemon starts with closed breakers")
-        return None
-    if store.corrupt:
+        why = repr(exc)
+    if why:
         errors.append(
-            f"{store.path} unusable, moved to {store.corrupt}; the daemon starts with closed breakers"
+            f"{store.path} unusable ({why}); the daemon sets it aside and starts with closed breakers"
         )
+        return None
     return core
 
 

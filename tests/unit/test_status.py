@@ -363,8 +363,10 @@ def test_offline_status_names_what_it_could_not_read(tmp_path: Path, monkeypatch
     path = write_policy(tmp_path, state_dir=state)
     snap = offline_status(path)
     [error] = snap["errors"]
-    assert "state.json unusable, moved to" in error
-    assert rule_of(snap)["breaker"]["state"] == "closed", "as the daemon would start"
+    assert f"{state}/state.json unusable (" in error
+    assert "the daemon sets it aside and starts with closed breakers" in error
+    assert (state / "state.json").read_text() == "{not json", "status only reads: left for the daemon"
+    assert rule_of(snap)["breaker"] is None
     monkeypatch.setattr(status_mod.os, "access", lambda *_a: False)  # not root: the folder is 0700
     snap = offline_status(path)
     assert snap["errors"] == [

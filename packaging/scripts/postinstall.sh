@@ -19,6 +19,9 @@ fi
 running=no
 [ -d /run/systemd/system ] && running=yes
 [ "$running" = yes ] && systemctl daemon-reload
+# the API's bus policy (/usr/share/dbus-1/system.d/io.nodemedic1.conf): dbus-daemon reads new files
+# by itself, dbus-broker only when reloaded; nodemedic retries owning its name meanwhile
+[ "$running" = yes ] && { systemctl reload dbus.service 2>/dev/null || true; }
 if [ "$first" = yes ]; then
     systemctl enable "$unit" 2>/dev/null || echo "nodemedic: could not enable $unit" >&2
     action=start

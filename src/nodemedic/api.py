@@ -49,8 +49,7 @@ from nodemedic.policy.edit import set_mode
 from nodemedic.policy.load import parse_policy_text, read_policy_text
 from nodemedic.policy.model import Mode, Policy
 from nodemedic.report import Record, RecordKind
-from nodemedic.status import Snapshot, daemon_status, file_sha256, iso, read_frozen, tracker_of
-from nodemedic.status import _freezer as freezer_of  # the freezer status reads (make it public)
+from nodemedic.snapshot import Snapshot, daemon_status, file_sha256, freezer_of, iso, read_frozen, tracker_of
 from nodemedic.store import atomic_write
 
 if TYPE_CHECKING:
@@ -386,7 +385,7 @@ class Api:
         return "" if self.app.policy_path is None else str(self.app.policy_path)
 
     def policy_sha256(self) -> str:
-        """As ``Status()`` has it: hashed once per policy loaded (status.py's tracker)."""
+        """As ``Status()`` has it: hashed once per policy loaded (snapshot.py's tracker)."""
         path, tracker = self.app.policy_path, tracker_of(self.app)
         if path is None:
             return ""
@@ -398,7 +397,7 @@ class Api:
         return (iso(tracker.started_wall) if tracker is not None else None) or ""
 
     async def status_json(self) -> str:
-        """status.py's snapshot as JSON; the freezer's registry is read off the event loop."""
+        """snapshot.py's status as JSON; the freezer's registry is read off the event loop."""
         errors: list[str] = []
         frozen = await asyncio.to_thread(read_frozen, freezer_of(self.app), errors)
         snapshot = self._status(self.app, frozen)

@@ -16,6 +16,7 @@ from typing import Any
 
 from nodemedic.actions.base import ActionContext
 from nodemedic.actions.freezer import Freezer
+from nodemedic.api import Api
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
@@ -23,7 +24,8 @@ from nodemedic.executor import Executor, keeping
 from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
-from nodemedic.report import RecordKind, Reporter
+from nodemedic.report import Record, RecordKind, Reporter
+from nodemedic.snapshot import StatusTracker
 from nodemedic.sources.dbus import SystemdBus
 from nodemedic.sources.filewatch import FileWatcher
 from nodemedic.sources.inotify import PathWatcher
@@ -50,7 +52,7 @@ class Wiring:
     emit: Callable[[Event], None]
     clock: Clock
     prober: VersionProbe
-    report: Reporter
+    report: Callable[..., Record]
     main_pid: Callable[[str], int]  # the node view's copy of a unit's main process
     guard_config: str | None  # config.toml, followed for the SIGHUP guard's coalesced reloads
 
@@ -59,7 +61,7 @@ class Wiring:
 class App:
     policy: Policy
     policy_path: Path | None
-    report: Reporter
+    report: Callable[..., Record]  # the executor's report: every record passes it
     events: asyncio.Queue[Event]
     sources: dict[str, Source]
     systemd: SystemdBus
@@ -84,7 +86,10 @@ def build_app(
     journal_dir: str | None = None,
     units: UnitControl | None = None,
     probe: VersionProbe | None = None,
+    reload: Callable[[], None] | None = None,
 ) -> App:
+    """Every part, wired. ``reload`` (the daemon's reload request) also serves the D-Bus API
+    (io.nodemedic1) on the system bus, or at ``bus_address``; without it no API is served."""
     clock = clock or MonotonicClock()
     events: asyncio.Queue[Event] = asyncio.Queue()
     settings = policy.daemon
@@ -97,14 +102,18 @@ def build_app(
     repairs: set[asyncio.Task[None]] = set()
     state = StateStore(settings.state_dir), IntentStore(settings.state_dir)
     executor = Executor(policy, ctx, report, _spawner(repairs), *state)
-    app = App(policy, policy_path, report, events, {"dbus": systemd.run}, systemd, executor, repairs)
+    executor.listeners.append(StatusTracker(clock, policy, policy_path))  # for status and the API
+    # the daemon's own records pass the executor too, so every listener sees every record
+    app = App(policy, policy_path, executor.report, events, {"dbus": systemd.run}, systemd, executor, repairs)
     app.sources["journal"] = _journal(policy, events.put_nowait, clock, journal_dir)
     keeping.register(executor, settings, good)  # last-known-good copies of config.toml
     if policy.sighup.mode != "off":
         app.guard = _build_guard(app, clock, systemd, good)
     guard_config = settings.config_backup.path if app.guard is not None else None
-    app.wiring = Wiring(events.put_nowait, clock, prober, report, executor.view.main_pid, guard_config)
+    app.wiring = Wiring(events.put_nowait, clock, prober, app.report, executor.view.main_pid, guard_config)
     app.sources.update(app.policy_sources(policy))
+    if reload is not None:
+        app.sources["api"] = Api(app, reload, bus_address=bus_address).run
     return app
 
 
@@ -145,7 +154,7 @@ def _journal(policy: Policy, emit: Callable[[Event], None], clock: Clock, journa
     ).run
 
 
-def _say(report: Reporter, source: str) -> Callable[[str], None]:
+def _say(report: Callable[..., Record], source: str) -> Callable[[str], None]:
     """A source's word on its own state (connected, watching, lost), as a DAEMON record."""
 
     def say(message: str) -> None:

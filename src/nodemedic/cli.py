@@ -62,8 +62,10 @@ knows, and writes every decision to the journal (journalctl -u nodemedic)."""
 EXIT_CODES = """\
 exit codes:
   0  done (status: the daemon runs; diagnose: healthy)
-  1  a problem: an invalid policy, a failed command, or (diagnose) a fault found on this node
-  2  could not check (diagnose, status: what was needed could not be read); wrong usage"""
+  1  a problem: an invalid policy, a failed command, (diagnose) a fault found on this node, or
+     (status) nodemedic is not running: what its state files say is shown
+  2  could not check (diagnose, status: what was needed could not be read; replay: the journal or
+     file could not be read); wrong usage"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, shutdown.set)
         loop.add_signal_handler(signal.SIGINT, shutdown.set)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
-        app = build_app(policy, Reporter(sink), policy_path=args.policy)
+        app = build_app(policy, Reporter(sink), policy_path=args.policy, reload=reload.set)
         await Daemon(app, shutdown, reload).run()
 
     asyncio.run(serve())

@@ -36,7 +36,7 @@ from nodemedic.events import Event
 from nodemedic.executor import Executor
 from nodemedic.policy.load import load_policy
 from nodemedic.report import MemorySink, Record, RecordKind, Reporter
-from nodemedic.status import StatusTracker, iso
+from nodemedic.snapshot import StatusTracker, iso
 from nodemedic.store import StateStore
 
 from .conftest import DbusDaemon

@@ -98,6 +98,22 @@ def dpkg(node: Node, *args: str) -> tuple[subprocess.CompletedProcess[str], floa
     return done, time.monotonic() - start
 
 
+API_POLICY = "/usr/share/dbus-1/system.d/io.nodemedic1.conf"
+
+
+def _api_version(node: Node) -> str:
+    got = node.run(
+        "busctl",
+        "get-property",
+        "io.nodemedic1",
+        "/io/nodemedic1",
+        "io.nodemedic1.Manager",
+        "Version",
+        check=False,
+    )
+    return got.stdout if got.returncode == 0 else ""
+
+
 def exists(node: Node, path: str) -> bool:
     return node.sh(f"test -e {path} || test -L {path}", check=False).returncode == 0
 
@@ -124,6 +140,9 @@ def test_deb_installs_repairs_upgrades_and_purges(
     )
     [started] = records(node, kind="daemon", outcome="started")
     assert started["NODEMEDIC_MODE"] == "enforce"
+    # the D-Bus API, under the shipped bus policy: anyone may read
+    assert exists(node, API_POLICY)
+    wait_for(lambda: _api_version(node).startswith("s "), 10, "the D-Bus API's Version property")
 
     verify = node.run("systemd-analyze", "verify", "/usr/lib/systemd/system/nodemedic.service", check=False)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, ""), "systemd-analyze verify is clean"
@@ -184,7 +203,12 @@ def test_deb_installs_repairs_upgrades_and_purges(
     dpkg(node, "-r", "nodemedic")
     assert node.unit_property(UNIT, "LoadState") == "not-found"
     assert node.unit_property(UNIT, "ActiveState") in ("inactive", "failed")
-    for gone in ("/usr/bin/nodemedic", "/opt/nodemedic", "/usr/lib/systemd/system/nodemedic.service"):
+    for gone in (
+        "/usr/bin/nodemedic",
+        "/opt/nodemedic",
+        "/usr/lib/systemd/system/nodemedic.service",
+        API_POLICY,
+    ):
         assert not exists(node, gone), gone
     assert exists(node, POLICY_PATH)
     assert exists(node, "/var/lib/nodemedic/state.json")

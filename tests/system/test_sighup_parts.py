@@ -72,7 +72,7 @@ def install(node: Node, lines: list[list[str]], path: str = RUN_DROPIN) -> bool:
 
 
 def ignores_sighup(node: Node, pid: int) -> bool:
-    code = "import sys; from nodemedic.sighup.dropin import ignores_sighup as i; print(i(int(sys.argv[1])))"
+    code = "import sys; from nodemedic.actions.sighup_dropin import ignores_sighup as i; print(i(int(sys.argv[1])))"
     return node_python(node, code, str(pid)).strip() == "True"
 
 
@@ -102,7 +102,7 @@ def counting(node: Node) -> bool:
 
 def freezer_call(node: Node, call: str, registry: str = REGISTRY) -> str:
     code = (
-        "import sys, time; from pathlib import Path; from nodemedic.sighup.freezer import Freezer; "
+        "import sys, time; from pathlib import Path; from nodemedic.actions.freezer import Freezer; "
         "from nodemedic.policy.sighup import DEFAULT_DENY; "
         "f = Freezer(registry=Path(sys.argv[1]), deny=DEFAULT_DENY, "
         "protected=['/system.slice/containerd.service']); "
@@ -159,7 +159,7 @@ def test_containerd_under_the_dropin_survives_sighup_and_is_stock_once_removed(
 
     removed = node_python(
         node,
-        "from nodemedic.sighup.dropin import remove_dropins; print(remove_dropins('containerd.service'))",
+        "from nodemedic.actions.sighup_dropin import remove_dropins; print(remove_dropins('containerd.service'))",
     )
     assert RUN_DROPIN in removed
     daemon_reload(node)

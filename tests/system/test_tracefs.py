@@ -51,7 +51,8 @@ def out(kind, **fields):
 async def main(seconds, main_pid, proc):
     source = TraceSignals(tracefs=TRACEFS, proc=Path(proc), unit="containerd.service",
                           emit=lambda e: out("event", **dataclasses.asdict(e)),
-                          clock=MonotonicClock(), on_state=lambda m: out("state", message=m))
+                          clock=MonotonicClock(), on_state=lambda m: out("state", message=m),
+                          main_pid=lambda: main_pid)
     source.handle(UnitChanged("containerd.service", "active", "running", main_pid=main_pid))
     task = asyncio.create_task(source.run())
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)

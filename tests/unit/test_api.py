@@ -22,7 +22,7 @@ from nodemedic.app import App
 from nodemedic.core.breaker import OPEN
 from nodemedic.errors import NodemedicError, UnknownRuleError
 from nodemedic.report import Record, RecordKind
-from nodemedic.status import StatusTracker, iso
+from nodemedic.snapshot import StatusTracker, iso
 from nodemedic.store import StateStore
 
 from .test_runner import Harness

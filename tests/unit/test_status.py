@@ -1,4 +1,4 @@
-"""The status snapshot (nodemedic.status) and `nodemedic status` (tools/status.py).
+"""The status snapshot (nodemedic.snapshot) and `nodemedic status` (tools/status.py).
 
 The tracker is fed records; ``daemon_status`` reads a real Executor (test_runner's Harness: real
 files in a tmp dir, systemd and containerd faked) after a repair and after its breaker opened;
@@ -20,14 +20,14 @@ import pytest
 from dbus_fast import Message, MessageType
 
 from nodemedic import __version__, cli
-from nodemedic import status as status_mod
+from nodemedic import snapshot as status_mod
 from nodemedic.actions.freezer import Freezer
 from nodemedic.app import App
 from nodemedic.events import PathChanged, PathKind, UnitChanged
 from nodemedic.executor import Executor
 from nodemedic.policy.load import parse_policy_text
 from nodemedic.report import Record, RecordKind
-from nodemedic.status import StatusTracker, daemon_status, iso, offline_status
+from nodemedic.snapshot import StatusTracker, daemon_status, iso, offline_status
 from nodemedic.store import StateStore
 from nodemedic.tools import status as tool
 

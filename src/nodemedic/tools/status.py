@@ -20,7 +20,7 @@ from dbus_fast.aio import MessageBus
 from nodemedic.api import BUS_NAME, INTERFACE, OBJECT_PATH
 from nodemedic.errors import NodemedicError
 from nodemedic.policy.load import DEFAULT_POLICY
-from nodemedic.status import SCHEMA, Snapshot, offline_status
+from nodemedic.snapshot import SCHEMA, Snapshot, offline_status
 
 TIMEOUT = 5.0
 NO_OWNER = frozenset(

@@ -187,9 +187,6 @@ def freezer_of(app: App) -> Freezing:
     return Freezer(registry=app.policy.daemon.state_dir / REGISTRY_NAME)
 
 
-_freezer = freezer_of  # the name api.py imports today; it can import freezer_of instead
-
-
 def _sha(tracker: StatusTracker | None, policy: Policy, path: Path | None) -> str | None:
     if path is None:
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"{exc.path}:{'' if _LINE.match(problem) else ' '}{problem}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `nodemedic replay | head`: the reader has what it wanted
+        with contextlib.suppress(OSError, ValueError):  # no second error at the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (NodemedicError, OSError) as exc:
         log.error("%s", exc)
         log.debug("details", exc_info=True)

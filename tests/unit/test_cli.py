@@ -292,3 +292,17 @@ def test_thaw_survives_a_loader_bug_and_an_unreadable_registry(
     err = capsys.readouterr().err
     assert f"could not thaw what {state / 'frozen.json'} lists" in err
     assert "Traceback" not in err
+
+
+def test_a_closed_pipe_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nodemedic replay | head`: the reader went away; no 'ERROR ... Broken pipe', exit 0."""
+    import argparse
+
+    def write_to_closed_pipe(args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_check", write_to_closed_pipe)
+    assert cli.main(["check", "/nonexistent"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err

@@ -72,7 +72,10 @@ def install(node: Node, lines: list[list[str]], path: str = RUN_DROPIN) -> bool:
 
 
 def ignores_sighup(node: Node, pid: int) -> bool:
-    code = "import sys; from nodemedic.actions.sighup_dropin import ignores_sighup as i; print(i(int(sys.argv[1])))"
+    code = (
+        "import sys; from nodemedic.actions.sighup_dropin import ignores_sighup as i; "
+        "print(i(int(sys.argv[1])))"
+    )
     return node_python(node, code, str(pid)).strip() == "True"
 
 
@@ -159,7 +162,8 @@ def test_containerd_under_the_dropin_survives_sighup_and_is_stock_once_removed(
 
     removed = node_python(
         node,
-        "from nodemedic.actions.sighup_dropin import remove_dropins; print(remove_dropins('containerd.service'))",
+        "from nodemedic.actions.sighup_dropin import remove_dropins; "
+        "print(remove_dropins('containerd.service'))",
     )
     assert RUN_DROPIN in removed
     daemon_reload(node)

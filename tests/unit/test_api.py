@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +123,6 @@ def test_change_mode_edits_one_value_and_keeps_the_file_mode(policy: Path) -> No
 
 
 # ---- the methods, on a real executor ---------------------------------------------------------------
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 class Daemonish:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,19 +23,6 @@ from .test_runner import Harness
 pytestmark = pytest.mark.unit
 RULE = "socket-path-is-directory"
 STAMP = "20261201T120000Z-000001"
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def intent(step: str, index: int, stopped: tuple[str, ...] = ("containerd.service",)) -> RepairIntent:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +100,6 @@ class Harness:
     def close(self) -> None:
         for s in self.sockets:
             s.close()
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 async def test_enforce_removes_the_directory_and_restarts(harness: Callable[..., Harness]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -134,19 +134,6 @@ def app_of(h: Harness, policy_path: Path) -> App:
 def rule_of(snap: dict[str, Any], name: str = RULE) -> dict[str, Any]:
     [rule] = [r for r in snap["rules"] if r["name"] == name]
     return rule
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 @pytest.fixture

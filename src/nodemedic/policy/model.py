@@ -92,6 +92,22 @@ class RepairBudget(Strict):
     """...within this sliding window. Beyond it nodemedic only reports, and says so."""
 
 
+class MetricsSettings(Strict):
+    """Prometheus metrics for the fleet, in node-exporter's textfile format: no socket is opened
+    (nodemedic runs with ``PrivateNetwork=yes``); node-exporter's textfile collector serves the file.
+    docs/operations.md ("The fleet: metrics") says which metric answers which question."""
+
+    enabled: bool = True
+    """Write ``nodemedic.prom``. A folder missing or not writable is said once and tried again at
+    each interval; nodemedic runs on either way."""
+    textfile_dir: AbsoluteDir = Path("/var/lib/prometheus/node-exporter")
+    """The textfile collector's folder (node-exporter's ``--collector.textfile.directory``; this is
+    Debian's default). Another folder needs a drop-in with ``ReadWritePaths=`` for it."""
+    interval: Interval = 15.0
+    """The file is written at each change (at most once a second) and at least this often, so its
+    age (node-exporter's ``node_textfile_mtime_seconds``) shows a nodemedic that no longer runs."""
+
+
 class DaemonSettings(Strict):
     """Settings of the daemon as a whole."""
 
@@ -123,6 +139,9 @@ class DaemonSettings(Strict):
     resources: ResourceSettings = ResourceSettings()
     """The resource watcher used by ``fds``, ``pressure``, ``oom``, ``socket-mode``, ``version`` and
     ``grpc-streams`` triggers."""
+
+    metrics: MetricsSettings = MetricsSettings()
+    """Prometheus metrics, written for node-exporter's textfile collector."""
 
     @property
     def quarantine(self) -> Path:

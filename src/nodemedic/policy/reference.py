@@ -36,6 +36,7 @@ SECTIONS: tuple[tuple[str, Any], ...] = (
     ("[daemon.probe]", model.ProbeSettings),
     ("[daemon.config_backup]", model.ConfigBackup),
     ("[daemon.resources]", model.ResourceSettings),
+    ("[daemon.metrics]", model.MetricsSettings),
     ("[[rule]]", model.Rule),
     ("[[rule.trigger]]", model.Trigger),
     ("[[rule.trigger.known_bugs]]", model.KnownBug),

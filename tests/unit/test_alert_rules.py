@@ -1,0 +1,76 @@
+"""The shipped alert rules (issue 15 item 3) load in Prometheus and do what they say.
+
+``promtool check rules`` parses packaging/prometheus/nodemedic-alerts.yml as Prometheus would;
+``promtool test rules`` runs tests/alerts/nodemedic-alerts.test.yml, where every alert has a node
+on which it fires and nodes on which it must not. promtool comes with Debian's ``prometheus``
+package (`make deps`): without it these tests fail under CI (CI=true) and skip elsewhere, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).parents[2]
+RULES = REPO / "packaging" / "prometheus" / "nodemedic-alerts.yml"
+RULE_TESTS = REPO / "tests" / "alerts" / "nodemedic-alerts.test.yml"
+ALERTS = (
+    "NodemedicBreakerOpen",
+    "NodemedicRepairBudgetExhausted",
+    "NodemedicSighupStormObserved",
+    "NodemedicDown",
+    "NodemedicStale",
+    "NodemedicJournalLagging",
+    "NodemedicFleetRepairWave",
+)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        reason = (
+            "promtool is not installed: it comes with Debian's prometheus package "
+            "(apt-get install prometheus, or make deps)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; under CI the alert rules must be tested, not skipped")
+        pytest.skip(reason)
+    return found
+
+
+def run_promtool(promtool: str, *args: str, cwd: Path = REPO) -> str:
+    """promtool's output; a failure shows all of it (which rule, which test, expected and got)."""
+    proc = subprocess.run(
+        [promtool, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=120
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed ({proc.returncode}):\n{output}"
+    return output
+
+
+def test_rules_load_in_prometheus(promtool: str) -> None:
+    output = run_promtool(promtool, "check", "rules", str(RULES))
+    assert "SUCCESS" in output
+
+
+def test_every_alert_fires_and_stays_quiet_as_its_tests_say(promtool: str) -> None:
+    # From the tests' folder: its rule_files path is relative to it, as promtool resolves it.
+    output = run_promtool(promtool, "test", "rules", RULE_TESTS.name, cwd=RULE_TESTS.parent)
+    assert "SUCCESS" in output
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    rules, tests = RULES.read_text(), RULE_TESTS.read_text()
+    for alert in ALERTS:
+        assert f"- alert: {alert}\n" in rules, f"{alert} is not in {RULES.name}"
+        cases = tests.split(f"alertname: {alert}\n")[1:]
+        quiet = [c for c in cases if c.lstrip().startswith("exp_alerts: []")]
+        assert quiet, f"{RULE_TESTS.name} has no case where {alert} must not fire"
+        assert len(quiet) < len(cases), f"{RULE_TESTS.name} has no case where {alert} fires"
+    assert rules.count("- alert: ") == len(ALERTS), f"an alert in {RULES.name} is missing from ALERTS"

@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := debootstrap systemd-container zstd libsystemd-dev pkg-config gcc python3-dev \
-                dbus-daemon systemd-journal-remote iproute2 rpm
+                dbus-daemon systemd-journal-remote iproute2 rpm prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint unit component system fuzz bench docs packages lab-image lab-shell deps apt clean

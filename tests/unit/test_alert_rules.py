@@ -1,4 +1,5 @@
-"""The shipped alert rules (issue 15 item 3) load in Prometheus and do what they say.
+"""The shipped alert rules (issue 15 item 3) load in Prometheus and do what they say; the shipped
+Grafana dashboard's queries parse.
 
 ``promtool check rules`` parses packaging/prometheus/nodemedic-alerts.yml as Prometheus would;
 ``promtool test rules`` runs tests/alerts/nodemedic-alerts.test.yml, where every alert has a node
@@ -8,7 +9,9 @@ package (`make deps`): without it these tests fail under CI (CI=true) and skip e
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +22,18 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).parents[2]
 RULES = REPO / "packaging" / "prometheus" / "nodemedic-alerts.yml"
 RULE_TESTS = REPO / "tests" / "alerts" / "nodemedic-alerts.test.yml"
+DASHBOARD = REPO / "packaging" / "grafana" / "nodemedic-dashboard.json"
+# The metric names nodemedic writes (issue 15's shared list) and the one node-exporter adds for it.
+NODEMEDIC_METRICS = """
+    build_info mode rule_observe problem_active problems_detected_total repairs_total
+    repair_duration_seconds_bucket detection_latency_seconds_bucket breaker_open
+    repair_budget_remaining repair_budget_total sighups_total sighup_storms_total
+    sighup_storm_active sighups_absorbed_total cgroups_frozen last_loop_seconds
+    journal_lag_seconds metrics_written_timestamp_seconds
+"""
+METRICS = {f"nodemedic_{name}" for name in NODEMEDIC_METRICS.split()} | {"node_textfile_mtime_seconds"}
+# Grafana's variables, replaced by values PromQL accepts so that promtool can parse the queries.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
 ALERTS = (
     "NodemedicBreakerOpen",
     "NodemedicRepairBudgetExhausted",
@@ -74,3 +89,28 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
         assert quiet, f"{RULE_TESTS.name} has no case where {alert} must not fire"
         assert len(quiet) < len(cases), f"{RULE_TESTS.name} has no case where {alert} fires"
     assert rules.count("- alert: ") == len(ALERTS), f"an alert in {RULES.name} is missing from ALERTS"
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
+    # promtool parses PromQL offline only inside a rule file: one recording rule per query.
+    rules = []
+    for n, expr in enumerate(dashboard_queries()):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{n}", "expr": expr})
+    parsed = tmp_path / "dashboard-queries.yml"
+    parsed.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    run_promtool(promtool, "check", "rules", str(parsed))
+
+
+def test_rules_and_dashboard_use_only_metrics_nodemedic_writes() -> None:
+    text = RULES.read_text() + "\n".join(dashboard_queries())
+    # Every nodemedic_* or node_* word; recording rules (fleet:nodemedic_...:count) are not metrics.
+    names = set(re.findall(r"(?<![:\w])(?:nodemedic|node)_[a-z_]+", text))
+    unknown = names - METRICS
+    assert not unknown, f"metrics nodemedic does not write: {sorted(unknown)}"

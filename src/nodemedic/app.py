@@ -22,6 +22,7 @@ from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
 from nodemedic.executor import Executor, keeping
 from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
+from nodemedic.metrics import Metrics, TextfileWriter
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
 from nodemedic.report import Record, RecordKind, Reporter
@@ -99,22 +100,40 @@ def build_app(
     prober = probe or ContainerdProbe()
     good = GoodConfigs(settings.state_dir / GOOD_CONFIGS, settings.config_backup.keep)
     ctx = ActionContext(units or systemd, prober, clock, settings.quarantine, good_configs=good)
-    repairs: set[asyncio.Task[None]] = set()
-    state = StateStore(settings.state_dir), IntentStore(settings.state_dir)
-    executor = Executor(policy, ctx, report, _spawner(repairs), *state)
-    executor.listeners.append(StatusTracker(clock, policy, policy_path))  # for status and the API
-    # the daemon's own records pass the executor too, so every listener sees every record
-    app = App(policy, policy_path, executor.report, events, {"dbus": systemd.run}, systemd, executor, repairs)
-    app.sources["journal"] = _journal(policy, events.put_nowait, clock, journal_dir)
+    app = _with_executor(policy, policy_path, ctx, report, events, systemd)
+    executor = app.executor
+    follower = _journal(policy, events.put_nowait, clock, journal_dir)
+    app.sources["journal"] = follower.run
     keeping.register(executor, settings, good)  # last-known-good copies of config.toml
     if policy.sighup.mode != "off":
         app.guard = _build_guard(app, clock, systemd, good)
+    if settings.metrics.enabled:
+        _export_metrics(app, clock, follower)
     guard_config = settings.config_backup.path if app.guard is not None else None
     app.wiring = Wiring(events.put_nowait, clock, prober, app.report, executor.view.main_pid, guard_config)
     app.sources.update(app.policy_sources(policy))
     if reload is not None:
         app.sources["api"] = Api(app, reload, bus_address=bus_address).run
     return app
+
+
+def _with_executor(
+    policy: Policy,
+    policy_path: Path | None,
+    ctx: ActionContext,
+    report: Reporter,
+    events: asyncio.Queue[Event],
+    systemd: SystemdBus,
+) -> App:
+    """The executor, its state files and the status tracker, in an App whose records pass it."""
+    repairs: set[asyncio.Task[None]] = set()
+    state = StateStore(policy.daemon.state_dir), IntentStore(policy.daemon.state_dir)
+    executor = Executor(policy, ctx, report, _spawner(repairs), *state)
+    executor.listeners.append(StatusTracker(ctx.clock, policy, policy_path))  # for status and the API
+    # the daemon's own records pass the executor too, so every listener sees every record
+    return App(
+        policy, policy_path, executor.report, events, {"dbus": systemd.run}, systemd, executor, repairs
+    )
 
 
 def policy_sources(policy: Policy, wiring: Wiring) -> dict[str, Source]:
@@ -146,12 +165,22 @@ def policy_sources(policy: Policy, wiring: Wiring) -> dict[str, Source]:
     return sources
 
 
-def _journal(policy: Policy, emit: Callable[[Event], None], clock: Clock, journal_dir: str | None) -> Source:
+def _export_metrics(app: App, clock: Clock, follower: JournalFollower) -> None:
+    """Prometheus metrics from every record and event, written for node-exporter's textfile collector."""
+    executor = app.executor
+    guard = app.guard.core if app.guard is not None else None
+    metrics = Metrics(executor, clock, guard=guard, journal_lag=lambda: follower.lag)
+    executor.listeners.append(metrics.record)  # every record
+    app.observers.append(metrics.observe)  # every event, after the executor saw it
+    app.sources["metrics"] = TextfileWriter(metrics, app.policy.daemon.metrics).run
+
+
+def _journal(
+    policy: Policy, emit: Callable[[Event], None], clock: Clock, journal_dir: str | None
+) -> JournalFollower:
     settings = policy.daemon
     cursor = settings.state_dir / CURSOR_FILE
-    return JournalFollower(
-        settings.journal_units, emit, clock, cursor_file=cursor, journal_dir=journal_dir
-    ).run
+    return JournalFollower(settings.journal_units, emit, clock, cursor_file=cursor, journal_dir=journal_dir)
 
 
 def _say(report: Callable[..., Record], source: str) -> Callable[[str], None]:

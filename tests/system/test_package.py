@@ -99,6 +99,7 @@ def dpkg(node: Node, *args: str) -> tuple[subprocess.CompletedProcess[str], floa
 
 
 API_POLICY = "/usr/share/dbus-1/system.d/io.nodemedic1.conf"
+ALERT_RULES = "/usr/share/nodemedic/prometheus/nodemedic-alerts.yml"
 
 
 def _api_version(node: Node) -> str:
@@ -142,6 +143,7 @@ def test_deb_installs_repairs_upgrades_and_purges(
     assert started["NODEMEDIC_MODE"] == "enforce"
     # the D-Bus API, under the shipped bus policy: anyone may read
     assert exists(node, API_POLICY)
+    assert exists(node, ALERT_RULES), "the shipped Prometheus alert rules"
     wait_for(lambda: _api_version(node).startswith("s "), 10, "the D-Bus API's Version property")
 
     verify = node.run("systemd-analyze", "verify", "/usr/lib/systemd/system/nodemedic.service", check=False)
@@ -208,6 +210,7 @@ def test_deb_installs_repairs_upgrades_and_purges(
         "/opt/nodemedic",
         "/usr/lib/systemd/system/nodemedic.service",
         API_POLICY,
+        ALERT_RULES,
     ):
         assert not exists(node, gone), gone
     assert exists(node, POLICY_PATH)

@@ -27,7 +27,7 @@ DASHBOARD = REPO / "packaging" / "grafana" / "nodemedic-dashboard.json"
 NODEMEDIC_METRICS = """
     build_info mode rule_observe problem_active problems_detected_total repairs_total
     repair_duration_seconds_bucket detection_latency_seconds_bucket breaker_open
-    repair_budget_remaining repair_budget_total sighups_total sighup_storms_total
+    repair_budget_remaining repair_budget_limit sighups_total sighup_storms_total
     sighup_storm_active sighups_absorbed_total cgroups_frozen last_loop_seconds
     journal_lag_seconds metrics_written_timestamp_seconds
 """

@@ -50,7 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "actions": ("nodemedic.actions",),
     "executor": ("nodemedic.executor",),
     "wiring": ("nodemedic.app", "nodemedic.daemon", "nodemedic.cli", "nodemedic.__main__"),
-    "tools": ("nodemedic.tools", "nodemedic.api", "nodemedic.snapshot"),
+    "tools": ("nodemedic.tools", "nodemedic.api", "nodemedic.snapshot", "nodemedic.metrics"),
 }
 
 # layer: what of nodemedic it may import (a module, a package, or one name of a module).

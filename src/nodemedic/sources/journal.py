@@ -80,16 +80,7 @@ class JournalFollower:
         from systemd import journal
 
         reader = journal.Reader(path=self._journal_dir) if self._journal_dir else journal.Reader()
-        units = [u for u in self.units if u != KERNEL]
-        for unit in units:
-            reader.add_match(_SYSTEMD_UNIT=unit)
-        reader.add_disjunction()
-        for unit in units:
-            reader.add_match(UNIT=unit)
-        if KERNEL in self.units:
-            reader.add_disjunction()
-            for transport in KERNEL_TRANSPORTS:
-                reader.add_match(_TRANSPORT=transport)
+        add_matches(reader, self.units)
         saved = self._load_cursor()
         if saved:
             try:
@@ -135,6 +126,21 @@ class JournalFollower:
             return
         if save_best_effort(self._cursor_file, self._cursor + "\n"):  # a failure is said once
             self._saved = self._cursor
+
+
+def add_matches(reader: Any, units: Collection[str]) -> None:
+    """Narrow a journal Reader to what the source reads: each unit's own lines, systemd's lines
+    about it, and the kernel's (for the unit "kernel"). Only a pre-filter: `attribute` decides."""
+    named = [u for u in units if u != KERNEL]
+    for unit in named:
+        reader.add_match(_SYSTEMD_UNIT=unit)
+    reader.add_disjunction()
+    for unit in named:
+        reader.add_match(UNIT=unit)
+    if KERNEL in units:
+        reader.add_disjunction()
+        for transport in KERNEL_TRANSPORTS:
+            reader.add_match(_TRANSPORT=transport)
 
 
 def _checked_cursor(text: str) -> str:

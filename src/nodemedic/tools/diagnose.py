@@ -71,7 +71,7 @@ from nodemedic.policy.model import (
 from nodemedic.ports import VersionProbe
 from nodemedic.procfs import ProcView, is_unit_cgroup, open_fds, read_pressure, soft_nofile, unit_cgroup
 from nodemedic.sources.dbus import SystemdBus
-from nodemedic.sources.journal import KERNEL, KERNEL_TRANSPORTS, line_from_entry
+from nodemedic.sources.journal import add_matches, line_from_entry
 from nodemedic.sources.probe import ContainerdProbe
 from nodemedic.sources.resources import streams_setting
 from nodemedic.store import STATE_FILE, STATE_VERSION
@@ -288,16 +288,7 @@ def read_journal(units: list[str], since: float) -> list[Mapping[str, object]]:
 
     reader = journal.Reader()
     try:
-        named = [u for u in units if u != KERNEL]
-        for unit in named:
-            reader.add_match(_SYSTEMD_UNIT=unit)
-        reader.add_disjunction()
-        for unit in named:
-            reader.add_match(UNIT=unit)
-        if KERNEL in units:
-            reader.add_disjunction()
-            for transport in KERNEL_TRANSPORTS:
-                reader.add_match(_TRANSPORT=transport)
+        add_matches(reader, units)
         reader.seek_realtime(since)
         return list(itertools.islice(reader, MAX_ENTRIES))
     finally:

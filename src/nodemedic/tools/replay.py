@@ -40,7 +40,7 @@ from nodemedic.policy.load import DEFAULT_POLICY, load_policy
 from nodemedic.policy.match import match
 from nodemedic.policy.model import Mode, Policy
 from nodemedic.report import RecordKind
-from nodemedic.sources.journal import KERNEL, KERNEL_TRANSPORTS, line_from_entry
+from nodemedic.sources.journal import KERNEL, add_matches, line_from_entry
 
 SCHEMA = 1
 JOURNAL_MAGIC = b"LPKSHHRH"  # the first bytes of a journal file (systemd's journal-def.h)
@@ -205,24 +205,10 @@ class History:
             raise ReplayInputError(f"python-systemd is missing ({exc}): replay an export stream") from exc
         raw = {"__REALTIME_TIMESTAMP": int, "__MONOTONIC_TIMESTAMP": tuple}
         reader = journal.Reader(files=[path], converters=raw) if path else journal.Reader(converters=raw)
-        _add_matches(reader, units)  # only narrows the read: line_from_entry decides
+        add_matches(reader, units)  # only narrows the read: line_from_entry decides
         if self.since is not None:
             reader.seek_realtime(self.since)
         return iter(reader)
-
-
-def _add_matches(reader: Any, units: list[str]) -> None:
-    """The journal source's own matches: a unit's lines, systemd's lines about it, the kernel's."""
-    named = [u for u in units if u != KERNEL]
-    for unit in named:
-        reader.add_match(_SYSTEMD_UNIT=unit)
-    reader.add_disjunction()
-    for unit in named:
-        reader.add_match(UNIT=unit)
-    if KERNEL in units:
-        reader.add_disjunction()
-        for transport in KERNEL_TRANSPORTS:
-            reader.add_match(_TRANSPORT=transport)
 
 
 class ReplayClock:

@@ -40,8 +40,12 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "containerd", "runc", "python3", "python3-venv",
     "python3-systemd", "iproute2", "procps", "busybox-static", "ca-certificates", "coreutils",
-    "faketime",
+    "faketime", "prometheus-node-exporter",
 )  # fmt: skip
+# Installed but not started at boot: a lab node shares the host's network, so a node-exporter
+# enabled in every node would listen on the host's :9100, on every address. The metrics test
+# starts it on loopback (lab/prometheus.py).
+DISABLED_UNITS = ("prometheus-node-exporter.service",)
 VENV = "/opt/nodemedic/venv"
 # Dependencies that come from Debian inside the node instead of from wheels.
 FROM_DEBIAN = {"systemd-python"}
@@ -255,6 +259,7 @@ def _customise(rootfs: Path, wheels: Path, deps: Sequence[str]) -> None:
             "--disable-pip-version-check", "--find-links", "/tmp/wheels", *deps)  # fmt: skip
     shutil.rmtree(rootfs / "tmp/wheels")
     _write_lab_files(rootfs)
+    _disable_units(rootfs)
     _make_busybox_root(rootfs)
     _chroot(rootfs, "apt-get", "clean")
     _clean_tree(rootfs)
@@ -276,6 +281,12 @@ def _write_lab_files(rootfs: Path) -> None:
     dropin = rootfs / "etc/systemd/journald.conf.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "lab.conf").write_text("[Journal]\nStorage=persistent\n")
+
+
+def _disable_units(rootfs: Path) -> None:
+    """Packages enable their units when installed; DISABLED_UNITS must not start at boot."""
+    for unit in DISABLED_UNITS:
+        _chroot(rootfs, "systemctl", "disable", unit)
 
 
 def _make_busybox_root(rootfs: Path) -> None:

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lab.image import log
 from lab.node import Node
@@ -101,16 +102,18 @@ class Prometheus:
         workdir: Path,
         *,
         scrape_interval: str = "1s",
+        rule_files: Sequence[Path] = (),
         binary: str | None = None,
         timeout: float = 30,
     ) -> Prometheus:
-        """Write the config, start the server and wait until it is ready."""
+        """Write the config (scraping and evaluating ``rule_files`` every ``scrape_interval``),
+        start the server and wait until it is ready."""
         found = binary or shutil.which("prometheus")
         if found is None:
             raise PrometheusError("prometheus is not installed on the host (apt-get install prometheus)")
         workdir.mkdir(parents=True, exist_ok=True)
         prom = cls(found, workdir, free_port())
-        prom._write_config(targets, scrape_interval)
+        prom._write_config(targets, scrape_interval, rule_files)
         try:
             prom._launch()
             prom._wait_ready(timeout)
@@ -130,11 +133,12 @@ class Prometheus:
     ) -> None:
         self.stop()
 
-    def _write_config(self, targets: Sequence[str], scrape_interval: str) -> None:
+    def _write_config(self, targets: Sequence[str], scrape_interval: str, rule_files: Sequence[Path]) -> None:
         # JSON is YAML: no YAML library needed on the host.
         config = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval,
                        "scrape_timeout": scrape_interval},
+            "rule_files": [str(f) for f in rule_files],
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(targets)}]}],
         }  # fmt: skip
         (self.workdir / "prometheus.yml").write_text(json.dumps(config, indent=2) + "\n")
@@ -177,17 +181,25 @@ class Prometheus:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
+    def _get_json(self, path: str) -> dict[str, Any]:
+        try:
+            answer: dict[str, Any] = json.loads(http_get(f"{self.url}{path}"))
+        except urllib.error.HTTPError as err:  # a bad query: Prometheus says why in the body
+            raise PrometheusError(f"{path}: {err.read().decode(errors='replace')}") from err
+        if answer.get("status") != "success":
+            raise PrometheusError(f"{path}: {answer}")
+        return answer
+
+    def rules(self) -> list[dict[str, Any]]:
+        """Every rule of the loaded rule files as /api/v1/rules gives it (name, health, lastError,
+        state of an alert, ...)."""
+        groups = self._get_json("/api/v1/rules")["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
     def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
         """An instant PromQL query over the HTTP API: (labels, value) per series of the vector
         (a scalar is one series without labels)."""
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        try:
-            answer = json.loads(http_get(url))
-        except urllib.error.HTTPError as err:  # a bad query: Prometheus says why in the body
-            raise PrometheusError(f"query {expr!r}: {err.read().decode(errors='replace')}") from err
-        if answer.get("status") != "success":
-            raise PrometheusError(f"query {expr!r}: {answer}")
-        data = answer["data"]
+        data = self._get_json(f"/api/v1/query?{urllib.parse.urlencode({'query': expr})}")["data"]
         if data["resultType"] == "scalar":
             return [({}, float(data["result"][1]))]
         if data["resultType"] != "vector":

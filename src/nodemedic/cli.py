@@ -67,10 +67,10 @@ knows, and writes every decision to the journal (journalctl -u nodemedic)."""
 EXIT_CODES = """\
 exit codes:
   0  done (status: the daemon runs; diagnose: healthy)
-  1  a problem: an invalid policy, a failed command, (diagnose) a fault found on this node, or
-     (status) nodemedic is not running: what its state files say is shown
-  2  could not check (diagnose, status: what was needed could not be read; replay: the journal or
-     file could not be read); wrong usage"""
+  1  a problem: an invalid policy, a failed command, or (status) nodemedic is not running: what
+     its state files say is shown; for diagnose, 1 means only: a fault found on this node
+  2  could not check (diagnose: its policy or what was needed could not be read; status: what was
+     needed could not be read; replay: the journal or file could not be read); wrong usage"""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -306,3 +306,17 @@ def test_a_closed_pipe_is_no_error(
     monkeypatch.setattr(cli, "_check", write_to_closed_pipe)
     assert cli.main(["check", "/nonexistent"]) == 0
     assert "Broken pipe" not in capsys.readouterr().err
+
+
+def test_the_help_speaks_to_operators_with_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    codes = out.split("exit codes:", 1)[1]
+    for code in ("0", "1", "2"):
+        assert f"\n  {code}  " in codes
+    assert "diagnose" in codes  # diagnose's own meaning of 1 and 2 is there too
+    assert "the only place that parses argv" not in out  # the developer docstring stays in the code
+    assert "keeps containerd working on this node" in out

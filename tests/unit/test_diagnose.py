@@ -500,9 +500,29 @@ def test_the_command(
     out = capsys.readouterr().out
     if json_out:
         assert json.loads(out)["cases"][0]["name"] == "hang"
+        assert out.startswith('{\n  "schema"')  # indent 2, as status and replay print
     else:
         assert "\033[" not in out
         assert "result: healthy (exit 0)" in out
+
+
+@pytest.mark.parametrize("broken", [None, "[daemon]\nmode = 'sometimes'\n"])
+def test_a_policy_that_cannot_be_read_is_could_not_check(
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    broken: str | None,
+) -> None:
+    policy = node.root / "policy.toml"
+    if broken is not None:
+        policy.write_text(broken)
+    monkeypatch.setattr(dg, "real_edges", node.edges)
+    assert cli.main(["diagnose", "--policy", str(policy)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"invalid policy {policy}" in err
+    assert "nothing checked" in err
+    assert ("file not found" if broken is None else f"{policy}:2: ") in err
 
 
 def test_diagnose_is_in_the_help() -> None:

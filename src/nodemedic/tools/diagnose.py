@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -36,7 +37,14 @@ from nodemedic.configs import GoodConfigs, config_problem, read_config
 from nodemedic.core.effects import Effect, Instant, Repair, Report
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RepairEnd, RuleCore
-from nodemedic.errors import ConfigCheckError, ConfigFileError, NodemedicError, ProbeError, UnitControlError
+from nodemedic.errors import (
+    ConfigCheckError,
+    ConfigFileError,
+    NodemedicError,
+    PolicyError,
+    ProbeError,
+    UnitControlError,
+)
 from nodemedic.events import (
     Event,
     FdUsage,
@@ -91,6 +99,7 @@ UNIT_RESTART_SCHEDULED = "5eb03494b6584870a536b337290809b3"
 PRESSURE_RESOURCES = ("cpu", "memory", "io")
 ADVISORY_TRIGGERS = (VersionTrigger, GrpcStreamsTrigger)  # a standing fact of the node, not a fault
 EXIT_HEALTHY, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
+_LINE = re.compile(r"^\d+: ")  # a policy problem that starts with its line: file:line: problem
 
 UnitsReader = Callable[[list[str]], Awaitable[tuple[dict[str, UnitChanged], str]]]
 JournalReader = Callable[[list[str], float], list[Mapping[str, object]]]
@@ -954,7 +963,10 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "that would act and what it would do, and what a human can run. Changes nothing; "
             "works without the daemon and without D-Bus."
         ),
-        epilog="exit codes: 0 healthy, 1 a problem found, 2 could not check (and no problem found)",
+        epilog=(
+            "exit codes: 0 healthy, 1 a problem found, 2 could not check (and no problem found), "
+            "or the policy could not be read"
+        ),
     )
     cmd.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (%(default)s)")
     cmd.add_argument("--json", action="store_true", help="print the diagnosis as JSON (schema 1)")
@@ -966,11 +978,18 @@ def real_edges() -> Edges:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Read only: the owner check is the daemon's business (it would refuse such a policy, and says so).
-    policy = load_policy(args.policy, check_owner=False)
+    try:
+        # Read only: the owner check is the daemon's business (it would refuse such a policy, and says so).
+        policy = load_policy(args.policy, check_owner=False)
+    except PolicyError as exc:
+        # Without a policy there is no rule to name: the node was not checked, which is exit 2, not 1.
+        print(f"invalid policy {exc.path}: {len(exc.problems)} problem(s); nothing checked", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"{exc.path}:{'' if _LINE.match(problem) else ' '}{problem}", file=sys.stderr)
+        return EXIT_UNKNOWN
     diagnosis = asyncio.run(diagnose(policy, real_edges()))
     if args.json:
-        print(json.dumps(diagnosis.to_json(str(args.policy)), indent=1))
+        print(json.dumps(diagnosis.to_json(str(args.policy)), indent=2))
     else:
         sys.stdout.write(render(diagnosis, str(args.policy), use_colour(sys.stdout)))
     return diagnosis.exit_code()

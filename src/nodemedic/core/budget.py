@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class RepairBudget:
+    """At most ``repairs`` restarts within any ``window`` seconds of wall time (``spent``: when)."""
+
     repairs: int
     window: float
     spent: list[float] = field(default_factory=list)
@@ -14,6 +16,12 @@ class RepairBudget:
     def allow(self, now: float) -> bool:
         self._forget(now)
         return len(self.spent) < self.repairs
+
+    def remaining(self, now: float) -> int:
+        """Repairs ``allow`` would let through now, without forgetting anything (a reader's view:
+        the metrics and status ask, only the executor's spend and allow change the budget)."""
+        spent = sum(1 for t in self.spent if t > now - self.window)  # as _forget keeps them
+        return max(0, self.repairs - spent)
 
     def spend(self, now: float) -> None:
         self._forget(now)

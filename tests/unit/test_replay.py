@@ -404,6 +404,17 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize(("no_color", "coloured"), [(None, True), ("", True), ("1", False)])
+def test_colours_on_a_terminal_unless_no_color_is_set_and_not_empty(
+    monkeypatch: pytest.MonkeyPatch, no_color: str | None, coloured: bool
+) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    if no_color is not None:
+        monkeypatch.setenv("NO_COLOR", no_color)  # empty: as unset (https://no-color.org), like status
+    assert ("\x1b[" in replay._Paint(_Terminal())("x", "red")) is coloured
+    assert "\x1b[" not in replay._Paint(io.StringIO())("x", "red")
+
+
 def test_the_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     export = tmp_path / "node.export"
     export.write_bytes(entry(TOML_LINE, T0) * 2)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -569,6 +570,18 @@ def test_no_system_bus_is_not_running(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(tool, "_unit_active", lambda: True)  # the unit runs, without its name
     with pytest.raises(tool.DaemonNoAnswer, match=r"nodemedic.service is active but the system bus"):
         tool.ask_daemon(1.0)
+
+
+@pytest.mark.parametrize("failure", [subprocess.TimeoutExpired("systemctl", 5.0), PermissionError("no")])
+def test_a_systemctl_that_hangs_or_fails_is_not_active(
+    monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    def run(*_: object, **__: object) -> subprocess.CompletedProcess[bytes]:
+        raise failure
+
+    monkeypatch.setattr(tool.shutil, "which", lambda _: "/usr/bin/systemctl")
+    monkeypatch.setattr(tool.subprocess, "run", run)
+    assert tool._unit_active() is False
 
 
 @pytest.mark.parametrize(

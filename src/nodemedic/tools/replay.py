@@ -538,12 +538,12 @@ def to_json(
 
 
 class _Paint:
-    """Colours only on a terminal, and never with NO_COLOR set."""
+    """Colours only on a terminal, and never with NO_COLOR set and not empty (https://no-color.org)."""
 
     CODES: ClassVar[dict[str, str]] = {"bold": "1", "green": "32", "red": "31", "yellow": "33", "dim": "2"}
 
     def __init__(self, stream: IO[str]) -> None:
-        self.on = stream.isatty() and "NO_COLOR" not in os.environ
+        self.on = stream.isatty() and not os.environ.get("NO_COLOR")
 
     def __call__(self, text: str, colour: str) -> str:
         return f"\x1b[{self.CODES[colour]}m{text}\x1b[0m" if self.on else text

@@ -1,5 +1,5 @@
 """``nodemedic status``: what nodemedic knows now, asked of the daemon over D-Bus, or read from its
-state files when it is not running. The snapshot itself is built by ``nodemedic.status``."""
+state files when it is not running. The snapshot itself is built by ``nodemedic.snapshot``."""
 
 from __future__ import annotations
 
@@ -141,9 +141,12 @@ def _unit_active() -> bool:
     exe = shutil.which("systemctl")
     if exe is None:
         return False
-    done = subprocess.run(  # noqa: S603 (a fixed program, our own arguments)
-        [exe, "is-active", "--quiet", SERVICE], check=False, capture_output=True, timeout=TIMEOUT
-    )
+    try:
+        done = subprocess.run(  # noqa: S603 (a fixed program, our own arguments)
+            [exe, "is-active", "--quiet", SERVICE], check=False, capture_output=True, timeout=TIMEOUT
+        )
+    except (OSError, subprocess.SubprocessError):  # TimeoutExpired is no OSError: a hung systemd
+        return False  # unknown is "not running", the answer without a systemctl at all
     return done.returncode == 0
 
 

@@ -3,7 +3,9 @@ broken config.toml (containerd refuses it after the toolkit's SIGHUP) and repair
 journal, exported (`journalctl -o export`) and as its journal file, is replayed on the host with the
 node's policy (and on the node from its own journal), and gives the incidents the live daemon
 detected from the journal. The incidents it detected from other sources (the version reading at
-start, the SIGHUP guard) are those replay names as not replayable.
+start, the SIGHUP guard) are those replay names as not replayable. The same for an orphaned shim,
+whose only trigger is systemd's line in the journal; the faults seen only by inotify (a socket path
+made a directory) or by the probe (a hang) are named as not replayed, with the reason.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lab.faults import SHIPPED_POLICY, containerd_serving, records, start_nodemedic, wait_for
+from lab.faults import SHIPPED_POLICY, containerd_serving, records, run_container, start_nodemedic, wait_for
 from lab.node import Node
+
+from nodemedic.tools.replay import WHY_NOT
 
 pytestmark = pytest.mark.system
 RULE = "containerd-config-broken"
 EDITED = "containerd-config-edited-broken"
 CONFIG = "/etc/containerd/config.toml"
+SHIMS = "left-over-shims"
+BUNDLES = "/run/containerd/io.containerd.runtime.v2.task/default"
+CURSOR = "/var/lib/nodemedic/journal.cursor"
 BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image = "pause"\\n'
 
 
@@ -36,6 +44,14 @@ def node_policy() -> str:
     rules = doc["rule"]
     del rules[[r["name"] for r in rules].index(EDITED)]  # type: ignore[union-attr]
     return tomlkit.dumps(doc)
+
+
+def export_journal(node: Node, tmp_path: Path) -> Path:
+    """The node's whole journal as `journalctl -o export` writes it, copied to the host."""
+    node.sh("journalctl --sync && journalctl -o export > /tmp/node.export")
+    export = tmp_path / "node.export"
+    shutil.copyfile(node.root / "tmp/node.export", export)
+    return export
 
 
 def replay(*args: str) -> dict[str, Any]:
@@ -66,9 +82,7 @@ def test_replay_of_a_repaired_node_finds_the_live_incidents(node: Node, tmp_path
     detected = records(node, kind="detected")
     live = Counter(r["NODEMEDIC_RULE"] for r in detected if r["NODEMEDIC_SOURCE"] == "journal")
     assert live == {RULE: 1}
-    node.sh("journalctl --sync && journalctl -o export > /tmp/node.export")
-    export = tmp_path / "node.export"
-    shutil.copyfile(node.root / "tmp/node.export", export)
+    export = export_journal(node, tmp_path)
     policy = tmp_path / "policy.toml"
     policy.write_text(text)
 
@@ -94,3 +108,54 @@ def test_replay_of_a_repaired_node_finds_the_live_incidents(node: Node, tmp_path
     local = json.loads(node.run("nodemedic", "replay", "--json", "--since=-1h", timeout=120).stdout)
     assert local["source"]["kind"] == "journal"
     assert Counter(i["rule"] for i in local["incidents"]) == live
+
+
+def orphan_a_shim(node: Node) -> int:
+    """A real orphan, as test_shims.py makes one: containerd stopped (KillMode=process keeps the
+    shim), the container's process killed, its bundle moved away, containerd started again: systemd
+    names the shim ("Found left-over process ..."), the only trigger of the rule."""
+    shim = run_container(node, "gone")
+    node.run("systemctl", "stop", "containerd.service")
+    node.run("kill", "-9", node.sh(f"cat /proc/{shim}/task/*/children").stdout.split()[0])
+    node.run("mv", f"{BUNDLES}/gone", "/run/moved-bundle-of-gone")
+    node.run("systemctl", "start", "containerd.service")
+    return shim
+
+
+def test_replay_of_an_orphaned_shim_finds_the_live_incidents(
+    node_factory: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = node_factory(containers=True)
+    text = SHIPPED_POLICY.read_text()
+    start_nodemedic(node, policy=text)
+    shim = orphan_a_shim(node)
+    wait_for(lambda: records(node, rule=SHIMS, action="kill-orphaned-shims", outcome="done"), 20, "the kill")
+    wait_for(lambda: node.sh(f"test -d /proc/{shim}", check=False).returncode != 0, 10, "the shim gone")
+    # every line of systemd's naming read (the journal cursor past it) before the record is complete
+    named = "journalctl -q -u containerd.service -g 'Found left-over process' -o cat"
+    behind = f'{named} --after-cursor="$(cat {CURSOR})"'
+    read_past = f'test -s {CURSOR} && test -z "$({behind})"'
+    wait_for(lambda: node.sh(read_past, check=False).returncode == 0, 20, "nodemedic to read past them")
+    node.run("systemctl", "stop", "nodemedic.service", timeout=60)
+
+    detected = records(node, kind="detected", rule=SHIMS)
+    live = Counter(r["NODEMEDIC_RULE"] for r in detected)
+    assert live == {SHIMS: 1}, "one incident: systemd's lines of one start, one orphan"
+    assert {r["NODEMEDIC_SOURCE"] for r in detected} == {"journal"}
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    result = replay("--file", str(export_journal(node, tmp_path)), "--policy", str(policy))
+
+    incidents = [i for i in result["incidents"] if i["rule"] == SHIMS]
+    assert Counter(i["rule"] for i in incidents) == live, "the same incidents of the rule as live"
+    assert all(i["would"] == ["kill-orphaned-shims containerd.service"] for i in incidents)
+    assert any(str(shim) in i["trigger"] for i in incidents), "systemd's line naming the orphan"
+    why = {r["rule"]: r for r in result["not_replayed"]}
+    assert SHIMS not in why, "a journal-only rule is replayed"
+    # Their journal lines are replayed (partly); what the fault is seen by is not in the journal.
+    for rule, reason, seen_by in (
+        ("socket-path-is-directory", "inotify", "path"),
+        ("containerd-hung", "probe", "probe"),
+    ):
+        assert WHY_NOT[reason] in why[rule]["why"], f"{rule}: named as not replayed, with why"
+        assert why[rule]["triggers"] == [seen_by]

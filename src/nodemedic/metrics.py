@@ -50,6 +50,11 @@ MODES = ("enforce", "observe")
 REPAIR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DETECTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 IGNORED = 1  # the kernel's verdict on a signal its target ignores (SignalSeen.result)
+# The SIGHUP guard's restarts of containerd spend the repair budget like a rule's repair: they count
+# in nodemedic_repairs_total{rule="sighup"} too. Applied: the drop-in, a coalesced reload. Failed:
+# the restart itself, or a drop-in not in effect after it.
+GUARD_APPLIED = ("dropin-applied", "reload-applied")
+GUARD_FAILED = ("restart-unit", "sighup-dropin")  # the ACTION of an OUTCOME=failed record
 
 # Every family, with its HELP text (a counter's name without its _total, as prometheus_client wants).
 HELP = {
@@ -61,7 +66,8 @@ HELP = {
     "nodemedic_problems_detected": "Problems detected (DETECTED records), per rule.",
     "nodemedic_repairs": "Ends of incidents per rule and result: repaired, not-repaired, observed "
     "(observe mode), reported (report-only rule), nothing-to-do; held: the breaker or the budget held "
-    "the rule to observing.",
+    "the rule to observing (that incident also ends as observed: leave held out of sums). Rule sighup: "
+    "the SIGHUP guard's restarts of containerd.",
     "nodemedic_repair_duration_seconds": "From a fault's first event to its repair's end (repaired or "
     "not-repaired).",
     "nodemedic_detection_latency_seconds": "From a fault's first event to its detection.",
@@ -74,8 +80,14 @@ HELP = {
     "nodemedic_sighup_storm_active": "1 while a SIGHUP storm against containerd goes on.",
     "nodemedic_sighups_absorbed": "SIGHUPs containerd ignored (coalesce's drop-in): none restarted it.",
     "nodemedic_cgroups_frozen": "Cgroups of SIGHUP senders nodemedic holds frozen (throttle).",
-    "nodemedic_last_loop_seconds": "Unix time of the metrics writer's last turn on nodemedic's event loop.",
-    "nodemedic_journal_lag_seconds": "How long the last journal entry read had waited in the journal.",
+    "nodemedic_last_loop_timestamp_seconds": "Unix time of the metrics writer's last turn on "
+    "nodemedic's event loop.",
+    "nodemedic_event_loop_lag_seconds": "How late the metrics writer's last timer ran against when it "
+    "was due: a blocked event loop shows here.",
+    "nodemedic_journal_lag_seconds": "How long the last journal entry read had waited in the journal "
+    "(it stays while nothing is read).",
+    "nodemedic_journal_last_read_timestamp_seconds": "Unix time the journal follower last read an "
+    "entry (0: none yet).",
     "nodemedic_metrics_written_timestamp_seconds": "Unix time this file's content was made.",
 }
 
@@ -105,7 +117,8 @@ class Metrics:
 
     ``record`` is an executor listener, ``observe`` an event observer; ``changed`` is set by both,
     for the writer. ``guard`` is the SIGHUP guard's core (None: [sighup] is off);
-    ``journal_lag`` reads how long the last journal entry waited before it was read."""
+    ``journal_lag`` reads how long the last journal entry waited before it was read, and
+    ``journal_last_read`` when (wall time) the follower last read one."""
 
     def __init__(
         self,
@@ -114,9 +127,10 @@ class Metrics:
         *,
         guard: SighupGuard | None = None,
         journal_lag: Callable[[], float] = lambda: 0.0,
+        journal_last_read: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.executor, self.clock, self.guard = executor, clock, guard
-        self._journal_lag = journal_lag
+        self._journal_lag, self._journal_last_read = journal_lag, journal_last_read
         self.changed = asyncio.Event()
         self.detected: Counter[str] = Counter()
         self.repairs: Counter[tuple[str, str]] = Counter()
@@ -129,7 +143,9 @@ class Metrics:
         self.storm_active = False
         self.frozen: set[str] = set()
         self.last_loop = 0.0
+        self.loop_lag = 0.0  # set by the writer, each time its timer runs
         self.written = 0.0
+        self._guard_restarting = False  # a restart of containerd by the guard began, its end not seen
         self._last_traced = -1e18
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -157,6 +173,7 @@ class Metrics:
 
     def _guard_record(self, record: Record, outcome: str | None) -> None:
         cgroup = record.fields.get("CGROUP", "")
+        self._guard_restart(record, outcome)
         if outcome == "storm":
             self.storms[self._sighup_mode()] += 1
             self.storm_active = True
@@ -166,6 +183,27 @@ class Metrics:
             self.frozen.add(cgroup)
         elif outcome == "thawed":
             self.frozen.discard(cgroup)
+
+    def _guard_restart(self, record: Record, outcome: str | None) -> None:
+        """Each restart of containerd by the guard counts once, at its end (repaired: applied;
+        not-repaired: failed), as the budget counts it once at its start."""
+        action = record.fields.get("ACTION")
+        if record.kind is RecordKind.ACTION and outcome == "started" and action == "restart-unit":
+            if self._guard_restarting:  # the last one got no new main process: it ended unsaid
+                self.repairs[SIGHUP_RULE, "not-repaired"] += 1
+            self._guard_restarting = True
+            return
+        if not self._guard_restarting:
+            return
+        if outcome in GUARD_APPLIED:
+            result = "repaired"
+        elif outcome == "failed" and action in GUARD_FAILED:
+            result = "not-repaired"
+        else:
+            return
+        self._guard_restarting = False
+        self.repairs[SIGHUP_RULE, result] += 1
+        self._observe(self.durations, REPAIR_BUCKETS, SIGHUP_RULE, record)
 
     def _observe(
         self, into: dict[str, Buckets], bounds: tuple[float, ...], rule: str, record: Record
@@ -218,12 +256,12 @@ class Metrics:
         yield _family(GaugeMetricFamily, "nodemedic_build_info", ["version"], [([__version__], 1)])
         modes = [([m], float(ex.policy.daemon.mode == m)) for m in MODES]
         yield _family(GaugeMetricFamily, "nodemedic_mode", ["mode"], modes)
-        budget, now = ex.budget, ex.now().wall
-        spent = sum(1 for t in budget.spent if t > now - budget.window)  # as the budget counts them
-        yield _gauge("nodemedic_repair_budget_remaining", max(0, budget.repairs - spent))
-        yield _gauge("nodemedic_repair_budget_limit", budget.repairs)
-        yield _gauge("nodemedic_last_loop_seconds", self.last_loop)
+        yield _gauge("nodemedic_repair_budget_remaining", ex.budget.remaining(ex.now().wall))
+        yield _gauge("nodemedic_repair_budget_limit", ex.budget.repairs)
+        yield _gauge("nodemedic_last_loop_timestamp_seconds", self.last_loop)
+        yield _gauge("nodemedic_event_loop_lag_seconds", self.loop_lag)
         yield _gauge("nodemedic_journal_lag_seconds", self._journal_lag())
+        yield _gauge("nodemedic_journal_last_read_timestamp_seconds", self._journal_last_read())
         yield _gauge("nodemedic_metrics_written_timestamp_seconds", self.written)
 
     def _rule_families(self) -> Iterator[Metric]:
@@ -244,7 +282,8 @@ class Metrics:
     def _count_families(self, rules: list[str]) -> Iterator[Metric]:
         detected = [([r], float(self.detected[r])) for r in sorted({*rules, *self.detected})]
         yield _family(CounterMetricFamily, "nodemedic_problems_detected", ["rule"], detected)
-        named = sorted({*rules, *(r for r, _ in self.repairs)})
+        guarded = [SIGHUP_RULE] if self.guard is not None else []  # its restarts start at 0 too
+        named = sorted({*rules, *guarded, *(r for r, _ in self.repairs)})
         repairs = [([r, x], float(self.repairs[r, x])) for r in named for x in RESULTS]
         yield _family(CounterMetricFamily, "nodemedic_repairs", ["rule", "result"], repairs)
         yield _histogram("nodemedic_repair_duration_seconds", rules, self.durations, REPAIR_BUCKETS)
@@ -310,9 +349,25 @@ class TextfileWriter:
             changed.clear()
             written = loop.time()
             await self.write()
-            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on 3.10
-                await asyncio.wait_for(changed.wait(), self.settings.interval)
-            await asyncio.sleep(max(0.0, written + self.min_gap - loop.time()))  # changes gather
+            await self._change_or_interval(loop)
+            await self._sleep_until(loop, written + self.min_gap)  # changes gather
+
+    async def _change_or_interval(self, loop: asyncio.AbstractEventLoop) -> None:
+        due = loop.time() + self.settings.interval
+        with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on 3.10
+            await asyncio.wait_for(self.metrics.changed.wait(), self.settings.interval)
+            return
+        self._timer_ran(loop, due)
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+            self._timer_ran(loop, due)
+
+    def _timer_ran(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        # A timer runs late only when the loop was busy (a blocking call, a long callback): the
+        # classic event-loop health signal. A loop stuck for good writes no file: its age shows that.
+        self.metrics.loop_lag = max(0.0, loop.time() - due)
 
     async def write(self) -> bool:
         """One write of the metrics now; False (said once per outage) where it failed."""

@@ -28,8 +28,9 @@ NODEMEDIC_METRICS = """
     build_info mode rule_observe problem_active problems_detected_total repairs_total
     repair_duration_seconds_bucket detection_latency_seconds_bucket breaker_open
     repair_budget_remaining repair_budget_limit sighups_total sighup_storms_total
-    sighup_storm_active sighups_absorbed_total cgroups_frozen last_loop_seconds
-    journal_lag_seconds metrics_written_timestamp_seconds
+    sighup_storm_active sighups_absorbed_total cgroups_frozen last_loop_timestamp_seconds
+    event_loop_lag_seconds journal_lag_seconds journal_last_read_timestamp_seconds
+    metrics_written_timestamp_seconds
 """
 METRICS = {f"nodemedic_{name}" for name in NODEMEDIC_METRICS.split()} | {"node_textfile_mtime_seconds"}
 # Grafana's variables, replaced by values PromQL accepts so that promtool can parse the queries.
@@ -40,6 +41,7 @@ ALERTS = (
     "NodemedicSighupStormObserved",
     "NodemedicDown",
     "NodemedicStale",
+    "NodemedicLoopLagging",
     "NodemedicJournalLagging",
     "NodemedicFleetRepairWave",
 )

@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodemedic import __version__
 from nodemedic.actions.base import ActionContext
-from nodemedic.events import Event, PathChanged, PathKind, SignalSeen
+from nodemedic.events import Event, FileChanged, PathChanged, PathKind, SignalSeen
 from nodemedic.executor import Executor
 from nodemedic.metrics import FILE, HELP, Metrics, TextfileWriter
 from nodemedic.policy.load import parse_policy
@@ -29,7 +30,7 @@ from nodemedic.sources.journal import JournalFollower
 
 from .fakes import FakeClock, FakeProbe, FakeUnits
 from .test_runner import Harness
-from .test_sighup_guard import UNIT, Setup
+from .test_sighup_guard import GOOD, UNIT, Setup, write_status
 
 pytestmark = pytest.mark.unit
 RULE = "socket-path-is-directory"
@@ -234,12 +235,76 @@ async def test_a_frozen_sender_is_counted_until_it_is_thawed(tmp_path: Path) -> 
         await s.stop()
 
 
+async def test_the_guards_restarts_count_as_repairs_as_they_spend_the_budget(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    try:
+        metrics = guarded(s)
+        sighup = {"rule": "sighup"}
+        assert value(parse(metrics.text()), "nodemedic_repairs_total", **sighup, result="repaired") == 0
+        s.containerd_runs()
+        await s.turn()  # the drop-in, applied with one restart
+        s.config.write_bytes(GOOD + b"# a real change\n")
+        s.handle(FileChanged(str(s.config)))
+        s.advance(31)  # past the coalesce interval since the drop-in's restart
+        await s.turn()  # the change, applied with one restart
+        assert [len(s.with_outcome(o)) for o in ("dropin-applied", "reload-applied")] == [1, 1]
+        got = parse(metrics.text())
+        assert value(got, "nodemedic_repairs_total", **sighup, result="repaired") == 2
+        assert value(got, "nodemedic_repairs_total", **sighup, result="not-repaired") == 0
+        assert value(got, "nodemedic_repair_budget_remaining") == 10 - len(s.ex.budget.spent) == 8
+    finally:
+        await s.stop()
+
+
+async def test_the_guards_failed_restarts_count_as_not_repaired(tmp_path: Path) -> None:
+    s = Setup(tmp_path, "coalesce")
+    try:
+        metrics = guarded(s)
+        s.systemd.ignore_after_restart = False  # the drop-in is not in effect after the restart
+        s.containerd_runs()
+        await s.turn()
+        write_status(s.proc, s.systemd.pid, ignores_hup=True)  # in effect now: the reload's turn
+
+        def refused() -> None:
+            raise OSError("systemd refused the restart")
+
+        s.systemd.during_restart = refused
+        s.config.write_bytes(GOOD + b"# a real change\n")
+        s.handle(FileChanged(str(s.config)))
+        s.advance(31)  # past the coalesce interval since the drop-in's restart
+        await s.turn()
+        assert s.systemd.restarts == 2
+        got = parse(metrics.text())
+        assert value(got, "nodemedic_repairs_total", rule="sighup", result="not-repaired") == 2
+        assert value(got, "nodemedic_repairs_total", rule="sighup", result="repaired") == 0
+        assert value(got, "nodemedic_repair_budget_remaining") == 8, "both spent the budget"
+    finally:
+        await s.stop()
+
+
+def test_a_guard_restart_that_ended_unsaid_counts_as_not_repaired_at_the_next() -> None:
+    metrics = Metrics(bare_executor(), FakeClock())  # records fed by hand, as the guard writes them
+    started = {"RULE": "sighup", "OUTCOME": "started", "ACTION": "restart-unit"}
+    metrics.record(Record(RecordKind.ACTION, "x", started))
+    metrics.record(Record(RecordKind.ACTION, "x", started))  # the first got no new main process
+    applied = {"RULE": "sighup", "OUTCOME": "dropin-applied", "ACTION": "sighup-dropin", "ELAPSED_MS": "800"}
+    metrics.record(Record(RecordKind.OUTCOME, "x", applied))
+    metrics.record(Record(RecordKind.OUTCOME, "x", applied))  # no restart began: nothing to count
+    failed = {"RULE": "sighup", "OUTCOME": "failed", "ACTION": "sighup-dropin"}
+    metrics.record(Record(RecordKind.ERROR, "x", failed))  # a drop-in install failing: no restart
+    got = parse(metrics.text())
+    assert value(got, "nodemedic_repairs_total", rule="sighup", result="not-repaired") == 1
+    assert value(got, "nodemedic_repairs_total", rule="sighup", result="repaired") == 1
+    assert value(got, "nodemedic_repair_duration_seconds_sum", rule="sighup") == 0.8, "its ELAPSED_MS"
+
+
 def test_without_the_guard_its_families_are_there_with_nothing_counted() -> None:
     text = Metrics(bare_executor(), FakeClock()).text()
     check_help_and_type(text)
     got = parse(text)
     assert value(got, "nodemedic_sighup_storm_active") == 0
     assert not [k for k in got if k[0] == "nodemedic_sighups_total"]
+    assert not [k for k in got if ("rule", "sighup") in k[1]], "no guard, no restarts of its own"
 
 
 # ---- the daemon's own health ------------------------------------------------------------------------
@@ -247,11 +312,33 @@ def test_without_the_guard_its_families_are_there_with_nothing_counted() -> None
 
 def test_loop_turn_written_time_and_journal_lag() -> None:
     clock = FakeClock()
-    metrics = Metrics(bare_executor(), clock, journal_lag=lambda: 0.25)
+    metrics = Metrics(bare_executor(), clock, journal_lag=lambda: 0.25, journal_last_read=lambda: 990.5)
     got = parse(metrics.text())
-    assert value(got, "nodemedic_last_loop_seconds") == clock.wall()
+    assert value(got, "nodemedic_last_loop_timestamp_seconds") == clock.wall()
     assert value(got, "nodemedic_metrics_written_timestamp_seconds") == clock.wall()
+    assert value(got, "nodemedic_event_loop_lag_seconds") == 0, "no timer ran yet"
     assert value(got, "nodemedic_journal_lag_seconds") == 0.25
+    assert value(got, "nodemedic_journal_last_read_timestamp_seconds") == 990.5
+
+
+async def test_a_blocked_event_loop_shows_as_the_writers_timer_running_late(tmp_path: Path) -> None:
+    metrics = Metrics(bare_executor(), FakeClock())
+    writer = TextfileWriter(metrics, settings(tmp_path, interval="100ms"), min_gap=0.0)
+    path = tmp_path / FILE
+    task = asyncio.get_running_loop().create_task(writer.run())
+    try:
+        await until(path.exists)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.5)  # a blocking call on the loop
+        await until(lambda: lag_in(path) >= 0.3)
+        await until(lambda: lag_in(path) < 0.05)  # the loop turns freely again
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def lag_in(path: Path) -> float:
+    return value(parse(path.read_text()), "nodemedic_event_loop_lag_seconds")
 
 
 class Reader:
@@ -267,7 +354,7 @@ class Reader:
 def test_the_journal_follower_says_how_long_the_last_entry_waited() -> None:
     clock = FakeClock()
     follower = JournalFollower(["containerd.service"], lambda e: None, clock)
-    assert follower.lag == 0.0
+    assert follower.lag == follower.last_read == 0.0
     stamp = datetime.fromtimestamp(clock.wall() - 0.4, timezone.utc)
     entry = {
         "__CURSOR": "s=1",
@@ -277,6 +364,11 @@ def test_the_journal_follower_says_how_long_the_last_entry_waited() -> None:
     }
     follower._drain(Reader([entry]))  # the fd's wake-up, without a journal
     assert follower.lag == pytest.approx(0.4)
+    assert follower.last_read == clock.wall()
+    clock.advance(30)
+    follower._drain(Reader([]))  # woken, nothing to read: the lag stays, the last read ages
+    assert follower.lag == pytest.approx(0.4)
+    assert follower.last_read == clock.wall() - 30
     ahead = datetime.fromtimestamp(clock.wall() + 5, timezone.utc)  # a clock set back meanwhile
     follower._drain(Reader([{"__REALTIME_TIMESTAMP": ahead}]))
     assert follower.lag == 0.0

@@ -61,6 +61,7 @@ class JournalFollower:
         self._cursor = ""
         self._saved = ""
         self.lag = 0.0  # seconds the last entry read waited in the journal (its realtime to now)
+        self.last_read = 0.0  # wall time the last entry was read (0: none yet); lag freezes meanwhile
 
     async def run(self) -> None:
         if not self.units:
@@ -103,6 +104,7 @@ class JournalFollower:
 
     def _drain(self, reader: Any) -> None:
         while entry := reader.get_next():
+            self.last_read = self._clock.wall()
             self._cursor = str(entry.get("__CURSOR", self._cursor))
             if isinstance(stamp := entry.get("__REALTIME_TIMESTAMP"), datetime):
                 self.lag = max(0.0, self._clock.wall() - stamp.timestamp())

@@ -86,12 +86,12 @@ def test_prometheus_sees_the_repair_its_duration_and_a_fresh_file(
         wait_for(lambda: records(node, rule=RULE, outcome="repaired"), 30, "nodemedic's 'repaired' record")
         [repaired] = records(node, rule=RULE, outcome="repaired")
         assert prom.wait_value(REPAIRED, lambda v: v >= 1, 15, "the repair in Prometheus") == 1
-        print(f"\nrepaired record to Prometheus's answer: {time.time() - realtime(repaired):.2f}s "
-              f"(debounce <= 1s, scrape every 1s)")  # fmt: skip
+        seen = time.time() - realtime(repaired)
+        print(f"\nrepaired record to Prometheus's answer: {seen:.2f}s (debounce <= 1s, scrape every 1s)")
         _assert_repair_duration(prom, float(repaired["NODEMEDIC_ELAPSED_MS"]) / 1000)
         assert prom.value(f'nodemedic_problems_detected_total{{rule="{RULE}"}}') == 1
-        assert prom.wait_value(f'nodemedic_problem_active{{rule="{RULE}"}}', lambda v: v == 0, 10,
-                               "the problem no longer active") == 0  # fmt: skip
+        active = f'nodemedic_problem_active{{rule="{RULE}"}}'
+        assert prom.wait_value(active, lambda v: v == 0, 10, "the problem no longer active") == 0
         assert prom.value(f'nodemedic_breaker_open{{rule="{RULE}"}}') == 0
         _assert_rules_evaluate_and_page_nobody(prom)
         _assert_fresh_then_stale(node, prom)

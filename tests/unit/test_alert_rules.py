@@ -23,6 +23,7 @@ REPO = Path(__file__).parents[2]
 RULES = REPO / "packaging" / "prometheus" / "nodemedic-alerts.yml"
 RULE_TESTS = REPO / "tests" / "alerts" / "nodemedic-alerts.test.yml"
 DASHBOARD = REPO / "packaging" / "grafana" / "nodemedic-dashboard.json"
+OPERATIONS = REPO / "docs" / "operations.md"
 # The metric names nodemedic writes (issue 15's shared list) and the one node-exporter adds for it.
 NODEMEDIC_METRICS = """
     build_info mode rule_observe problem_active problems_detected_total repairs_total
@@ -116,3 +117,39 @@ def test_rules_and_dashboard_use_only_metrics_nodemedic_writes() -> None:
     names = set(re.findall(r"(?<![:\w])(?:nodemedic|node)_[a-z_]+", text))
     unknown = names - METRICS
     assert not unknown, f"metrics nodemedic does not write: {sorted(unknown)}"
+
+
+# A query on the repairs counter, its selector if any, and the rest of the line (a "by" that follows).
+REPAIRS_QUERY = re.compile(r"nodemedic_repairs_total(?P<selector>\{[^}]*\})?(?=[\[{)\s]|$)")
+
+
+def adds_held_to_other_results(query: str) -> bool:
+    """Whether a query on nodemedic_repairs_total counts result="held" along with other results: a
+    held incident ends as observed too, so that counts it twice. Each use of the counter in the
+    text is judged with the text between it and the uses beside it (where its "by" is)."""
+    matches = list(REPAIRS_QUERY.finditer(query))
+    assert matches, query
+    edges = [0, *(m.end() for m in matches)]
+    for n, match in enumerate(matches):
+        around = query[edges[n] : matches[n + 1].start() if n + 1 < len(matches) else len(query)]
+        if re.search(r"by \([^)]*\bresult\b", around):
+            continue  # one series per result: nothing is added across results
+        selector = match.group("selector") or ""
+        if chosen := re.search(r'result=~?"([^"]*)"', selector):
+            if "held" in chosen.group(1).split("|") and chosen.group(1) != "held":
+                return True
+        elif 'result!="held"' not in selector:
+            return True
+    return False
+
+
+def test_no_query_adds_held_repairs_to_the_others() -> None:
+    queries = [*dashboard_queries()]
+    for text in (RULES.read_text(), OPERATIONS.read_text()):
+        # each line naming the counter in a query (followed by a selector or a range), in the rules'
+        # expressions and annotations and the docs' PromQL
+        queries += [line for line in text.splitlines() if re.search(r"nodemedic_repairs_total[{\[]", line)]
+    queries = [q for q in queries if "nodemedic_repairs_total" in q]
+    assert len(queries) >= 5, "the rules, the dashboard and the docs query the repairs"
+    double = [q.strip() for q in queries if adds_held_to_other_results(q)]
+    assert not double, f'these add result="held" to the incident\'s own end (leave it out): {double}'

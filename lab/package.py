@@ -17,8 +17,8 @@ BUILD_SCRIPT = REPO / "packaging" / "build.py"
 
 def build_packages(*args: str) -> dict[str, str]:
     """Run packaging/build.py; its JSON answer (paths of "deb" and "rpm", "version", ...)."""
-    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), *args], capture_output=True, text=True,
-                          check=False, timeout=900)  # fmt: skip
+    command = [sys.executable, str(BUILD_SCRIPT), *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"packaging/build.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
     result: dict[str, str] = json.loads(done.stdout)

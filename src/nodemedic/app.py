@@ -169,7 +169,13 @@ def _export_metrics(app: App, clock: Clock, follower: JournalFollower) -> None:
     """Prometheus metrics from every record and event, written for node-exporter's textfile collector."""
     executor = app.executor
     guard = app.guard.core if app.guard is not None else None
-    metrics = Metrics(executor, clock, guard=guard, journal_lag=lambda: follower.lag)
+    metrics = Metrics(
+        executor,
+        clock,
+        guard=guard,
+        journal_lag=lambda: follower.lag,
+        journal_last_read=lambda: follower.last_read,
+    )
     executor.listeners.append(metrics.record)  # every record
     app.observers.append(metrics.observe)  # every event, after the executor saw it
     app.sources["metrics"] = TextfileWriter(metrics, app.policy.daemon.metrics).run

@@ -611,3 +611,16 @@ def test_the_core_alone_ends_a_storm_with_one_timer_and_no_turns() -> None:
     assert isinstance(ended, Report)
     assert ended.fields["OUTCOME"] == "storm-ended"
     assert ended.fields["SIGNALS"] == 5
+
+
+async def test_a_restart_that_brings_no_new_main_process_is_said(make: Make) -> None:
+    """systemd took the restart job but no new containerd came: the budget is spent, and that is
+    written (it was silent, and only counted at the next restart)."""
+    s = make("coalesce")
+    s.systemd.emit = lambda event: None  # the new process is never reported
+    s.containerd_runs()
+    s.clock.tick = 10.0  # the wait for the new main process runs out at once
+    await s.turn()
+    [failed] = [r for r in s.with_outcome("failed") if r.fields.get("ACTION") == "restart-unit"]
+    assert "no new main process came after the restart" in failed.message
+    assert len(s.ex.budget.spent) == 1

@@ -458,6 +458,14 @@ class SighupInterventions:
             )
             return 0
         self.ex.spend_budget(now)
+        if not pid:  # systemd took the job, but no new main process came within the wait
+            self._say(
+                RecordKind.ERROR,
+                f"restarting {unit} to {why}: no new main process came after the restart",
+                UNIT=unit,
+                OUTCOME="failed",
+                ACTION="restart-unit",
+            )
         self.ex.run(core.restart_finished(content))
         return pid
 

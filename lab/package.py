@@ -28,9 +28,11 @@ def build_packages(*args: str) -> dict[str, str]:
 def bare_node(node: Node) -> None:
     """Take away what the lab image installs for the other tests (launcher, venv, the unit linked
     to the checkout, the bound src/ and units/), so the package alone provides nodemedic."""
-    node.sh("umount /opt/nodemedic/src /opt/nodemedic/units && rm -rf /opt/nodemedic "
-            "&& rm -f /usr/bin/nodemedic /etc/systemd/system/nodemedic.service && rmdir /etc/nodemedic "
-            "&& systemctl daemon-reload")  # fmt: skip
+    node.sh(
+        "umount /opt/nodemedic/src /opt/nodemedic/units && rm -rf /opt/nodemedic "
+        "&& rm -f /usr/bin/nodemedic /etc/systemd/system/nodemedic.service && rmdir /etc/nodemedic "
+        "&& systemctl daemon-reload"
+    )
 
 
 def install_deb(node: Node, deb: str) -> None:

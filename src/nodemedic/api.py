@@ -49,7 +49,7 @@ from nodemedic.policy.edit import set_mode
 from nodemedic.policy.load import parse_policy_text, read_policy_text
 from nodemedic.policy.model import Mode, Policy
 from nodemedic.report import Record, RecordKind
-from nodemedic.snapshot import Snapshot, daemon_status, file_sha256, freezer_of, iso, read_frozen, tracker_of
+from nodemedic.snapshot import Snapshot, daemon_status, freezer_of, iso, policy_sha, read_frozen, tracker_of
 from nodemedic.store import atomic_write
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ NO_POLICY_FILE = "io.nodemedic1.Error.NoPolicyFile"
 RELOAD_REFUSED = "io.nodemedic1.Error.ReloadRefused"
 # Where the client does it on the files itself: nobody owns the name (or it went away), or the
 # daemon cannot write its policy file (its unit's sandbox): the CLI, root, can.
-FILE_WAY = {ErrorType.SERVICE_UNKNOWN.value, ErrorType.NAME_HAS_NO_OWNER.value, POLICY_NOT_WRITABLE}
+NO_OWNER = frozenset({ErrorType.SERVICE_UNKNOWN.value, ErrorType.NAME_HAS_NO_OWNER.value})  # no daemon serves
+FILE_WAY = NO_OWNER | {POLICY_NOT_WRITABLE}
 
 MODES: tuple[str, ...] = get_args(Mode)
 RELOAD_WAIT = 5.0  # how long Reload and SetMode wait for the daemon's word on the reload
@@ -386,11 +387,7 @@ class Api:
 
     def policy_sha256(self) -> str:
         """As ``Status()`` has it: hashed once per policy loaded (snapshot.py's tracker)."""
-        path, tracker = self.app.policy_path, tracker_of(self.app)
-        if path is None:
-            return ""
-        digest = tracker.policy_sha256(self.app.executor.policy, path) if tracker else file_sha256(path)
-        return digest or ""
+        return policy_sha(tracker_of(self.app), self.app.executor.policy, self.app.policy_path) or ""
 
     def started_at(self) -> str:
         tracker = tracker_of(self.app)

@@ -156,7 +156,7 @@ def daemon_status(
         frozen = read_frozen(freezer_of(app), errors)
     snap = _frame(running=True, why=None, policy=ex.policy, now=now.wall)
     snap["version"] = __version__
-    snap["policy"] = _policy_field(app.policy_path, _sha(tracker, ex.policy, app.policy_path))
+    snap["policy"] = _policy_field(app.policy_path, policy_sha(tracker, ex.policy, app.policy_path))
     if tracker is not None:
         snap |= _times("started_at", tracker.started_wall)
         snap["uptime_s"] = round(now.monotonic - tracker.started_monotonic, 3)
@@ -187,7 +187,8 @@ def freezer_of(app: App) -> Freezing:
     return Freezer(registry=app.policy.daemon.state_dir / REGISTRY_NAME)
 
 
-def _sha(tracker: StatusTracker | None, policy: Policy, path: Path | None) -> str | None:
+def policy_sha(tracker: StatusTracker | None, policy: Policy, path: Path | None) -> str | None:
+    """The policy's sha256 as status shows it: the tracker's (hashed once per policy loaded)."""
     if path is None:
         return None
     return tracker.policy_sha256(policy, path) if tracker is not None else file_sha256(path)

@@ -5,11 +5,9 @@ and an install into a scratch root. `packaging/build.py` builds them (cached und
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +23,8 @@ from lab.faults import (
     wait_for,
 )
 from lab.node import Node
+from lab.package import bare_node as lab_bare_node
+from lab.package import build_packages
 
 from nodemedic.report import RecordKind
 
@@ -51,17 +51,9 @@ SURE_FIELDS = {
 }
 
 
-def build(*args: str) -> dict[str, str]:
-    done = subprocess.run([sys.executable, str(BUILD_SCRIPT), *args], capture_output=True, text=True,
-                          check=False, timeout=900)  # fmt: skip
-    assert done.returncode == 0, f"packaging/build.py failed:\n{done.stderr[-4000:]}"
-    result: dict[str, str] = json.loads(done.stdout)
-    return result
-
-
 @pytest.fixture(scope="module")
 def packages() -> dict[str, str]:
-    return build()
+    return build_packages()
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +69,8 @@ def build_tools() -> ModuleType:
 
 
 def bare_node(node: Node) -> None:
-    """Take away what the lab image installs for the other tests (launcher, venv, the unit linked
-    to the checkout, the bound src/ and units/), so the package alone provides nodemedic."""
-    node.sh("umount /opt/nodemedic/src /opt/nodemedic/units && rm -rf /opt/nodemedic "
-            "&& rm -f /usr/bin/nodemedic /etc/systemd/system/nodemedic.service && rmdir /etc/nodemedic "
-            "&& systemctl daemon-reload")  # fmt: skip
+    """lab/package.py's bare node, checked: the package alone will provide nodemedic."""
+    lab_bare_node(node)
     assert node.sh("command -v nodemedic", check=False).returncode != 0
 
 
@@ -189,7 +178,7 @@ def test_deb_installs_repairs_upgrades_and_purges(
     shipped = (REPO / "policy" / "policy.toml").read_text()
     new_policy = tmp_path / "policy.toml"
     new_policy.write_text(shipped + "\n# shipped with release 2\n")
-    upgrade = build("--release", "2", "--policy", str(new_policy))
+    upgrade = build_packages("--release", "2", "--policy", str(new_policy))
     pid_before = node.unit_property(UNIT, "MainPID")
     _, upgrade_seconds = dpkg(node, "--force-confold", "-i", put(node, upgrade["deb"]))
     print(f"dpkg -i (upgrade to {upgrade['version']}): {upgrade_seconds:.1f}s")

@@ -5,15 +5,13 @@ stopped. `packaging/build.py` builds the package (cached under build/packages)."
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lab.faults import POLICY_PATH, SOCKET, make_directory_at, records, sighup_containerd, wait_for
 from lab.node import Node
+from lab.package import build_packages, install_deb
 
 pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parents[2]
@@ -26,24 +24,12 @@ SLOW_START = 4
 
 @pytest.fixture(scope="module")
 def deb() -> str:
-    build = [sys.executable, str(REPO / "packaging" / "build.py")]
-    done = subprocess.run(build, capture_output=True, text=True, check=False, timeout=900)
-    assert done.returncode == 0, f"packaging/build.py failed:\n{done.stderr[-4000:]}"
-    package: str = json.loads(done.stdout)["deb"]
-    return package
+    return build_packages()["deb"]
 
 
 def install(node: Node, deb: str) -> None:
-    """The package alone provides nodemedic: what the lab image installs for the other tests goes
-    first (as in test_package.py); postinst starts the service."""
-    node.sh(
-        "umount /opt/nodemedic/src /opt/nodemedic/units && rm -rf /opt/nodemedic "
-        "&& rm -f /usr/bin/nodemedic /etc/systemd/system/nodemedic.service && rmdir /etc/nodemedic "
-        "&& systemctl daemon-reload"
-    )
-    target = f"/root/{Path(deb).name}"
-    shutil.copyfile(deb, node.root / target.lstrip("/"))
-    node.run("dpkg", "-i", target, timeout=180)
+    """The package alone provides nodemedic (lab/package.py); postinst starts the service."""
+    install_deb(node, deb)
     assert node.unit_property(UNIT, "ActiveState") == "active"
 
 

@@ -449,25 +449,16 @@ class SighupInterventions:
             self.ex.spend_budget(now)
             if not isinstance(exc, ACTION_ERRORS):
                 raise
-            self._say(
-                RecordKind.ERROR,
-                f"restarting {unit} to {why} failed: {exc}",
-                UNIT=unit,
-                OUTCOME="failed",
-                ACTION="restart-unit",
-            )
+            self._restart_failed(f"restarting {unit} to {why} failed: {exc}")
             return 0
         self.ex.spend_budget(now)
         if not pid:  # systemd took the job, but no new main process came within the wait
-            self._say(
-                RecordKind.ERROR,
-                f"restarting {unit} to {why}: no new main process came after the restart",
-                UNIT=unit,
-                OUTCOME="failed",
-                ACTION="restart-unit",
-            )
+            self._restart_failed(f"restarting {unit} to {why}: no new main process came after the restart")
         self.ex.run(core.restart_finished(content))
         return pid
+
+    def _restart_failed(self, message: str) -> None:
+        self._say(RecordKind.ERROR, message, UNIT=self.core.unit, OUTCOME="failed", ACTION="restart-unit")
 
     def _restart_unit(self) -> Awaitable[int]:
         unit, view = self.core.unit, self.ex.view

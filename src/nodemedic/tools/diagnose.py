@@ -33,7 +33,7 @@ from typing import Any, Literal
 from nodemedic.actions.shims import LEFT_OVER, KillOrphanedShims
 from nodemedic.app import GOOD_CONFIGS
 from nodemedic.clock import MonotonicClock
-from nodemedic.configs import GoodConfigs, config_problem, read_config
+from nodemedic.configs import GoodConfigs, config_problem
 from nodemedic.core.effects import Effect, Instant, Repair, Report
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RepairEnd, RuleCore
@@ -82,7 +82,7 @@ from nodemedic.sources.dbus import SystemdBus
 from nodemedic.sources.journal import add_matches, line_from_entry
 from nodemedic.sources.probe import ContainerdProbe
 from nodemedic.sources.resources import streams_setting
-from nodemedic.store import STATE_FILE, STATE_VERSION
+from nodemedic.store import STATE_FILE, StateStore
 
 Status = Literal["ok", "problem", "unknown"]
 SCHEMA = 1
@@ -651,15 +651,12 @@ def nodemedic_check(policy: Policy, facts: Facts, saved: Mapping[str, Any], save
 
 def saved_state(state_dir: Path) -> tuple[dict[str, Any], str]:
     """state.json, read only: a damaged file is said, never moved aside (the daemon does that)."""
-    path = state_dir / STATE_FILE
-    try:
-        data = json.loads(read_config(path).decode("utf-8"))
-    except FileNotFoundError:
-        return {}, ""
-    except (OSError, ValueError, NodemedicError) as exc:
-        return {}, f"{path} cannot be used ({exc}): the daemon would set it aside and start clean"
-    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-        return {}, f"{path} is not a state file of version {STATE_VERSION}: the daemon would set it aside"
+    data, why = StateStore(state_dir).peek()
+    if why:
+        return (
+            {},
+            f"{state_dir / STATE_FILE} cannot be used ({why}): the daemon would set it aside and start clean",
+        )
     return data, ""
 
 

@@ -17,15 +17,12 @@ from typing import Any
 from dbus_fast import AuthError, BusType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from nodemedic.api import BUS_NAME, INTERFACE, OBJECT_PATH
+from nodemedic.api import BUS_NAME, INTERFACE, NO_OWNER, OBJECT_PATH
 from nodemedic.errors import NodemedicError
 from nodemedic.policy.load import DEFAULT_POLICY
 from nodemedic.snapshot import SCHEMA, Snapshot, offline_status
 
 TIMEOUT = 5.0
-NO_OWNER = frozenset(
-    {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
-)
 SERVICE = "nodemedic.service"
 RUNNING, NOT_RUNNING, UNREADABLE = 0, 1, 2  # cli.py's EXIT_CODES
 

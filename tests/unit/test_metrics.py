@@ -252,6 +252,9 @@ async def test_the_guards_restarts_count_as_repairs_as_they_spend_the_budget(tmp
         assert value(got, "nodemedic_repairs_total", **sighup, result="repaired") == 2
         assert value(got, "nodemedic_repairs_total", **sighup, result="not-repaired") == 0
         assert value(got, "nodemedic_repair_budget_remaining") == 10 - len(s.ex.budget.spent) == 8
+        # the guard's records carry the restart's time: its repair-duration histogram fills too
+        assert all("ELAPSED_MS" in r.fields for r in s.with_outcome("reload-applied"))
+        assert value(got, "nodemedic_repair_duration_seconds_count", **sighup) == 2
     finally:
         await s.stop()
 

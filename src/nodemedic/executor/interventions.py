@@ -95,6 +95,7 @@ class SighupInterventions:
         self._to_freeze: dict[str, str] = {}  # cgroup -> sender: over budget, to be judged
         self._refused: set[str] = set()  # cgroups whose refusal was said
         self._inflight: asyncio.Future[None] | None = None  # the freeze under way, if any
+        self._restart_began = 0.0  # monotonic: when the last restart of ours began
 
     @property
     def settings(self) -> SighupSettings:
@@ -351,6 +352,7 @@ class SighupInterventions:
                 UNIT=unit,
                 OUTCOME="dropin-applied",
                 ACTION="sighup-dropin",
+                ELAPSED_MS=self._restart_ms(),
             )
         elif pid:
             self._say(
@@ -360,6 +362,7 @@ class SighupInterventions:
                 UNIT=unit,
                 OUTCOME="failed",
                 ACTION="sighup-dropin",
+                ELAPSED_MS=self._restart_ms(),
             )
 
     async def _main_pid_soon(self) -> int:
@@ -399,6 +402,7 @@ class SighupInterventions:
                 DETAIL=f"sha256 {digest(content)}",
                 OUTCOME="reload-applied",
                 ACTION="sighup-reload",
+                ELAPSED_MS=self._restart_ms(),
             )
         self.ex.run(core.reload_done(self.ex.now()))  # written again while it restarted: an interval later
 
@@ -433,6 +437,7 @@ class SighupInterventions:
         if self.ex.closing:
             return 0
         now = self.ex.now()
+        self._restart_began = now.monotonic
         core.restart_started(now)
         self._say(
             RecordKind.ACTION,
@@ -458,7 +463,12 @@ class SighupInterventions:
         return pid
 
     def _restart_failed(self, message: str) -> None:
-        self._say(RecordKind.ERROR, message, UNIT=self.core.unit, OUTCOME="failed", ACTION="restart-unit")
+        fields = {"UNIT": self.core.unit, "OUTCOME": "failed", "ACTION": "restart-unit"}
+        self._say(RecordKind.ERROR, message, **fields, ELAPSED_MS=self._restart_ms())
+
+    def _restart_ms(self) -> float:
+        """Milliseconds since the last restart of ours began (the metrics' repair duration)."""
+        return (self.ex.ctx.clock.monotonic() - self._restart_began) * 1000.0
 
     def _restart_unit(self) -> Awaitable[int]:
         unit, view = self.core.unit, self.ex.view

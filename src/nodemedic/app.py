@@ -177,7 +177,6 @@ def _export_metrics(app: App, clock: Clock, follower: JournalFollower) -> None:
         journal_last_read=lambda: follower.last_read,
     )
     executor.listeners.append(metrics.record)  # every record
-    app.observers.append(metrics.observe)  # every event, after the executor saw it
     app.sources["metrics"] = TextfileWriter(metrics, app.policy.daemon.metrics).run
 
 

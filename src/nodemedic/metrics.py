@@ -2,12 +2,12 @@
 
 Computed here only. ``Metrics`` counts from the records every decision and effect passes (an
 executor listener: DETECTED, OUTCOME, the rules' held decisions, the SIGHUP guard's storms, freezes
-and thaws), counts SIGHUPs from the events (an observer: in a storm the guard writes no record per
-signal, and only the event says whether containerd ignored it), and reads the rest from the
-executor's state at each write (breakers, budget, modes). ``TextfileWriter`` writes them in
-node-exporter's textfile format, atomically, into ``[daemon.metrics].textfile_dir``: nodemedic opens
-no socket (``PrivateNetwork=yes``), node-exporter's textfile collector serves the file, and the
-file's age (``node_textfile_mtime_seconds``) shows a nodemedic that no longer runs.
+and thaws), and reads the rest at each write: the executor's state (breakers, budget, modes) and
+the SIGHUP guard core's own count of SIGHUPs (in a storm it writes no record per signal).
+``TextfileWriter`` writes them in node-exporter's textfile format, atomically, into
+``[daemon.metrics].textfile_dir``: nodemedic opens no socket (``PrivateNetwork=yes``),
+node-exporter's textfile collector serves the file, and the file's age
+(``node_textfile_mtime_seconds``) shows a nodemedic that no longer runs.
 
 The names are a contract with the shipped alert rules (packaging/prometheus/) and the lab's PromQL;
 docs/operations.md ("The fleet: metrics") says which metric answers which question.
@@ -31,8 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from nodemedic import __version__
 from nodemedic.core.breaker import HALF_OPEN, OPEN
 from nodemedic.core.sighup_guard import RULE as SIGHUP_RULE
-from nodemedic.core.sighup_guard import SIGHUP, TRACE_COVERS, SighupGuard
-from nodemedic.events import Event, SignalSeen
+from nodemedic.core.sighup_guard import SighupGuard
 from nodemedic.policy.model import MetricsSettings
 from nodemedic.ports import Clock
 from nodemedic.report import Record, RecordKind
@@ -115,10 +114,10 @@ class Buckets:
 class Metrics:
     """Every metric of nodemedic, in a registry of its own (``registry``, rendered by ``text``).
 
-    ``record`` is an executor listener, ``observe`` an event observer; ``changed`` is set by both,
-    for the writer. ``guard`` is the SIGHUP guard's core (None: [sighup] is off);
-    ``journal_lag`` reads how long the last journal entry waited before it was read, and
-    ``journal_last_read`` when (wall time) the follower last read one."""
+    ``record`` is an executor listener; ``changed`` is set by it, for the writer. ``guard`` is the
+    SIGHUP guard's core (None: [sighup] is off); ``journal_lag`` reads how long the last journal
+    entry waited before it was read, and ``journal_last_read`` when (wall time) the follower last
+    read one."""
 
     def __init__(
         self,
@@ -137,16 +136,13 @@ class Metrics:
         self.durations: dict[str, Buckets] = {}
         self.latencies: dict[str, Buckets] = {}
         self.open: set[str] = set()  # rules with a DETECTED not yet followed by an OUTCOME
-        self.sighups: Counter[str] = Counter()  # by [sighup] mode
         self.storms: Counter[str] = Counter()
-        self.absorbed = 0
         self.storm_active = False
         self.frozen: set[str] = set()
         self.last_loop = 0.0
         self.loop_lag = 0.0  # set by the writer, each time its timer runs
         self.written = 0.0
         self._guard_restarting = False  # a restart of containerd by the guard began, its end not seen
-        self._last_traced = -1e18
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -213,24 +209,6 @@ class Metrics:
             seconds = float(elapsed or "") / 1000
             into.setdefault(rule, Buckets(bounds)).observe(seconds)
 
-    def observe(self, event: Event) -> None:
-        """An event observer (after the executor saw the event): each SIGHUP the guard counts, as it
-        counts them (the trace first; a death over D-Bus only where the trace did not see it)."""
-        guard = self.guard
-        if guard is None or guard.settings.mode == "off" or not isinstance(event, SignalSeen):
-            return
-        if (event.unit, event.signal) != (guard.unit, SIGHUP):
-            return
-        now = self.executor.now().monotonic
-        if event.source == "tracefs":
-            self._last_traced = now
-        elif now - self._last_traced < TRACE_COVERS:
-            return  # the death the trace already counted
-        self.sighups[guard.settings.mode] += 1
-        if event.result == IGNORED:  # containerd runs with SIGHUP ignored (coalesce): nothing restarted
-            self.absorbed += 1
-        self.changed.set()
-
     def _sighup_mode(self) -> str:
         return self.guard.settings.mode if self.guard is not None else "off"
 
@@ -290,14 +268,17 @@ class Metrics:
         yield _histogram("nodemedic_detection_latency_seconds", rules, self.latencies, DETECTION_BUCKETS)
 
     def _guard_families(self) -> Iterator[Metric]:
-        now = [self.guard.settings.mode] if self.guard is not None else []
-        modes = sorted({*self.sighups, *self.storms, *now})
-        sighups = [([m], float(self.sighups[m])) for m in modes]
+        guard = self.guard
+        counted = guard.counted if guard is not None else Counter[str]()  # the guard's own count
+        now = [guard.settings.mode] if guard is not None else []
+        modes = sorted({*counted, *self.storms, *now})
+        sighups = [([m], float(counted[m])) for m in modes]
         yield _family(CounterMetricFamily, "nodemedic_sighups", ["mode"], sighups)
         storms = [([m], float(self.storms[m])) for m in modes]
         yield _family(CounterMetricFamily, "nodemedic_sighup_storms", ["mode"], storms)
         yield _gauge("nodemedic_sighup_storm_active", float(self.storm_active))
-        yield _family(CounterMetricFamily, "nodemedic_sighups_absorbed", [], [([], float(self.absorbed))])
+        absorbed = float(guard.absorbed if guard is not None else 0)
+        yield _family(CounterMetricFamily, "nodemedic_sighups_absorbed", [], [([], absorbed)])
         yield _gauge("nodemedic_cgroups_frozen", len(self.frozen))
 
 

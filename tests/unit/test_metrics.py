@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodemedic import __version__
 from nodemedic.actions.base import ActionContext
-from nodemedic.events import Event, FileChanged, PathChanged, PathKind, SignalSeen
+from nodemedic.events import FileChanged, PathChanged, PathKind, SignalSeen
 from nodemedic.executor import Executor
 from nodemedic.metrics import FILE, HELP, Metrics, TextfileWriter
 from nodemedic.policy.load import parse_policy
@@ -167,17 +167,9 @@ def test_a_rule_gone_at_a_reload_keeps_its_counts_and_a_new_one_starts_at_0() ->
 
 
 def guarded(s: Setup) -> Metrics:
-    """Metrics wired to the guard's executor as app.py wires them: listener and observer."""
+    """Metrics wired to the guard's executor as app.py wires them: a listener, reading the guard."""
     metrics = Metrics(s.ex, s.clock, guard=s.guard.core)
     s.ex.listeners.append(metrics.record)
-    handle = s.ex.handle
-
-    def handle_then_observe(event: Event) -> None:
-        handle(event)
-        metrics.observe(event)
-
-    s.ex.handle = handle_then_observe  # type: ignore[method-assign]
-    s.systemd.emit = handle_then_observe
     return metrics
 
 

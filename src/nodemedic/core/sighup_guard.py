@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from nodemedic.policy.sighup import SighupSettings
 from nodemedic.report import RecordKind
 
 SIGHUP = 1
+IGNORED = 1  # the kernel's verdict in a trace line: the target ignores the signal
 RULE = "sighup"  # NODEMEDIC_RULE of the guard's records
 TRACE_COVERS = 10.0  # a D-Bus death this soon after a traced SIGHUP is that same signal
 SETTLE = 0.5  # a write is applied this long after it was seen, so a tool's second write joins it
@@ -173,6 +175,8 @@ class SighupGuard:
         self._storm_restarts = 0
         self._storm_check_armed = False
         self._last_traced = -1e18
+        self.counted: Counter[str] = Counter()  # SIGHUPs counted (once each), by [sighup] mode
+        self.absorbed = 0  # of them, those containerd ignored (it runs under coalesce's drop-in)
         self._reading = _Reading()
         self._buckets = self._new_buckets()
         self._thaw_check: tuple[int, float] | None = None  # (generation, wall time) of the armed one
@@ -271,11 +275,13 @@ class SighupGuard:
             self._last_traced = now.monotonic
         elif now.monotonic - self._last_traced < TRACE_COVERS:
             return []  # the death the trace already counted
+        self.counted[self.settings.mode] += 1
+        self.absorbed += event.result == IGNORED
         sender = sender_name(event)
         verdict = self._storm.add(now.monotonic, sender)
         out: Effects = []
         if verdict is Verdict.SINGLE:
-            ignored = " (ignored: it runs with SIGHUP ignored)" if event.result == 1 else ""
+            ignored = " (ignored: it runs with SIGHUP ignored)" if event.result == IGNORED else ""
             out.append(
                 self.record(
                     RecordKind.DETECTED,

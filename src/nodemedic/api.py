@@ -108,16 +108,9 @@ def signal_for(record: Record, reopens_at: Callable[[str], float | None]) -> Sig
 
 
 def reload_ended(record: Record) -> bool:
-    """Is this the daemon's word on a reload: taken ("reloaded"), or refused (the old one stays)?"""
-    outcome = record.fields.get("OUTCOME")
-    if record.kind is RecordKind.DAEMON:
-        return outcome == "reloaded"
-    return (
-        record.kind is RecordKind.ERROR
-        and outcome == "refused"
-        and "RULE" not in record.fields  # a refused reset names its rule
-        and record.message.startswith("reload refused")
-    )
+    """Is this the daemon's word on a reload: taken ("reloaded"), or refused (the old one stays)?
+    The daemon's two records of a reload carry NODEMEDIC_ACTION=reload."""
+    return record.fields.get("ACTION") == "reload" and record.fields.get("OUTCOME") in ("reloaded", "refused")
 
 
 def _number(text: str) -> float:

@@ -164,6 +164,7 @@ class Daemon:
             self.app.report(
                 RecordKind.ERROR,
                 f"reload refused, the policy in force stays: {exc}",
+                ACTION="reload",
                 OUTCOME="refused",
                 DETAIL="; ".join(problems),
                 PATH=str(path),
@@ -191,9 +192,8 @@ class Daemon:
             self.app.guard.replace(policy.sighup, policy.daemon.mode)
         again = f"; followed again: {', '.join(restarted)}" if restarted else ""
         message = f"policy reloaded from {path}: {len(policy.rule)} rule(s){again}"
-        self.app.report(
-            RecordKind.DAEMON, message, OUTCOME="reloaded", PATH=str(path), DETAIL=" ".join(restarted)
-        )
+        fields = {"ACTION": "reload", "OUTCOME": "reloaded", "PATH": str(path), "DETAIL": " ".join(restarted)}
+        self.app.report(RecordKind.DAEMON, message, **fields)
 
     def _restart_policy_sources(self, policy: Policy, in_force: Policy) -> list[str]:
         """Each source whose share of the policy changed (new paths, files, checks, the probe) is

@@ -81,8 +81,13 @@ def test_repaired_without_a_time_says_zero() -> None:
 
 
 def test_the_end_of_a_reload() -> None:
-    assert reload_ended(record(RecordKind.DAEMON, "policy reloaded from p: 3 rule(s)", OUTCOME="reloaded"))
-    refused = record(RecordKind.ERROR, "reload refused, the policy in force stays: x", OUTCOME="refused")
+    reloaded = record(
+        RecordKind.DAEMON, "policy reloaded from p: 3 rule(s)", ACTION="reload", OUTCOME="reloaded"
+    )
+    assert reload_ended(reloaded)
+    refused = record(
+        RecordKind.ERROR, "reload refused, the policy in force stays: x", ACTION="reload", OUTCOME="refused"
+    )
     assert reload_ended(refused)
     reset = record(RecordKind.ERROR, "reset requested for unknown rule 'x'", RULE="x", OUTCOME="refused")
     assert not reload_ended(reset), "a refused reset is not a refused reload"
@@ -160,7 +165,7 @@ def api_of(
     return Api(app, reload, **kwargs), reload
 
 
-RELOADED = record(RecordKind.DAEMON, "policy reloaded from P: 8 rule(s)", OUTCOME="reloaded")
+RELOADED = record(RecordKind.DAEMON, "policy reloaded from P: 8 rule(s)", ACTION="reload", OUTCOME="reloaded")
 
 
 async def test_reset_closes_the_breaker_through_the_executor(harness: Callable[..., Harness]) -> None:
@@ -216,7 +221,7 @@ async def test_reload_answers_the_daemons_word(harness: Callable[..., Harness], 
     a, _ = api_of(h, policy, RELOADED)
     assert await a.reload() == "policy reloaded from P: 8 rule(s)"
     words = "reload refused, the policy in force stays: 1 problem"
-    refused_record = record(RecordKind.ERROR, words, OUTCOME="refused", PATH=str(policy))
+    refused_record = record(RecordKind.ERROR, words, ACTION="reload", OUTCOME="refused", PATH=str(policy))
     b, _ = api_of(h, policy, refused_record)
     with pytest.raises(DBusError) as refused:
         await b.reload()

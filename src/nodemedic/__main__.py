@@ -1,3 +1,5 @@
-from nodemedic.cli import main
+"""`python -m nodemedic`: the command line (cli.py sets the exit status)."""
 
-raise SystemExit(main())
+from nodemedic.cli import run
+
+run()

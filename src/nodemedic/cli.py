@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from nodemedic import __version__, api
 from nodemedic.actions.freezer import REGISTRY_NAME, Freezer
@@ -34,6 +35,11 @@ log = logging.getLogger("nodemedic")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SERVICE = "nodemedic.service"
 _LINE = re.compile(r"^\d+: ")
+
+
+def run() -> NoReturn:
+    """``python -m nodemedic``: exit with what ``main`` returns (the one SystemExit of nodemedic)."""
+    raise SystemExit(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,3 +87,17 @@ async def running(recorder: Recorder, coro: Coroutine[Any, Any, Any]) -> AsyncIt
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class ConnectedSystemd:
+    """A "dbus" source that says it is connected at once, for daemons whose tests need no systemd."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        self.connected.set()
+        await asyncio.Future()
+
+    async def close(self) -> None:
+        pass

@@ -40,6 +40,7 @@ from nodemedic.snapshot import StatusTracker, iso
 from nodemedic.store import StateStore
 
 from .conftest import DbusDaemon
+from .helpers import ConnectedSystemd
 
 pytestmark = pytest.mark.component
 
@@ -166,20 +167,6 @@ async def bus(short_tmp: Path) -> AsyncIterator[DbusDaemon]:
         await daemon.kill()
 
 
-class FakeSystemd:
-    """The "dbus" source, connected at once: the API needs no systemd."""
-
-    def __init__(self) -> None:
-        self.connected = asyncio.Event()
-
-    async def run(self) -> None:
-        self.connected.set()
-        await asyncio.Future()
-
-    async def close(self) -> None:
-        pass
-
-
 def make_app(policy_path: Path, sink: MemorySink) -> App:
     """As build_app wires the executor, the status tracker and the records; no other source."""
     policy = load_policy(policy_path)
@@ -195,7 +182,7 @@ def make_app(policy_path: Path, sink: MemorySink) -> App:
     store = StateStore(policy.daemon.state_dir)
     executor = Executor(policy, ctx, report, spawn, store)
     executor.listeners.append(StatusTracker(clock, policy, policy_path))
-    systemd = FakeSystemd()
+    systemd = ConnectedSystemd()
     events: asyncio.Queue[Event] = asyncio.Queue()
     sources = {"dbus": systemd.run}
     # The daemon's own records (started, reloaded) pass the executor's listeners too

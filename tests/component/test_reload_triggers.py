@@ -45,6 +45,8 @@ from nodemedic.ports import UnitState
 from nodemedic.report import MemorySink, Record, RecordKind, Reporter
 from nodemedic.sources.resources import ResourceWatch
 
+from .helpers import ConnectedSystemd
+
 pytestmark = pytest.mark.component
 
 WAIT = 5.0  # bounds a wait for inotify or a reading every 100 ms; measures nothing
@@ -106,20 +108,6 @@ class Units:
         raise AssertionError(f"a report-only rule killed {unit}")
 
 
-class FakeSystemd:
-    """The "dbus" source, connected at once; no bus is needed for these triggers."""
-
-    def __init__(self) -> None:
-        self.connected = asyncio.Event()
-
-    async def run(self) -> None:
-        self.connected.set()
-        await asyncio.Future()
-
-    async def close(self) -> None:
-        pass
-
-
 @dataclass
 class Node:
     """A daemon under test and what it said and saw."""
@@ -147,7 +135,7 @@ def make_app(policy_path: Path, sink: MemorySink, probe: Probe, seen: list[Event
     clock = MonotonicClock()
     events: asyncio.Queue[Event] = asyncio.Queue()
     ctx = ActionContext(Units(), probe, clock, policy_path.parent / "quarantine")
-    systemd = FakeSystemd()
+    systemd = ConnectedSystemd()
     repairs: set[asyncio.Task[None]] = set()  # the daemon waits for these at shutdown
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:

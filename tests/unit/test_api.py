@@ -22,10 +22,11 @@ from nodemedic.app import App
 from nodemedic.core.breaker import OPEN
 from nodemedic.errors import NodemedicError, UnknownRuleError
 from nodemedic.report import Record, RecordKind
-from nodemedic.snapshot import StatusTracker, iso
+from nodemedic.snapshot import iso
 from nodemedic.store import StateStore
 
 from .test_runner import Harness
+from .test_status import app_of
 
 pytestmark = pytest.mark.unit
 RULE = "socket-path-is-directory"
@@ -149,17 +150,7 @@ class Daemonish:
 def api_of(
     h: Harness, policy_path: Path | None, answer: Record | None = None, status: Any = None
 ) -> tuple[Api, Daemonish]:
-    h.runner.listeners.append(StatusTracker(h.clock, h.runner.policy, policy_path))
-    app = App(
-        policy=h.runner.policy,
-        policy_path=policy_path,
-        report=h.runner.reporter,
-        events=asyncio.Queue(),
-        sources={},
-        systemd=None,  # type: ignore[arg-type]
-        executor=h.runner,
-        repairs=set(),
-    )
+    app = app_of(h, policy_path)
     reload = Daemonish(h, answer)
     kwargs = {"status": status} if status is not None else {}
     return Api(app, reload, **kwargs), reload

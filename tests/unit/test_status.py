@@ -116,7 +116,7 @@ def test_the_daemons_own_records_date_the_start_and_hash_each_reload(tmp_path: P
 # ---- the running daemon -----------------------------------------------------------------------------
 
 
-def app_of(h: Harness, policy_path: Path) -> App:
+def app_of(h: Harness, policy_path: Path | None) -> App:
     """An App around the harness's executor, with the tracker registered as app.py does."""
     tracker = StatusTracker(h.clock, h.runner.policy, policy_path)
     h.runner.listeners.append(tracker)

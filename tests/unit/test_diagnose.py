@@ -480,7 +480,7 @@ def test_colours_only_on_a_terminal_without_no_color(
         def isatty(self) -> bool:
             return tty
 
-    assert dg.use_colour(Stream()) is expected
+    assert dg.wants_colour(Stream()) is expected
 
 
 @pytest.mark.parametrize(("json_out", "probe_answers", "code"), [(False, True, 0), (True, False, 1)])

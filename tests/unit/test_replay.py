@@ -22,6 +22,7 @@ from nodemedic.core.effects import Instant
 from nodemedic.core.rules import RETRY_MARGIN
 from nodemedic.policy.load import load_policy
 from nodemedic.tools import replay
+from nodemedic.tools.paint import painter, wants_colour
 from nodemedic.tools.replay import (
     Entry,
     Progress,
@@ -411,8 +412,8 @@ def test_colours_on_a_terminal_unless_no_color_is_set_and_not_empty(
     monkeypatch.delenv("NO_COLOR", raising=False)
     if no_color is not None:
         monkeypatch.setenv("NO_COLOR", no_color)  # empty: as unset (https://no-color.org), like status
-    assert ("\x1b[" in replay._Paint(_Terminal())("x", "red")) is coloured
-    assert "\x1b[" not in replay._Paint(io.StringIO())("x", "red")
+    assert ("\x1b[" in painter(wants_colour(_Terminal()))("x", "red")) is coloured
+    assert "\x1b[" not in painter(wants_colour(io.StringIO()))("x", "red")
 
 
 def test_the_progress_bar_on_a_terminal(tmp_path: Path) -> None:

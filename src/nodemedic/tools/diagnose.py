@@ -83,6 +83,7 @@ from nodemedic.sources.journal import add_matches, line_from_entry
 from nodemedic.sources.probe import ContainerdProbe
 from nodemedic.sources.resources import streams_setting
 from nodemedic.store import STATE_FILE, StateStore
+from nodemedic.tools.paint import painter, wants_colour
 
 Status = Literal["ok", "problem", "unknown"]
 SCHEMA = 1
@@ -911,16 +912,12 @@ async def diagnose(policy: Policy, edges: Edges) -> Diagnosis:
 
 # ---- output -----------------------------------------------------------------------------------------
 
-_COLOURS = {"ok": "32", "problem": "31;1", "unknown": "33", "healthy": "32", "advisory": "36"}
-
-
-def use_colour(stream: Any) -> bool:
-    """Colours only on a terminal, and never with NO_COLOR set and not empty (https://no-color.org)."""
-    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+# What each status means in colour (tools/paint.py's names).
+_COLOURS = {"ok": "green", "problem": "bold-red", "unknown": "yellow", "healthy": "green", "advisory": "cyan"}
 
 
 def _paint(text: str, key: str, colour: bool) -> str:
-    return f"\033[{_COLOURS[key]}m{text}\033[0m" if colour and key in _COLOURS else text
+    return painter(colour)(text, _COLOURS.get(key, ""))
 
 
 def render(diagnosis: Diagnosis, policy_path: str, colour: bool) -> str:
@@ -988,5 +985,5 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(diagnosis.to_json(str(args.policy)), indent=2))
     else:
-        sys.stdout.write(render(diagnosis, str(args.policy), use_colour(sys.stdout)))
+        sys.stdout.write(render(diagnosis, str(args.policy), wants_colour(sys.stdout)))
     return diagnosis.exit_code()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any, BinaryIO, ClassVar
+from typing import IO, Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -41,6 +41,7 @@ from nodemedic.policy.match import match
 from nodemedic.policy.model import Mode, Policy
 from nodemedic.report import RecordKind
 from nodemedic.sources.journal import KERNEL, add_matches, line_from_entry
+from nodemedic.tools.paint import Paint, painter, wants_colour
 
 SCHEMA = 1
 JOURNAL_MAGIC = b"LPKSHHRH"  # the first bytes of a journal file (systemd's journal-def.h)
@@ -537,23 +538,11 @@ def to_json(
     }
 
 
-class _Paint:
-    """Colours only on a terminal, and never with NO_COLOR set and not empty (https://no-color.org)."""
-
-    CODES: ClassVar[dict[str, str]] = {"bold": "1", "green": "32", "red": "31", "yellow": "33", "dim": "2"}
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.on = stream.isatty() and not os.environ.get("NO_COLOR")
-
-    def __call__(self, text: str, colour: str) -> str:
-        return f"\x1b[{self.CODES[colour]}m{text}\x1b[0m" if self.on else text
-
-
 OUTCOME_COLOUR = {"repaired": "green", "not-repaired": "red", "breaker-open": "red", "held": "yellow"}
 
 
 def render(data: dict[str, Any], out: IO[str]) -> None:
-    paint = _Paint(out)
+    paint = painter(wants_colour(out))
     source = data["source"]
     where = source["path"] or "the local journal"
     span = f"{data['first']} .. {data['last']}" if data["first"] else "no entries"
@@ -579,7 +568,7 @@ def render(data: dict[str, Any], out: IO[str]) -> None:
         print(f"still to come after the history's end: {timer['what']} at {timer['at']}", file=out)
 
 
-def _render_incident(incident: dict[str, Any], paint: _Paint, out: IO[str]) -> None:
+def _render_incident(incident: dict[str, Any], paint: Paint, out: IO[str]) -> None:
     head = f"Incident {incident['number']}  {paint(incident['rule'], 'bold')}  {incident['mode']}"
     print(f"{head}  {incident['first']} .. {incident['last']}  {incident['lines']} line(s)", file=out)
     print(f"  trigger  {_short(incident['trigger'], 160)}", file=out)
@@ -598,7 +587,7 @@ def _render_incident(incident: dict[str, Any], paint: _Paint, out: IO[str]) -> N
     print(file=out)
 
 
-def _render_rules(rules: list[dict[str, Any]], paint: _Paint, out: IO[str]) -> None:
+def _render_rules(rules: list[dict[str, Any]], paint: Paint, out: IO[str]) -> None:
     width = max([len(r["rule"]) for r in rules] + [4])
     print(
         paint(f"{'rule':<{width}}  mode     lines  incidents  repairs  held  breaker-opened", "bold"),

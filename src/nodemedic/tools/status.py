@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from nodemedic.api import BUS_NAME, INTERFACE, NO_OWNER, OBJECT_PATH
 from nodemedic.errors import NodemedicError
 from nodemedic.policy.load import DEFAULT_POLICY
 from nodemedic.snapshot import SCHEMA, Snapshot, offline_status
+from nodemedic.tools.paint import Paint, painter, wants_colour
 
 TIMEOUT = 5.0
 SERVICE = "nodemedic.service"
@@ -60,7 +59,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
-    colour = out.isatty() and not os.environ.get("NO_COLOR")
+    colour = wants_colour(out)
     try:
         snap, code = ask_daemon(args.timeout), RUNNING
     except (DaemonNotRunning, DaemonNoAnswer) as exc:
@@ -149,21 +148,11 @@ def _unit_active() -> bool:
 
 # ---- the readable summary ---------------------------------------------------------------------------
 
-COLOURS = {"red": "31", "green": "32", "yellow": "33", "bold": "1"}
-Paint = Callable[[str, str], str]
-
-
-def _painter(colour: bool) -> Paint:
-    def paint(text: str, name: str) -> str:
-        return f"\033[{COLOURS[name]}m{text}\033[0m" if colour and name else text
-
-    return paint
-
 
 def render(snap: Snapshot, colour: bool = False) -> str:
     """The snapshot for a person: the daemon in a line, the rules as a table, the budget, the
     SIGHUP guard and the frozen cgroups; colours only where ``colour``."""
-    paint = _painter(colour)
+    paint = painter(colour)
     lines = [_daemon_line(snap, paint), _policy_line(snap), ""]
     lines += _table(snap, paint)
     lines += ["", _budget_line(snap["budget"]), _guard_line(snap["sighup"], snap["running"], paint)]

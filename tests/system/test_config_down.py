@@ -54,9 +54,25 @@ def refused(node: Node) -> bool:
     return said.returncode == 0
 
 
-def test_broken_while_down_is_restored_before_the_restart(node: Node) -> None:
+def fail_containerd(node: Node) -> None:
+    """containerd killed with its Restart= off (a drop-in of the test's): failed, no restart coming."""
+    node.write_file(
+        "/run/systemd/system/containerd.service.d/50-test-no-restart.conf", "[Service]\nRestart=no\n"
+    )
+    node.run("systemctl", "daemon-reload")
+    node.run("systemctl", "kill", "--kill-whom=main", "-s", "KILL", "containerd.service")
+    wait_for(
+        lambda: node.unit_property("containerd.service", "ActiveState") == "failed", 10, "containerd failed"
+    )
+
+
+@pytest.mark.parametrize("state", ["auto-restart", "failed"])
+def test_broken_while_down_is_restored_before_the_restart(node: Node, state: str) -> None:
     good = with_a_good_copy(node)
-    sighup_containerd(node)  # down, waiting for its automatic restart
+    if state == "failed":
+        fail_containerd(node)
+    else:
+        sighup_containerd(node)  # down, waiting for its automatic restart
     node.write_file(CONFIG, BROKEN)
     wait_for(lambda: records(node, rule=DOWN, outcome="repaired"), 15, "the repaired record")
     assert containerd_serving(node)

@@ -13,6 +13,7 @@ from lab.node import Node
 pytestmark = pytest.mark.system
 RULE = "containerd-config-broken"
 EDITED = "containerd-config-edited-broken"
+DOWN = "containerd-config-broken-while-down"  # its own tests: test_config_down.py
 CONFIG = "/etc/containerd/config.toml"
 BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image = "pause"\\n'
 
@@ -20,15 +21,15 @@ BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image =
 def policy(settle: str, *, edited_rule: bool = False) -> str:
     """The shipped policy with a shorter ``settle``. The CASE C tests below are about containerd meeting
     a broken file at its start (written while nodemedic was not watching, or before a reboot): they
-    leave out the rule that catches the write itself while containerd runs, tested at the end."""
+    leave out the rules that catch the write itself, while containerd runs (tested at the end) and
+    while it is down (test_config_down.py)."""
     import tomlkit
 
     text = SHIPPED_POLICY.read_text().replace('settle = "1m"', f'settle = "{settle}"')
-    if edited_rule:
-        return text
     doc = tomlkit.parse(text)
     rules = doc["rule"]
-    del rules[[r["name"] for r in rules].index(EDITED)]  # type: ignore[union-attr]
+    for name in [] if edited_rule else [EDITED, DOWN]:
+        del rules[[r["name"] for r in rules].index(name)]  # type: ignore[union-attr]
     return tomlkit.dumps(doc)
 
 

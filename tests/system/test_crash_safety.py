@@ -66,14 +66,15 @@ def socket_policy() -> str:
 
 
 def config_policy() -> str:
-    """The shipped policy without the rule for a broken edit under a running containerd (CASE C here
-    is containerd meeting the broken file at its start) and with no good copy taken in time: the
-    repair generates a default."""
+    """The shipped policy without the rules for a broken edit under a running or a down containerd
+    (CASE C here is containerd meeting the broken file at its start) and with no good copy taken in
+    time: the repair generates a default."""
     import tomlkit
 
     doc = tomlkit.parse(SHIPPED_POLICY.read_text().replace('settle = "1m"', 'settle = "1h"'))
     rules = doc["rule"]
-    del rules[[r["name"] for r in rules].index("containerd-config-edited-broken")]  # type: ignore[union-attr]
+    for name in ("containerd-config-edited-broken", "containerd-config-broken-while-down"):
+        del rules[[r["name"] for r in rules].index(name)]  # type: ignore[union-attr]
     return tomlkit.dumps(doc)
 
 

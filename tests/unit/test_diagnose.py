@@ -321,6 +321,19 @@ async def test_broken_config_while_containerd_runs(node: Node) -> None:
     assert any("1 last-known-good copy" in e for e in check(d, "config").evidence)
 
 
+async def test_broken_config_while_containerd_waits_for_its_restart(node: Node) -> None:
+    """Nothing in the journal yet: the while-down rule, its settle run at once (the file as it is)."""
+    write(node.config, BROKEN_CONFIG)
+    write(node.state / "config-good" / f"{'0' * 64}.toml", GOOD_CONFIG)
+    node.probe.answers = False
+    node.unit("containerd.service", "activating", "auto-restart")
+    d = await node.diagnose()
+    [case] = faults(d)
+    assert (case.name, case.rule) == ("broken config", "containerd-config-broken-while-down")
+    assert "restore-config" in case.would
+    assert "restart-unit" in case.would
+
+
 async def test_an_orphaned_shim_systemd_named(node: Node) -> None:
     node.shim(orphan=True)
     node.line(LEFT_OVER, ago=599.5, pid=1)

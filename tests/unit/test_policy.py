@@ -53,6 +53,7 @@ def test_shipped_policy_loads() -> None:
         "containerd-hung",
         "containerd-config-broken",
         "containerd-config-edited-broken",
+        "containerd-config-broken-while-down",
         "left-over-shims",
         "containerd-fd-exhaustion",
         "containerd-starved",

@@ -63,6 +63,12 @@ class Later(Effect):
 
 
 @dataclass(frozen=True, slots=True)
+class Settle(Later):
+    """A ``Later`` that waits for a written file to stay unchanged (a file trigger's ``settle``):
+    whoever judges the node as it is now (``nodemedic diagnose``) may run ``then`` at once."""
+
+
+@dataclass(frozen=True, slots=True)
 class SaveState(Effect):
     """Write ``state.json`` (breakers, backoff, budget)."""
 

@@ -25,11 +25,11 @@ from typing import Any, Literal
 from nodemedic.backoff import Backoff
 from nodemedic.core.breaker import HALF_OPEN, OPEN, CircuitBreaker
 from nodemedic.core.budget import RepairBudget
-from nodemedic.core.effects import Effects, Instant, Later, LookAgain, Repair, Report, SaveState
+from nodemedic.core.effects import Effects, Instant, Later, LookAgain, Repair, Report, SaveState, Settle
 from nodemedic.core.nodeview import UNIT_REFUSED, NodeView
-from nodemedic.events import Event, ProbeAnswered, UnitChanged
+from nodemedic.events import Event, FileChanged, ProbeAnswered, UnitChanged
 from nodemedic.policy.match import Match, in_states, match, match_trigger
-from nodemedic.policy.model import Confirm, Mode, Policy, Rule
+from nodemedic.policy.model import Confirm, FileTrigger, Mode, Policy, Rule
 from nodemedic.report import RecordKind
 
 MAX_PENDING = 16
@@ -89,6 +89,7 @@ class RuleCore:
         self._waiting: dict[str, Match] = {}  # rule -> match held until its unit's state is known
         self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
         self._running: dict[str, RuleState] = {}  # repairs under way: their rule's state, kept over a reload
+        self._writes: dict[tuple[str, str], int] = {}  # (rule, file) -> writes seen while it settles
         self.replace_policy(policy)
 
     def replace_policy(self, policy: Policy) -> None:
@@ -117,8 +118,30 @@ class RuleCore:
                     self._decide(held, now, out)
         self._close_cleared(event)
         for m in match(self.policy.rule, event):
-            self._decide(m, now, out)
+            settle = _settle_of(m)
+            if settle is not None:
+                self._settle(m, *settle, out)
+            else:
+                self._decide(m, now, out)
         return out
+
+    def _settle(self, m: Match, path: str, settle: float, out: Effects) -> None:
+        """A file trigger with ``settle``: decide once the file has gone unwritten for ``settle``.
+        Each write counts; the timer of an earlier write finds a later one and does nothing, so a
+        write made in steps (half a runtime block, then the rest) is judged once, when complete."""
+        key = (m.rule.name, path)
+        seen = self._writes[key] = self._writes.get(key, 0) + 1
+
+        def settled(now: Instant) -> Effects:
+            if self._writes.get(key) != seen:
+                return []  # written again meanwhile: that write's own timer decides
+            del self._writes[key]
+            rule = self.rule(m.rule.name)
+            if rule is None:  # gone after a reload
+                return []
+            return self.decide(Match(rule, m.event, f"{m.trigger}, then left unchanged for {settle:g}s"), now)
+
+        out.append(Settle(settle, settled, f"settle {m.rule.name}"))
 
     def decide(self, m: Match, now: Instant, retry: bool = False) -> Effects:
         out: Effects = []
@@ -458,6 +481,17 @@ class RuleCore:
                 and event.active_state == "active"
             )
         return True
+
+
+def _settle_of(m: Match) -> tuple[str, float] | None:
+    """The file ``m`` says was written and how long it must then stay unwritten before its rule
+    decides; None to decide now (another event, or no ``settle``)."""
+    if not isinstance(m.event, FileChanged):
+        return None
+    path = m.event.path
+    files = [t for t in m.rule.trigger if isinstance(t, FileTrigger) and t.path == path]
+    settle = max((t.settle for t in files), default=0.0)
+    return (path, settle) if settle > 0 else None
 
 
 def _when(wall: float) -> str:

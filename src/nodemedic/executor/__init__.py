@@ -19,7 +19,17 @@ from typing import Any, Protocol
 
 from nodemedic.actions.base import ActionContext
 from nodemedic.core.budget import RepairBudget
-from nodemedic.core.effects import Effect, Effects, Instant, Later, LookAgain, Repair, Report, SaveState
+from nodemedic.core.effects import (
+    Effect,
+    Effects,
+    Instant,
+    Later,
+    LookAgain,
+    Repair,
+    Report,
+    SaveState,
+    Settle,
+)
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RuleCore, RuleState
 from nodemedic.events import Event, PathChanged
@@ -64,6 +74,7 @@ class Executor:
         self.handlers: dict[type[Any], Callable[[Any], None]] = {
             Report: self._report,
             Later: self._later,
+            Settle: self._later,
             SaveState: self._save,
             Repair: self._repair,
             LookAgain: self._look_again,

@@ -286,6 +286,11 @@ class FileTrigger(TriggerModel):
     source: Literal["file"]
     path: str
     """An absolute path; its folder must exist when nodemedic starts."""
+    settle: Duration = Field(default=0.0, le=60.0)
+    """Decide only once the file has not been written again for this long (at most 1 min): each
+    new write restarts the wait. A tool that writes the file in steps (the toolkit's runtime block:
+    half, then the rest within ~100 ms) is judged on what it leaves, never on a half-written file;
+    it adds ``settle`` to the repair's time. 0: decide at each write."""
 
     @field_validator("path")
     @classmethod

@@ -34,7 +34,7 @@ from nodemedic.actions.shims import LEFT_OVER, KillOrphanedShims
 from nodemedic.app import GOOD_CONFIGS
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs, config_problem
-from nodemedic.core.effects import Effect, Instant, Repair, Report
+from nodemedic.core.effects import Effect, Instant, Repair, Report, Settle
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RepairEnd, RuleCore
 from nodemedic.errors import (
@@ -737,6 +737,8 @@ def _effects(
                 decision.mode, decision.trigger = effect.mode, m.trigger
             else:  # stale: the executor would find nothing to do, and the rule may decide again
                 queue.extend(core.finished(m, effect.mode, RepairEnd("none"), now))
+        elif isinstance(effect, Settle):  # the file as it is now is the file as it will be judged
+            queue.extend(effect.then(now))
 
 
 # ---- naming the cases -----------------------------------------------------------------------------
@@ -865,9 +867,19 @@ _UNCOVERED_WOULD = {
 SYMPTOMS = ("unit", "probe")  # what any fault of containerd shows as well
 
 
+def _order(policy: Policy, name: str) -> int:
+    return next((i for i, r in enumerate(policy.rule) if r.name == name), len(policy.rule))
+
+
 def name_cases(policy: Policy, checks: list[Check], decisions: list[Decision], facts: Facts) -> list[Case]:
     """A case per rule the core would act on (or holds), then one per problem no such case covers."""
-    cases = [rule_case(d, policy, facts) for d in decisions]
+    cases: list[Case] = []
+    for case in [rule_case(d, policy, facts) for d in decisions]:
+        same = next((c for c in cases if c.fault and case.fault and c.name == case.name), None)
+        if same is None:
+            cases.append(case)
+        elif _order(policy, case.rule) < _order(policy, same.rule):
+            cases[cases.index(same)] = case  # one fault, one case: the rule the policy puts first
     named = {c.name for c in cases if c.fault}
     for check in sorted(checks, key=lambda c: c.name in SYMPTOMS):  # symptoms last
         if check.status != "problem" or check.name not in _UNCOVERED:

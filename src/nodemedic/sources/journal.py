@@ -142,7 +142,7 @@ class JournalFollower:
         now = self._clock.monotonic()
         if self._behind_since is None:
             self._behind_since = now
-        elif now - self._behind_since > self._catch_up:
+        elif now - self._behind_since >= self._catch_up:
             self._skip(reader)
             self._behind_since = None
         self._next_turn = asyncio.get_running_loop().call_soon(self._read, reader)

@@ -178,7 +178,8 @@ def report(result: dict[str, object], idle_cpu: float, load: str) -> None:
     say("RSS max / end", f"{max(rss):.1f} / {rss[-1]:.1f} MB (start {rss[0]:.1f})")
     say("  of it anonymous (RssAnon) max / end", f"{max(anon):.1f} / {anon[-1]:.1f} MB (start {anon[0]:.1f})")
     say(
-        "  of it mapped files (RssFile) max / end", f"{max(mapped):.1f} / {mapped[-1]:.1f} MB (journal files)"
+        "  mapped (RssFile+RssShmem) max / end",
+        f"{max(mapped):.1f} / {mapped[-1]:.1f} MB (journal files)",
     )
     if lags:
         lag = f"median {statistics.median(lags):.0f} ms   max {max(lags):.0f} ms   (n={len(lags)})"

@@ -2,7 +2,9 @@
 
 The reader is driven by its file descriptor on the event loop (no thread, no sleep loop). The
 cursor of the last entry handled is kept in the state directory, so a restarted daemon neither
-misses nor replays entries; with no cursor it starts at the end of the journal.
+misses nor replays entries; with no cursor it starts at the end of the journal. Of an entry only
+MESSAGE is read until the policy's filter (one RE2 search of every journal trigger's pattern) says
+a rule may want it: in a flood nearly every line costs that search and nothing more.
 
 Any local process can write an entry with any field it likes (``UNIT=containerd.service``,
 ``SYSLOG_IDENTIFIER=containerd``); only the fields whose names start with ``_`` are journald's own,

@@ -53,6 +53,8 @@ bench: deps
 	$(PY) bench/sighup_storm.py
 	$(PY) bench/second_guide.py
 	$(PY) bench/config_down.py
+	$(PY) bench/journal_lines.py
+	$(PY) bench/journal_flood.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

@@ -23,6 +23,7 @@ from nodemedic.events import Event
 from nodemedic.executor import Executor, keeping
 from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
 from nodemedic.metrics import Metrics, TextfileWriter
+from nodemedic.policy.match import journal_filter
 from nodemedic.policy.model import Policy
 from nodemedic.ports import Clock, SystemdManager, UnitControl, VersionProbe
 from nodemedic.report import Record, RecordKind, Reporter
@@ -71,6 +72,7 @@ class App:
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
     guard: SighupInterventions | None = None  # [sighup], unless mode = "off"
     wiring: Wiring | None = None  # None: the policy's sources are not rebuilt at a reload
+    journal: JournalFollower | None = None  # its filter follows the policy's journal triggers
 
     def policy_sources(self, policy: Policy) -> dict[str, Source]:
         """Fresh sources for ``policy``'s paths, files, probe and resource checks."""
@@ -102,7 +104,8 @@ def build_app(
     ctx = ActionContext(units or systemd, prober, clock, settings.quarantine, good_configs=good)
     app = _with_executor(policy, policy_path, ctx, report, events, systemd)
     executor = app.executor
-    follower = _journal(policy, events.put_nowait, clock, journal_dir)
+    follower = _journal(policy, events.put_nowait, clock, journal_dir, app.report)
+    app.journal = follower
     app.sources["journal"] = follower.run
     keeping.register(executor, settings, good)  # last-known-good copies of config.toml
     if policy.sighup.mode != "off":
@@ -175,17 +178,34 @@ def _export_metrics(app: App, clock: Clock, follower: JournalFollower) -> None:
         guard=guard,
         journal_lag=lambda: follower.lag,
         journal_last_read=lambda: follower.last_read,
+        journal_skipped=lambda: follower.skipped,
     )
     executor.listeners.append(metrics.record)  # every record
     app.sources["metrics"] = TextfileWriter(metrics, app.policy.daemon.metrics).run
 
 
 def _journal(
-    policy: Policy, emit: Callable[[Event], None], clock: Clock, journal_dir: str | None
+    policy: Policy,
+    emit: Callable[[Event], None],
+    clock: Clock,
+    journal_dir: str | None,
+    report: Callable[..., Record],
 ) -> JournalFollower:
+    """The journal source, making events only of the lines some journal trigger may fire on."""
     settings = policy.daemon
-    cursor = settings.state_dir / CURSOR_FILE
-    return JournalFollower(settings.journal_units, emit, clock, cursor_file=cursor, journal_dir=journal_dir)
+
+    def skipped(message: str, detail: str) -> None:
+        report(RecordKind.ERROR, message, SOURCE="journal", OUTCOME="skipped", DETAIL=detail)
+
+    return JournalFollower(
+        settings.journal_units,
+        emit,
+        clock,
+        cursor_file=settings.state_dir / CURSOR_FILE,
+        journal_dir=journal_dir,
+        wanted=journal_filter(policy.rule),
+        on_skip=skipped,
+    )
 
 
 def _say(report: Callable[..., Record], source: str) -> Callable[[str], None]:

@@ -20,6 +20,7 @@ from nodemedic.core.sighup_guard import RESTART_SOURCES
 from nodemedic.errors import PolicyError, SourceFailedError
 from nodemedic.events import Event
 from nodemedic.policy.load import load_policy
+from nodemedic.policy.match import journal_filter
 from nodemedic.policy.model import DaemonSettings, Policy
 from nodemedic.report import RecordKind
 from nodemedic.store import take_set_aside
@@ -188,6 +189,8 @@ class Daemon:
             self.app.report(RecordKind.DAEMON, message, PATH=str(path))
         self.app.policy = policy
         self.app.executor.replace_policy(policy)
+        if self.app.journal is not None:
+            self.app.journal.wanted = journal_filter(policy.rule)
         if self.app.guard is not None:
             self.app.guard.replace(policy.sighup, policy.daemon.mode)
         again = f"; followed again: {', '.join(restarted)}" if restarted else ""

@@ -87,6 +87,8 @@ HELP = {
     "(it stays while nothing is read).",
     "nodemedic_journal_last_read_timestamp_seconds": "Unix time the journal follower last read an "
     "entry (0: none yet).",
+    "nodemedic_journal_skipped_entries": "Journal entries the follower skipped unread because its "
+    "reading could not catch up (counted by sequence number: every unit's entries).",
     "nodemedic_metrics_written_timestamp_seconds": "Unix time this file's content was made.",
 }
 
@@ -116,8 +118,8 @@ class Metrics:
 
     ``record`` is an executor listener; ``changed`` is set by it, for the writer. ``guard`` is the
     SIGHUP guard's core (None: [sighup] is off); ``journal_lag`` reads how long the last journal
-    entry waited before it was read, and ``journal_last_read`` when (wall time) the follower last
-    read one."""
+    entry waited before it was read, ``journal_last_read`` when (wall time) the follower last
+    read one, and ``journal_skipped`` how many entries it skipped unread, behind a flood."""
 
     def __init__(
         self,
@@ -127,9 +129,11 @@ class Metrics:
         guard: SighupGuard | None = None,
         journal_lag: Callable[[], float] = lambda: 0.0,
         journal_last_read: Callable[[], float] = lambda: 0.0,
+        journal_skipped: Callable[[], int] = lambda: 0,
     ) -> None:
         self.executor, self.clock, self.guard = executor, clock, guard
         self._journal_lag, self._journal_last_read = journal_lag, journal_last_read
+        self._journal_skipped = journal_skipped
         self.changed = asyncio.Event()
         self.detected: Counter[str] = Counter()
         self.repairs: Counter[tuple[str, str]] = Counter()
@@ -240,6 +244,8 @@ class Metrics:
         yield _gauge("nodemedic_event_loop_lag_seconds", self.loop_lag)
         yield _gauge("nodemedic_journal_lag_seconds", self._journal_lag())
         yield _gauge("nodemedic_journal_last_read_timestamp_seconds", self._journal_last_read())
+        skipped = float(self._journal_skipped())
+        yield _family(CounterMetricFamily, "nodemedic_journal_skipped_entries", [], [([], skipped)])
         yield _gauge("nodemedic_metrics_written_timestamp_seconds", self.written)
 
     def _rule_families(self) -> Iterator[Metric]:

@@ -6,17 +6,21 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nodemedic.clock import MonotonicClock
 from nodemedic.events import JournalLine
-from nodemedic.sources.journal import JournalFollower
+from nodemedic.policy.load import load_policy
+from nodemedic.policy.match import journal_filter
+from nodemedic.sources.journal import KERNEL, JournalFollower
 
 from .helpers import Recorder, running
 from .journal_writer import CONTAINERD, JournalWriter, containerd_says, kubelet_says, systemd_says
 
 pytestmark = pytest.mark.component
+SHIPPED = Path(__file__).parents[2] / "policy" / "policy.toml"
 
 # Exact texts (domain.md): what containerd 1.6.20 and systemd logged in the lab.
 IS_A_DIRECTORY = "containerd: failed to get listener for main endpoint: is a directory"
@@ -231,3 +235,116 @@ async def test_a_forged_unit_field_is_not_containerd(
 
     assert (got.unit, got.message, got.pid) == (CONTAINERD, LEFT_OVER, 1)
     assert events.pending() == []
+
+
+# ---- a flood: the policy's filter, bounded batches, skipping ahead (issue 14) ----------------------
+
+FLOOD = 'time="2026-12-02T14:00:00Z" level=info msg="loading plugin" type=io.containerd.snapshotter.v1 n={}'
+
+
+@asynccontextmanager
+async def following_with(
+    journal_dir: Path, cursor_file: Path | None, **options: Any
+) -> AsyncIterator[Recorder]:
+    events = Recorder()
+    follower = JournalFollower(
+        [CONTAINERD, KERNEL],
+        events.emit,
+        MonotonicClock(),
+        cursor_file=cursor_file,
+        journal_dir=str(journal_dir),
+        **options,
+    )
+    async with running(events, follower.run()):
+        await asyncio.sleep(0)
+        yield events
+
+
+async def test_only_lines_a_rule_may_want_become_events(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """With the shipped policy's filter the rules get the same JournalLine as without it, and
+    nothing of the lines none of them looks for; the cursor is written at once after such a line."""
+    wanted = journal_filter(load_policy(SHIPPED, check_owner=False).rule)
+    async with following_with(journal_dir, cursor_file, wanted=wanted) as events:
+        await journal.write(
+            *(containerd_says(FLOOD.format(n)) for n in range(50)),
+            systemd_says(MAIN_EXITED),
+            kubelet_says(IS_A_DIRECTORY),
+            containerd_says(IS_A_DIRECTORY, pid=2345),
+        )
+        got = await line(events)
+        assert cursor_file.read_text(encoding="utf-8").strip() == got.cursor  # written at once
+        await journal.write(containerd_says(b"\xff" + LEFT_OVER.encode()), systemd_says(LEFT_OVER))
+        shim = await line(events)
+        await asyncio.sleep(0.3)  # room for any line that should not come
+
+    assert (got.unit, got.message, got.identifier, got.pid) == (
+        CONTAINERD,
+        IS_A_DIRECTORY,
+        "containerd",
+        2345,
+    )
+    assert (shim.unit, shim.message, shim.pid) == (CONTAINERD, LEFT_OVER, 1)
+    assert events.pending() == []
+
+
+async def test_a_flood_bigger_than_the_bound_is_skipped_once_and_said(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """nodemedic was behind (here: restarted after a flood) and does not catch up within the
+    bound: it reads from the journal's end, says once how many entries it skipped, and the line
+    after the flood is still seen. No more than a batch of lines is ever held."""
+    async with following(journal_dir, cursor_file) as events:
+        await journal.write(containerd_says("before"))
+        await line(events)
+    await journal.write(*(containerd_says(FLOOD.format(n)) for n in range(1000)))
+
+    said: list[tuple[str, str]] = []
+    options = {"batch": 10, "catch_up": 0.0, "on_skip": lambda m, d: said.append((m, d))}
+    async with following_with(journal_dir, cursor_file, **options) as events:
+        await asyncio.sleep(0.2)
+        await journal.write(containerd_says(IS_A_DIRECTORY))
+        last = await events.until(lambda e: isinstance(e, JournalLine) and e.message == IS_A_DIRECTORY)
+
+    assert len(said) == 1
+    message, detail = said[0]
+    # two full batches read (20 lines); the 980 after them up to the end skipped
+    assert "980 entries (of every unit) skipped" in message
+    assert "after cursor" in detail
+    flood = [e for e in events.seen if isinstance(e, JournalLine) and e.message.startswith("time=")]
+    assert len(flood) == 20
+    assert isinstance(last, JournalLine)
+    assert cursor_file.read_text(encoding="utf-8").strip() == last.cursor
+
+
+async def test_a_flood_of_lines_rules_want_is_handed_on_a_batch_at_a_time(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """Every line arrives, in order; the events queue, drained as the daemon's dispatch does,
+    never holds more than one batch."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    got: list[str] = []
+    most = 0
+
+    async def dispatch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, queue.qsize())
+            got.append((await queue.get()).message)
+
+    follower = JournalFollower(
+        [CONTAINERD], queue.put_nowait, MonotonicClock(), journal_dir=str(journal_dir), batch=25
+    )
+    consumer = asyncio.create_task(dispatch())
+    events = Recorder()
+    async with running(events, follower.run()):
+        await asyncio.sleep(0)
+        await journal.write(*(containerd_says(FLOOD.format(n)) for n in range(500)))
+        for _ in range(500):
+            if len(got) == 500:
+                break
+            await asyncio.sleep(0.01)
+    consumer.cancel()
+    assert got == [FLOOD.format(n) for n in range(500)]
+    assert 0 < most <= 25

@@ -31,6 +31,7 @@ NODEMEDIC_METRICS = """
     repair_budget_remaining repair_budget_limit sighups_total sighup_storms_total
     sighup_storm_active sighups_absorbed_total cgroups_frozen last_loop_timestamp_seconds
     event_loop_lag_seconds journal_lag_seconds journal_last_read_timestamp_seconds
+    journal_skipped_entries_total
     metrics_written_timestamp_seconds
 """
 METRICS = {f"nodemedic_{name}" for name in NODEMEDIC_METRICS.split()} | {"node_textfile_mtime_seconds"}

@@ -337,13 +337,34 @@ def lag_in(path: Path) -> float:
 
 
 class Reader:
-    """systemd-python's Reader as the follower drains it: entries, then nothing."""
+    """systemd-python's Reader as the follower reads it (its low-level calls): entries, then nothing."""
 
     def __init__(self, entries: list[dict[str, object]]) -> None:
         self.entries = entries
+        self.current: dict[str, object] = {}
 
-    def get_next(self) -> dict[str, object]:
-        return self.entries.pop(0) if self.entries else {}
+    def _next(self) -> bool:
+        if not self.entries:
+            return False
+        self.current = self.entries.pop(0)
+        return True
+
+    def _get(self, field: str) -> bytes:
+        return str(self.current[field]).encode()
+
+    def _get_all(self) -> dict[str, object]:
+        return dict(self.current)
+
+    def _convert_entry(self, entry: dict[str, object]) -> dict[str, object]:
+        return entry
+
+    def _get_cursor(self) -> str:
+        return str(self.current.get("__CURSOR", ""))
+
+    def _get_realtime(self) -> int:
+        stamp = self.current["__REALTIME_TIMESTAMP"]
+        assert isinstance(stamp, datetime)
+        return round(stamp.timestamp() * 1e6)
 
 
 def test_the_journal_follower_says_how_long_the_last_entry_waited() -> None:

@@ -5,12 +5,22 @@ policy/model.py), so a new kind of trigger needs no change here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodemedic.events import Event
-from nodemedic.policy.model import Rule, TriggerModel, in_states, known_bugs, version_tuple
+from nodemedic.policy.model import JournalTrigger, Rule, TriggerModel, in_states, known_bugs, version_tuple
+from nodemedic.policy.patterns import AnyPattern
 
-__all__ = ["Match", "in_states", "known_bugs", "match", "match_trigger", "version_tuple"]
+__all__ = [
+    "Match",
+    "in_states",
+    "journal_filter",
+    "known_bugs",
+    "match",
+    "match_trigger",
+    "version_tuple",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +47,11 @@ def match(rules: list[Rule], event: Event) -> list[Match]:
 def match_trigger(trig: TriggerModel, event: Event) -> str | None:
     """What fired, if ``trig`` fires on ``event``."""
     return trig.fires(event)
+
+
+def journal_filter(rules: list[Rule]) -> Callable[[bytes], bool]:
+    """Whether a journal line's MESSAGE (its first MESSAGE_LIMIT characters, UTF-8) may fire one of
+    ``rules``: one search for every journal trigger's pattern. A line it refuses fires none, so the
+    journal source need not make an event of it."""
+    patterns = [t.pattern for r in rules for t in r.trigger if isinstance(t, JournalTrigger)]
+    return AnyPattern(patterns).search

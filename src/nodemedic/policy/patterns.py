@@ -9,6 +9,7 @@ them is refused when the policy loads). Only the first ``MESSAGE_LIMIT`` charact
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
@@ -63,6 +64,25 @@ class Regex:
         return core_schema.no_info_plain_validator_function(
             _validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda r: r.pattern)
         )
+
+
+class AnyPattern:
+    """Whether any of several policy patterns occurs in a line, in one RE2 pass over it: the
+    journal source's filter, so that a line no rule looks for costs one search instead of one per
+    rule (the patterns as alternatives of one RE2 pattern; each one's flags stay its own)."""
+
+    __slots__ = ("_compiled",)
+
+    def __init__(self, patterns: Iterable[Regex]) -> None:
+        unique = sorted({p.pattern for p in patterns})
+        try:
+            self._compiled = [re2.compile("|".join(f"(?:{p})" for p in unique), _options())] if unique else []
+        except re2.error:  # together past RE2's program size: each on its own, as the rules do
+            self._compiled = [re2.compile(p, _options()) for p in unique]
+
+    def search(self, data: bytes) -> bool:
+        """``data``: the first MESSAGE_LIMIT characters of a line, UTF-8 (what Regex.search searches)."""
+        return any(c.search(data) is not None for c in self._compiled)
 
 
 def _validate(value: object) -> Regex:

@@ -2,7 +2,9 @@
 
 The reader is driven by its file descriptor on the event loop (no thread, no sleep loop). The
 cursor of the last entry handled is kept in the state directory, so a restarted daemon neither
-misses nor replays entries; with no cursor it starts at the end of the journal.
+misses nor replays entries; with no cursor it starts at the end of the journal. Of an entry only
+MESSAGE is read until the policy's filter (one RE2 search of every journal trigger's pattern) says
+a rule may want it: in a flood nearly every line costs that search and nothing more.
 
 Any local process can write an entry with any field it likes (``UNIT=containerd.service``,
 ``SYSLOG_IDENTIFIER=containerd``); only the fields whose names start with ``_`` are journald's own,
@@ -17,7 +19,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,25 @@ _CURSOR = re.compile(r"[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}")
 # look for are under 1 KiB, and journald takes entries up to 32 MiB from any local client, which
 # every rule's pattern would otherwise search, and every event and record would carry.
 MESSAGE_LIMIT = 8192
+# A flood (journald's rate limit lifted: 20,000 lines a second and more) is read from the journal
+# on disk, the buffer: a batch per turn of the loop, and if the reading does not reach the
+# journal's end for CATCH_UP seconds, the rest is skipped (and said) rather than read ever later.
+BATCH = 1000
+CATCH_UP = 10.0
+CURSOR_EVERY = 1.0  # seconds between writes of the cursor while no line is emitted
+_SEQNUM = re.compile(r"(?:^|;)s=([0-9a-f]+);i=([0-9a-f]+)")
 
 
 class JournalFollower:
-    """Emits a JournalLine for every new entry from or about ``units``."""
+    """Emits a JournalLine for every new entry from or about ``units`` that ``wanted`` lets through.
+
+    ``wanted`` is told each entry's MESSAGE as the policy's patterns search it (its first
+    MESSAGE_LIMIT characters, UTF-8) and says whether some rule may want the line; None: every
+    line. Entries are read in batches of at most ``batch``, one batch per turn of the event loop;
+    after ``catch_up`` seconds of reading without reaching the journal's end, the follower goes on
+    from the end and says with ``on_skip`` how many entries it passed over, and where (``skipped``
+    counts them).
+    """
 
     def __init__(
         self,
@@ -52,16 +68,28 @@ class JournalFollower:
         *,
         cursor_file: Path | None = None,
         journal_dir: str | None = None,
+        wanted: Callable[[bytes], bool] | None = None,
+        on_skip: Callable[[str, str], None] | None = None,
+        batch: int = BATCH,
+        catch_up: float = CATCH_UP,
     ) -> None:
         self.units = list(units)
+        self.wanted = wanted  # the app sets it from the policy, and again at a reload
         self._emit = emit
         self._clock = clock
         self._cursor_file = cursor_file
         self._journal_dir = journal_dir
+        self._on_skip = on_skip or (lambda message, detail: log.warning("%s", message))
+        self._batch = batch
+        self._catch_up = catch_up
         self._cursor = ""
         self._saved = ""
+        self._saved_at = -CURSOR_EVERY  # monotonic time of the last write of the cursor file
+        self._behind_since: float | None = None  # monotonic time the reading last found no end
+        self._next_turn: asyncio.Handle | None = None
         self.lag = 0.0  # seconds the last entry read waited in the journal (its realtime to now)
         self.last_read = 0.0  # wall time the last entry was read (0: none yet); lag freezes meanwhile
+        self.skipped = 0  # entries passed over unread (by sequence number: every unit's)
 
     async def run(self) -> None:
         if not self.units:
@@ -70,11 +98,14 @@ class JournalFollower:
         loop = asyncio.get_running_loop()
         fd = reader.fileno()
         try:
-            self._drain(reader)
+            self._read(reader)
             loop.add_reader(fd, self._on_readable, reader)
             await asyncio.Future()  # runs until cancelled
         finally:
             loop.remove_reader(fd)
+            if self._next_turn is not None:
+                self._next_turn.cancel()
+            self._save_cursor(at_once=True)
             reader.close()
 
     def _open(self) -> Any:
@@ -100,18 +131,58 @@ class JournalFollower:
 
     def _on_readable(self, reader: Any) -> None:
         reader.process()
-        self._drain(reader)
+        if self._next_turn is None:  # else the batch already due reads the new entries too
+            self._read(reader)
 
-    def _drain(self, reader: Any) -> None:
-        while entry := reader.get_next():
+    def _read(self, reader: Any) -> None:
+        """One batch; while more wait, the next one in a later turn of the loop, after the events
+        of this one were handled (so no more than a batch of lines is ever held in memory)."""
+        self._next_turn = None
+        if not self._drain(reader):
+            self._behind_since = None
+            return
+        now = self._clock.monotonic()
+        if self._behind_since is None:
+            self._behind_since = now
+        elif now - self._behind_since >= self._catch_up:
+            self._skip(reader)
+            self._behind_since = None
+        self._next_turn = asyncio.get_running_loop().call_soon(self._read, reader)
+
+    def _drain(self, reader: Any) -> bool:
+        """Read at most a batch of entries; those ``wanted`` lets through become JournalLines.
+        True: the batch was full, more may wait. Only MESSAGE is read of an entry no rule wants."""
+        wanted, read, emitted = self.wanted, 0, False
+        while read < self._batch and reader._next():
+            read += 1
+            if wanted is None or wanted(_searched(reader)):
+                self._cursor = reader._get_cursor()
+                line = self._line(reader._convert_entry(reader._get_all()))
+                if line is not None:
+                    self._emit(line)
+                    emitted = True
+        if read:
+            self._cursor = reader._get_cursor() or self._cursor
             self.last_read = self._clock.wall()
-            self._cursor = str(entry.get("__CURSOR", self._cursor))
-            if isinstance(stamp := entry.get("__REALTIME_TIMESTAMP"), datetime):
-                self.lag = max(0.0, self._clock.wall() - stamp.timestamp())
-            line = self._line(entry)
-            if line is not None:
-                self._emit(line)
-        self._save_cursor()
+            self.lag = max(0.0, self.last_read - reader._get_realtime() / 1e6)
+        self._save_cursor(at_once=emitted)
+        return read == self._batch
+
+    def _skip(self, reader: Any) -> None:
+        """Reading has not caught up for ``catch_up`` seconds: go on from the journal's end."""
+        before = self._cursor
+        reader.seek_tail()
+        if reader._previous():  # the newest entry of the units: reading goes on after it
+            self._cursor = reader._get_cursor()
+        count = entries_between(before, self._cursor)
+        self.skipped += max(count, 0)
+        self._save_cursor(at_once=True)
+        told = f"{count} entries" if count >= 0 else "an unknown number of entries"
+        self._on_skip(
+            f"journal reading fell behind for {self._catch_up:g} s; {told} (of every unit) skipped "
+            "unread, reading goes on from the journal's end",
+            f"skipped after cursor {before or '(none)'} up to {self._cursor}",
+        )
 
     def _line(self, entry: Mapping[str, object]) -> JournalLine | None:
         return line_from_entry(entry, self.units, self._clock.monotonic(), self._cursor)
@@ -122,10 +193,16 @@ class JournalFollower:
         # a damaged file is moved aside (and reported at start-up): start at the end of the journal
         return load_checked(self._cursor_file, _checked_cursor) or ""
 
-    def _save_cursor(self) -> None:
-        # The fd wakes on every write by any unit: write (and fsync) only when we moved on.
+    def _save_cursor(self, *, at_once: bool) -> None:
+        """Write (and fsync) the cursor if we moved on: at once after a line was emitted (a restart
+        must not hand it to the rules again), else at most every CURSOR_EVERY seconds (in a flood
+        the fd wakes for nearly every line; lines read again after a crash are filtered again)."""
         if self._cursor_file is None or not self._cursor or self._cursor == self._saved:
             return
+        now = self._clock.monotonic()
+        if not at_once and now - self._saved_at < CURSOR_EVERY:
+            return
+        self._saved_at = now
         if save_best_effort(self._cursor_file, self._cursor + "\n"):  # a failure is said once
             self._saved = self._cursor
 
@@ -143,6 +220,29 @@ def add_matches(reader: Any, units: Collection[str]) -> None:
         reader.add_disjunction()
         for transport in KERNEL_TRANSPORTS:
             reader.add_match(_TRANSPORT=transport)
+
+
+def entries_between(before: str, after: str) -> int:
+    """How many entries lie between two cursors of one journal (by the sequence numbers in
+    them, every unit's entries counted); -1 when they do not say (another journal, no cursor)."""
+    a, b = _SEQNUM.search(before), _SEQNUM.search(after)
+    if a is None or b is None or a.group(1) != b.group(1):
+        return -1
+    return max(0, int(b.group(2), 16) - int(a.group(2), 16))
+
+
+def _searched(reader: Any) -> bytes:
+    """The current entry's MESSAGE as the policy's patterns search it: its first MESSAGE_LIMIT
+    characters in UTF-8 (what `line_from_entry` and `Regex.search` make of it). A short ASCII
+    line, nearly every line, is searched as journald holds it, without a copy. Of a repeated
+    MESSAGE field (journald's own transports never write one) the first value is searched."""
+    try:
+        data: bytes = reader._get("MESSAGE")
+    except KeyError:  # no MESSAGE at all
+        return b""
+    if len(data) <= MESSAGE_LIMIT and data.isascii():
+        return data
+    return _text(data, MESSAGE_LIMIT).encode("utf-8", "replace")
 
 
 def _checked_cursor(text: str) -> str:

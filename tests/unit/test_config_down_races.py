@@ -46,7 +46,7 @@ LINE = "containerd: failed to load TOML: /etc/containerd/config.toml: (5, 40): u
 class Node:
     """The executor with the shipped policy, its paths moved under ``tmp``."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mode: str = "enforce") -> None:
         self.config = tmp / "config.toml"
         self.config.write_text(GOOD)
         run = tmp / "run" / "containerd"
@@ -54,6 +54,7 @@ class Node:
         self.sock, self.sockets = run / "containerd.sock", list[socket.socket]()
         text = SHIPPED.read_text().replace("/etc/containerd/config.toml", str(self.config))
         text = text.replace("/run/containerd", str(run)).replace("/var/lib/nodemedic", str(tmp / "state"))
+        text = text.replace('mode = "enforce"', f'mode = "{mode}"', 1)
         self.clock, self.units, self.sink = FakeClock(), FakeUnits(), MemorySink()
         self.units.on_start = lambda unit: None
         good = GoodConfigs(tmp / "good")
@@ -222,3 +223,17 @@ async def test_an_operators_stop_during_the_repair_is_not_undone(node: Node) -> 
     assert node.units.calls == []
     assert node.config.read_text() == GOOD, "restored before the stop"
     assert node.outcomes() == [("containerd-config-broken-while-down", "operator-stop")]
+
+
+async def test_observe_mode_says_it_would_restart_after_the_restore(tmp_path: Path) -> None:
+    """after_change in observe mode: the restore it would make counts, so the restart, the verify
+    and kubelet's restart are said as they would be done."""
+    node = Node(tmp_path, mode="observe")
+    sighup(node)
+    node.write(HALF)
+    await node.after(0.3)
+    would = [r.fields["ACTION"] for r in node.sink.of(RecordKind.ACTION) if r.fields["OUTCOME"] == "would-do"]
+    assert would == ["restore-config", "restart-unit", "verify-containerd", "restart-unit"]
+    assert node.units.calls == []
+    assert node.config.read_text() == HALF
+    node.close()

@@ -55,6 +55,7 @@ class Run:
     applied: list[str] = dataclasses.field(default_factory=list)  # the actions that changed something
     stopped: list[str] = dataclasses.field(default_factory=list)  # units it stopped, not started yet
     halted: str = ""  # the unit an operator stopped during the repair: nothing after it was done
+    would: list[str] = dataclasses.field(default_factory=list)  # observe: the actions that would change
 
 
 class Repairs:
@@ -286,7 +287,7 @@ class Repairs:
             action = build_action(params)
             fields = {**run.common, "ACTION": action.name}
             try:
-                ctx = dataclasses.replace(ctx, changed=tuple(run.applied))
+                ctx = dataclasses.replace(ctx, changed=(*run.applied, *run.would))
                 step = self._unless_stopped_meanwhile(run, await action.check(ctx))
                 if isinstance(step, Skip):
                     self._say_skipped(run, fields, step)
@@ -345,6 +346,8 @@ class Repairs:
         )
 
     def _say_would(self, run: Run, fields: dict[str, str], step: Step) -> None:
+        if step.changes:  # what follows only after a change (after_change) is said as it would be
+            run.would.append(fields["ACTION"])
         where = {"UNIT": step.unit, "PATH": " ".join(step.paths)}
         message = f"would {step.summary}"
         self.ex.report(

@@ -113,6 +113,31 @@ def sighup(node: Node) -> None:
     node.ex.handle(UnitChanged(UNIT, "activating", "auto-restart", exec_main_code=2, exec_main_status=1))
 
 
+def slow_config_check(monkeypatch: pytest.MonkeyPatch, held: int | None) -> asyncio.Event:
+    """The confirm's config check answers the ``held``-th call (every call: None) only once the
+    event returned is set, with the verdict it took when called."""
+    real, gate, calls = runner.config_problem, asyncio.Event(), []
+
+    async def slow(path: Path) -> str | None:
+        calls.append(path)
+        nth = len(calls)
+        verdict = await real(path)
+        if held in (None, nth):
+            await gate.wait()
+        return verdict
+
+    monkeypatch.setattr(runner, "config_problem", slow)
+    return gate
+
+
+def half_written_while_down(node: Node) -> None:
+    """SIGHUP, the toolkit's first step, its settle over: the while-down rule decides."""
+    sighup(node)
+    node.write(HALF)
+    node.clock.advance(0.3)
+    node.clock.run_due()
+
+
 async def test_a_start_between_the_two_steps_is_not_restored_over(node: Node) -> None:
     """systemd starts containerd between the toolkit's two writes; it fails on the half file and
     says so: the journal rule waits for the file to settle, and the finished file loads."""
@@ -137,22 +162,9 @@ async def test_one_fault_gets_one_repair_when_the_other_rule_finished_meanwhile(
 ) -> None:
     """Both config rules confirm the same broken file; the second's check returns only after the
     first repair has restored the file and restarted containerd: it must look again, not act."""
-    real, gate, calls = runner.config_problem, asyncio.Event(), []
-
-    async def slow_second_check(path: Path) -> str | None:
-        calls.append(path)
-        nth = len(calls)
-        verdict = await real(path)
-        if nth == 2:  # the second rule's confirm: taken now, answered late
-            await gate.wait()
-        return verdict
-
-    monkeypatch.setattr(runner, "config_problem", slow_second_check)
-    sighup(node)
-    node.write(HALF)
-    node.clock.advance(0.3)
-    node.clock.run_due()  # the while-down rule decides...
-    node.ex.handle(JournalLine(UNIT, LINE))  # ...and containerd met the file: the journal rule too
+    gate = slow_config_check(monkeypatch, held=2)  # the second rule's confirm: answered late
+    half_written_while_down(node)
+    node.ex.handle(JournalLine(UNIT, LINE))  # containerd met the file: the journal rule too
     first, _second = node.tasks
     await first
     assert node.restarts() == 1
@@ -181,18 +193,8 @@ async def test_nothing_restored_restarts_nothing(node: Node, monkeypatch: pytest
 async def test_an_operators_stop_during_the_config_check_is_respected(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, gate = runner.config_problem, asyncio.Event()
-
-    async def slow_check(path: Path) -> str | None:
-        verdict = await real(path)
-        await gate.wait()
-        return verdict
-
-    monkeypatch.setattr(runner, "config_problem", slow_check)
-    sighup(node)
-    node.write(HALF)
-    node.clock.advance(0.3)
-    node.clock.run_due()
+    gate = slow_config_check(monkeypatch, held=None)
+    half_written_while_down(node)
     await asyncio.sleep(0.05)  # the while-down rule checks the file...
     node.ex.handle(UnitChanged(UNIT, "inactive", "dead", exec_main_code=2, exec_main_status=1))
     gate.set()  # ...and an operator ran systemctl stop meanwhile

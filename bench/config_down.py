@@ -3,7 +3,8 @@
 Each run boots a fresh lab node (real systemd, D-Bus, journald, containerd 1.6.20), starts nodemedic
 with the shipped policy (the last-known-good copy taken after 1 s instead of 1 min), SIGHUPs
 containerd as the toolkit does and, once systemd has scheduled its automatic restart (RestartSec=5s,
-SubState auto-restart), writes the toolkit's half-written runtime block over config.toml. Measured
+SubState auto-restart), writes a half-written runtime block over config.toml (the nvidia runtime's
+table and an options line cut off mid-value, as the toolkit's first step leaves it). Measured
 inside the node with its wall clock: fault (the write) -> containerd answering `ctr version` again
 (polled every 10 ms), and which rule repaired it, how many restores were made and whether containerd
 met the broken file (its "failed to load TOML" line).
@@ -26,7 +27,13 @@ from lab.node import Node
 from stats import summary
 
 CONFIG = "/etc/containerd/config.toml"
-BROKEN = 'version = 2\\n[plugins."io.containerd.grpc.v1.cri"\\n  sandbox_image = "pause"\\n'
+# printf's format: \\n is a newline in the file. It ends inside a string: containerd refuses it.
+BROKEN = (
+    'version = 2\\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia]\\n'
+    '  runtime_type = "io.containerd.runc.v2"\\n'
+    '  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia.options]\\n'
+    '    BinaryName = "/usr/bin/nvidia-contai'
+)
 BREAK_AND_WAIT = (
     f"t0=$(date +%s.%N); printf '{BROKEN}' > {CONFIG}; "
     "until ctr --timeout 1s --connect-timeout 1s version >/dev/null 2>&1; do sleep 0.01; done; "

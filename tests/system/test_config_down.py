@@ -125,3 +125,47 @@ def test_a_two_step_write_is_left_as_written(node: Node, down: bool) -> None:
     assert not records(node, rule=EDITED, kind="detected")
     assert node.sh(f"ls {CONFIG}.broken-* 2>/dev/null", check=False).stdout == "", "nothing kept aside"
     assert not refused(node)
+
+
+@pytest.mark.parametrize("restart", ["on-failure", "no"])
+def test_broken_while_down_after_a_sighup_without_restart(node: Node, restart: str) -> None:
+    """With Restart=on-failure (or no) a SIGHUP leaves containerd inactive/dead (systemd counts the
+    signal as a clean exit: Result=success, ExecMainCode=2, ExecMainStatus=1), with no stop job:
+    no operator's stop, so the broken file is restored and containerd started again."""
+    good = with_a_good_copy(node)
+    node.write_file(
+        "/run/systemd/system/containerd.service.d/50-test-restart.conf", f"[Service]\nRestart={restart}\n"
+    )
+    node.run("systemctl", "daemon-reload")
+    node.sh("kill -HUP $(systemctl show -p MainPID --value containerd.service)")
+    wait_for(
+        lambda: node.unit_property("containerd.service", "ActiveState") == "inactive", 10, "containerd dead"
+    )
+    assert node.unit_property("containerd.service", "ExecMainStatus") == "1", "died of SIGHUP"
+    node.write_file(CONFIG, BROKEN)
+    wait_for(lambda: records(node, rule=DOWN, outcome="repaired"), 15, "the repaired record")
+    assert containerd_serving(node)
+    assert node.run("sha256sum", CONFIG).stdout.split()[0] == good, "restored byte for byte"
+    assert not records(node, outcome="operator-stop"), "a death, not an operator's stop"
+
+
+def test_a_start_between_the_two_steps_is_not_restored_over(node: Node) -> None:
+    """containerd (re)started between the toolkit's two writes fails on the half file and says so in
+    the journal: the journal rule (containerd-config-broken) waits for the file to settle too, and
+    leaves the file the toolkit finishes; systemd's next automatic start serves on it."""
+    with_a_good_copy(node)
+    first = node.sh(f"cat {CONFIG}").stdout + RUNTIME
+    node.write_file("/root/first", first)
+    node.write_file("/root/rest", REST)
+    sighup_containerd(node)
+    node.sh(
+        f"cat /root/first > {CONFIG}; (sleep 0.2; cat /root/rest >> {CONFIG}) & "
+        "systemctl restart containerd.service; wait",
+        check=False,
+    )
+    assert refused(node), "containerd met the half-written file (the case under test)"
+    wait_for(lambda: containerd_serving(node), 20, "containerd serving on the file as written")
+    time.sleep(1)
+    assert node.sh(f"cat {CONFIG}").stdout == first + REST, "the final file is left as written"
+    assert not records(node, action="restore-config"), "no restore"
+    assert node.sh(f"ls {CONFIG}.broken-* 2>/dev/null", check=False).stdout == "", "nothing kept aside"

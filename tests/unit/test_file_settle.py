@@ -16,7 +16,7 @@ import pytest
 from nodemedic.core.effects import Effects, Instant, Later, Repair, Report, Settle
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.rules import RuleCore
-from nodemedic.events import Event, FileChanged, UnitChanged
+from nodemedic.events import Event, FileChanged, JournalLine, UnitChanged
 from nodemedic.policy.load import load_policy, parse_policy
 from nodemedic.policy.model import FileTrigger
 
@@ -166,3 +166,86 @@ def test_settle_is_bounded() -> None:
             "action": [{"do": "restore-config"}]}  # fmt: skip
     with pytest.raises(PolicyError, match="settle"):
         parse_policy({"rule": [rule]})
+
+
+# ---- review findings (issue 14, goal 3): each failed before its fix -----------------------------
+
+BROKEN_RULE = "containerd-config-broken"
+LINE = "containerd: failed to load TOML: /etc/containerd/config.toml: (2, 2): unexpected token"
+
+
+def sighup_death(before: str = "active") -> list[UnitChanged]:
+    """What D-Bus says of a SIGHUP'd containerd with Restart=on-failure (or no) under systemd 252:
+    ExecMain* first (the Service interface), then inactive/dead with Result=success."""
+    return [
+        UnitChanged(UNIT, before, "running", main_pid=42, exec_main_code=2, exec_main_status=1),
+        UnitChanged(UNIT, "inactive", "dead", result="success", exec_main_code=2, exec_main_status=1),
+    ]
+
+
+def test_a_death_by_sighup_without_restart_is_no_operators_stop() -> None:
+    clock = node(containerd("active", "running"), *sighup_death())
+    assert UNIT not in clock.core.view.stopped_by_others
+    write(clock)
+    clock.advance(1.0)
+    assert [r.match.rule.name for r in clock.repairs] == [DOWN]
+    assert not [r for r in clock.reports if r.fields.get("OUTCOME") == "operator-stop"]
+
+
+@pytest.mark.parametrize(
+    "states",
+    [
+        # systemctl stop while containerd waits for its restart: ExecMain* still tell of the SIGHUP
+        [containerd("activating", "auto-restart"),
+         UnitChanged(UNIT, "inactive", "dead", exec_main_code=2, exec_main_status=1)],
+        # systemctl stop of a running unit: deactivating first, then the stop's SIGTERM death
+        [containerd("deactivating", "stop-sigterm"),
+         UnitChanged(UNIT, "inactive", "dead", exec_main_code=2, exec_main_status=15)],
+        # containerd exits 0 on the stop's SIGTERM, the deactivating state unseen
+        [UnitChanged(UNIT, "inactive", "dead", exec_main_code=1, exec_main_status=0)],
+    ],
+)  # fmt: skip
+def test_a_stop_job_is_still_an_operators_stop(states: list[UnitChanged]) -> None:
+    clock = node(containerd("active", "running"), *states)
+    assert UNIT in clock.core.view.stopped_by_others
+    write(clock)
+    clock.advance(1.0)
+    assert clock.repairs == []
+
+
+def test_the_journal_rule_waits_for_a_file_written_in_steps() -> None:
+    """systemd's start lands between the toolkit's two steps and fails on the half file: the journal
+    rule judges the file once the last step has settled, not the half (nor the finished file)."""
+    clock = node(containerd("active", "running"), containerd("activating", "auto-restart"))
+    write(clock)  # the half runtime block
+    clock.advance(0.05)
+    clock.feed(containerd("activating", "start"))
+    clock.feed(JournalLine(UNIT, LINE))  # containerd failed on the half file
+    clock.feed(containerd("activating", "auto-restart"))
+    assert clock.repairs == [], "not decided on a file written 50 ms ago"
+    clock.advance(0.1)
+    write(clock)  # the rest
+    clock.advance(0.39)
+    assert clock.repairs == []
+    clock.advance(0.41)
+    assert sorted(r.match.rule.name for r in clock.repairs) == [BROKEN_RULE, DOWN]
+    assert all("left unchanged for 0.3s" in r.match.trigger for r in clock.repairs)
+
+
+def test_the_journal_rule_decides_at_once_on_a_file_not_written_lately() -> None:
+    clock = node(containerd("active", "running"))
+    write(clock)
+    clock.advance(5.0)
+    clock.feed(containerd("activating", "auto-restart"))
+    clock.feed(JournalLine(UNIT, LINE))
+    assert [r.match.rule.name for r in clock.repairs] == [EDITED, BROKEN_RULE]
+
+
+def test_many_writes_keep_one_timer_per_rule() -> None:
+    clock = node(containerd("active", "running"))
+    for _ in range(50):
+        write(clock)
+        clock.advance(clock.now + 0.01)
+    assert len(clock.timers) == 2
+    clock.advance(10.0)
+    assert [r.match.rule.name for r in clock.repairs] == [EDITED]

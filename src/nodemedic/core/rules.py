@@ -89,7 +89,8 @@ class RuleCore:
         self._waiting: dict[str, Match] = {}  # rule -> match held until its unit's state is known
         self._fired: dict[str, list[float]] = {}  # when each rule's triggers fired (monotonic)
         self._running: dict[str, RuleState] = {}  # repairs under way: their rule's state, kept over a reload
-        self._writes: dict[tuple[str, str], int] = {}  # (rule, file) -> writes seen while it settles
+        self._written: dict[str, float] = {}  # file -> when it was last written (monotonic)
+        self._settling: dict[tuple[str, str], Match] = {}  # (rule, file) -> the match decided once it settles
         self.replace_policy(policy)
 
     def replace_policy(self, policy: Policy) -> None:
@@ -116,32 +117,64 @@ class RuleCore:
                 if held.rule.confirm is not None and held.rule.confirm.unit == event.unit:
                     del self._waiting[name]
                     self._decide(held, now, out)
+        if isinstance(event, FileChanged):
+            self._written[event.path] = now.monotonic
         self._close_cleared(event)
         for m in match(self.policy.rule, event):
-            settle = _settle_of(m)
+            settle = self._settle_of(m, now)
             if settle is not None:
-                self._settle(m, *settle, out)
+                self._settle(m, *settle, now, out)
             else:
                 self._decide(m, now, out)
         return out
 
-    def _settle(self, m: Match, path: str, settle: float, out: Effects) -> None:
-        """A file trigger with ``settle``: decide once the file has gone unwritten for ``settle``.
-        Each write counts; the timer of an earlier write finds a later one and does nothing, so a
-        write made in steps (half a runtime block, then the rest) is judged once, when complete."""
+    def _settle_of(self, m: Match, now: Instant) -> tuple[str, float] | None:
+        """The file ``m`` must wait for and how long after its last write; None to decide now.
+        A rule's own file trigger with ``settle``; and any other trigger (containerd's journal
+        line, say) of a rule whose confirm reads a file written less than its settle ago: the
+        toolkit's half-written file may have failed a start systemd made between its two steps,
+        and the rule must judge the file it finishes, not the half."""
+        path = (
+            m.event.path if isinstance(m.event, FileChanged) else (m.rule.confirm or Confirm()).config_broken
+        )
+        if path is None:
+            return None
+        settle = _settle_for(self.policy, path)
+        if settle <= 0:
+            return None
+        if (
+            not isinstance(m.event, FileChanged)
+            and self._written.get(path, -settle) + settle <= now.monotonic
+        ):
+            return None  # not written lately: the file is as written
+        return path, settle
+
+    def _settle(self, m: Match, path: str, settle: float, now: Instant, out: Effects) -> None:
+        """Decide once the file has gone unwritten for ``settle`` (each write restarts the wait),
+        so a write made in steps (half a runtime block, then the rest) is judged once, complete.
+        One timer per rule and file: a later write moves it on, a later match replaces the one
+        it will decide."""
         key = (m.rule.name, path)
-        seen = self._writes[key] = self._writes.get(key, 0) + 1
+        pending = key in self._settling
+        self._settling[key] = m
+        if not pending:
+            written = self._written.get(path, now.monotonic)
+            out.append(self._settle_timer(key, settle, written + settle - now.monotonic, written))
+
+    def _settle_timer(self, key: tuple[str, str], settle: float, delay: float, written: float) -> Settle:
+        name, path = key
 
         def settled(now: Instant) -> Effects:
-            if self._writes.get(key) != seen:
-                return []  # written again meanwhile: that write's own timer decides
-            del self._writes[key]
-            rule = self.rule(m.rule.name)
-            if rule is None:  # gone after a reload
+            last = self._written.get(path, written)
+            if last != written:  # written again meanwhile: wait for that write's settle
+                return [self._settle_timer(key, settle, last + settle - now.monotonic, last)]
+            m = self._settling.pop(key, None)
+            rule = self.rule(name)
+            if m is None or rule is None:  # gone after a reload
                 return []
             return self.decide(Match(rule, m.event, f"{m.trigger}, then left unchanged for {settle:g}s"), now)
 
-        out.append(Settle(settle, settled, f"settle {m.rule.name}"))
+        return Settle(delay, settled, f"settle {name}")
 
     def decide(self, m: Match, now: Instant, retry: bool = False) -> Effects:
         out: Effects = []
@@ -232,6 +265,17 @@ class RuleCore:
         if any(seen):
             return True
         return None if None in seen else False
+
+    def stop_respected(self, rule: Rule) -> Effects | None:
+        """Asked by the executor right before a repair acts: None if the rule may act on its unit,
+        else what to say (once) of an operator's stop, or of a masked unit, since it decided."""
+        unit, state = (rule.confirm or Confirm()).unit, self.states.get(rule.name)
+        if unit is None or unit not in self.view.stopped_by_others | self.view.unstartable():
+            return None
+        out: Effects = []
+        if state is not None:
+            self._respect_stop(rule, state, unit, out)
+        return out
 
     def _respect_stop(self, rule: Rule, state: RuleState, unit: str, out: Effects) -> None:
         seen = self.view.state(unit)
@@ -483,15 +527,11 @@ class RuleCore:
         return True
 
 
-def _settle_of(m: Match) -> tuple[str, float] | None:
-    """The file ``m`` says was written and how long it must then stay unwritten before its rule
-    decides; None to decide now (another event, or no ``settle``)."""
-    if not isinstance(m.event, FileChanged):
-        return None
-    path = m.event.path
-    files = [t for t in m.rule.trigger if isinstance(t, FileTrigger) and t.path == path]
-    settle = max((t.settle for t in files), default=0.0)
-    return (path, settle) if settle > 0 else None
+def _settle_for(policy: Policy, path: str) -> float:
+    """How long ``path`` must go unwritten before a rule judges it: the longest ``settle`` of the
+    policy's file triggers on it (0: judged at once)."""
+    files = [t for r in policy.rule for t in r.trigger if isinstance(t, FileTrigger) and t.path == path]
+    return max((t.settle for t in files), default=0.0)
 
 
 def _when(wall: float) -> str:

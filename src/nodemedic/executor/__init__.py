@@ -52,6 +52,26 @@ class Core(Protocol):
     def handle(self, event: Event, now: Instant) -> Effects: ...
 
 
+class ChangeLock:
+    """The one lock every change to the node holds, counting its releases: a repair that confirmed
+    its fault before taking the lock re-confirms it if a change was made since (``generation``
+    moved), so a verdict taken while another repair ran is never acted on stale."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self.generation = 0  # bumped each time a change's hold of the lock ends
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.generation += 1
+        self._lock.release()
+
+
 class Executor:
     def __init__(
         self,
@@ -69,7 +89,7 @@ class Executor:
         self._store = store
         self.view = NodeView()
         self.rules = RuleCore(policy, self.view)
-        self.lock = asyncio.Lock()  # repairs never overlap (two rules, one containerd)
+        self.lock = ChangeLock()  # repairs never overlap (two rules, one containerd)
         self.cores: list[Core] = []
         self.handlers: dict[type[Any], Callable[[Any], None]] = {
             Report: self._report,

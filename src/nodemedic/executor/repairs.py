@@ -54,6 +54,8 @@ class Run:
     event: Event | None = None
     applied: list[str] = dataclasses.field(default_factory=list)  # the actions that changed something
     stopped: list[str] = dataclasses.field(default_factory=list)  # units it stopped, not started yet
+    halted: str = ""  # the unit an operator stopped during the repair: nothing after it was done
+    would: list[str] = dataclasses.field(default_factory=list)  # observe: the actions that would change
 
 
 class Repairs:
@@ -80,8 +82,9 @@ class Repairs:
         m, mode = effect.match, effect.mode
         end = RepairEnd("none")
         try:
+            generation = self.ex.lock.generation  # before the confirm: a change meanwhile makes it stale
             if await self._confirmed(m, mode):
-                end = await self._incident(m, mode, effect.retry)
+                end = await self._incident(m, mode, effect.retry, generation)
         finally:  # whatever happened, the rule may decide again
             self.ex.run(self.ex.rules.finished(m, mode, end, self.ex.now()))
 
@@ -139,17 +142,21 @@ class Repairs:
             return orphans
         return self._reported_orphans.first_seen(orphans, proof.params.proc)
 
-    async def _incident(self, m: Match, mode: Mode, retry: bool) -> RepairEnd:
+    async def _incident(self, m: Match, mode: Mode, retry: bool, generation: int) -> RepairEnd:
         run = self._begin(m, mode, retry)
         try:
             if mode != "enforce":
                 failure = await self._actions(run)
             else:
-                waited = self.ex.lock.locked()
                 async with self.ex.lock:
-                    if waited and not await self._still_there(m.rule):
+                    if self._stop_respected(m.rule):
+                        return self._respected(m.rule, run)
+                    changed = self.ex.lock.generation != generation  # a change since the confirm
+                    if changed and not await self._still_there(m.rule):
                         return self._gone(m.rule, run)
                     failure = await self._actions(run)
+                    if run.halted:
+                        return self._respected(m.rule, run)
         except Exception as exc:  # a bug must not kill the daemon; it is recorded
             self._internal_error(m.rule, exc, run.common, "repair", counted=bool(run.applied))
             if not run.applied:
@@ -188,6 +195,30 @@ class Repairs:
             verb, decided = "observe mode: reporting what would be done", "observe"
         self.ex.report(RecordKind.DECIDED, f"{rule.name}: {verb}", **run.common, OUTCOME=decided)
         return run
+
+    def _stop_respected(self, rule: Rule) -> bool:
+        """Right before acting, every time: has an operator stopped the rule's unit (or is it masked)
+        since the rule decided? (during the config check, or while waiting for the lock)"""
+        said = self.ex.rules.stop_respected(rule)
+        if said is None:
+            return False
+        self.ex.run(said)
+        return True
+
+    def _respected(self, rule: Rule, run: Run) -> RepairEnd:
+        """An operator's stop (or a mask) came after the rule decided: not acted on, or not past it."""
+        unit = run.halted or (rule.confirm.unit if rule.confirm else "") or ""
+        done = f"; done before it: {', '.join(run.applied)}" if run.applied else "; nothing changed"
+        message = f"{rule.name}: {unit} was stopped by someone else (or masked) meanwhile, not started{done}"
+        self.ex.report(
+            RecordKind.OUTCOME,
+            message,
+            **run.common,
+            UNIT=unit,
+            OUTCOME="operator-stop",
+            ELAPSED_MS=self._ms(run.started),
+        )
+        return RepairEnd("none")
 
     def _gone(self, rule: Rule, run: Run) -> RepairEnd:
         message = f"{rule.name}: gone once the repair before it had finished; nothing to do, nothing changed"
@@ -256,8 +287,8 @@ class Repairs:
             action = build_action(params)
             fields = {**run.common, "ACTION": action.name}
             try:
-                ctx = dataclasses.replace(ctx, changed=tuple(run.applied))
-                step = await action.check(ctx)
+                ctx = dataclasses.replace(ctx, changed=(*run.applied, *run.would))
+                step = self._unless_stopped_meanwhile(run, await action.check(ctx))
                 if isinstance(step, Skip):
                     self._say_skipped(run, fields, step)
                 elif run.mode != "enforce":
@@ -267,6 +298,8 @@ class Repairs:
                     done = await action.apply(ctx, step)
                     checked = await action.verify(ctx, step)
                     self._say_done(run, fields, step, done, checked)
+                if run.halted:
+                    return None
             except (NodemedicError, OSError) as exc:  # OSError: the file system said no
                 self._say_failed(run, fields, f"{action.name} failed: {exc}", str(exc))
                 return f"{action.name}: {exc}"
@@ -276,6 +309,17 @@ class Repairs:
                 )
                 raise
         return None
+
+    def _unless_stopped_meanwhile(self, run: Run, step: Step | Skip) -> Step | Skip:
+        """A start or restart of a unit an operator stopped (or masked) during the repair is not
+        made, and ends the repair: the unit is theirs until it runs again."""
+        view = self.ex.view
+        if isinstance(step, Skip) or run.mode != "enforce" or step.unit_effect not in ("starts", "restarts"):
+            return step
+        if step.unit not in (view.stopped_by_others | view.unstartable()) - set(run.stopped):
+            return step
+        run.halted = step.unit
+        return Skip(f"{step.unit} was stopped by someone else during the repair: not started again")
 
     def _before_apply(self, run: Run, index: int, name: str, step: Step) -> None:
         """What a change needs before it is made: the record (a crash from here on is finished at
@@ -302,6 +346,8 @@ class Repairs:
         )
 
     def _say_would(self, run: Run, fields: dict[str, str], step: Step) -> None:
+        if step.changes:  # what follows only after a change (after_change) is said as it would be
+            run.would.append(fields["ACTION"])
         where = {"UNIT": step.unit, "PATH": " ".join(step.paths)}
         message = f"would {step.summary}"
         self.ex.report(

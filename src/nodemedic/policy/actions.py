@@ -144,6 +144,10 @@ class VerifyContainerdParams(BaseModel):
     """The deadline for containerd to answer after the repair."""
     request_timeout: PositiveDuration = 1.0
     """The deadline of each Version request."""
+    after_change: bool = False
+    """Only if an earlier action of the same repair changed something: a repair that restored
+    nothing (and so restarted nothing, ``restart-unit`` with ``after_change``) leaves containerd to
+    systemd and has nothing to verify."""
 
 
 class SignalUnitParams(BaseModel):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lab.cri import CriClient, CriError, CriPod, prepare_cri, run_hostpath_pod
 from lab.node import Node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -637,30 +638,63 @@ def _start_directory_watch(node: Node, path: str, timeout: float) -> subprocess.
     return watch
 
 
-def cri_socket_dir(
-    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
-) -> float:
-    """The incident's directory made by containerd's own CRI plugin (lab/cri.py; the node booted
-    with ``containers=True``): a client (the kubelet's part) opens its connection to containerd,
-    the socket file at ``path`` is unlinked while containerd runs (``rm``: it stands for whatever
-    unlinks a live socket; the open connection outlives it), then a pod with a hostPath volume of
-    ``path`` (type unset) is created over that connection: CreateContainer's ``WithMounts`` finds
-    the host path missing and does ``MkdirAll``. Returns the node's wall-clock time at which the
-    directory appeared (inotify, inside the node). See docs/incident.md for when else it can."""
-    from lab.cri import CriClient, prepare_cri, run_hostpath_pod
+@dataclass(frozen=True)
+class CriHostpathFault:
+    """What `cri_hostpath_fault` did: node wall-clock times, the pod if the CRI plugin made it."""
 
+    unlinked_at: float
+    """Just before the socket file was unlinked."""
+    directory_at: float | None
+    """When the CRI plugin's MkdirAll made the directory; None if it made none (the path existed
+    again when CreateContainer looked, e.g. a placeholder put there in time)."""
+    pod: CriPod | None
+    """The pod, if every CRI call succeeded (a repair may stop containerd in the middle)."""
+    error: str | None
+    """containerd's error if a CRI call failed."""
+
+
+def cri_hostpath_fault(
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
+) -> CriHostpathFault:
+    """The incident's directory made by containerd's own CRI plugin (lab/cri.py; the node booted
+    with ``containers=True``, `prepare_cri` done before nodemedic starts: it restarts containerd
+    once). A client (the kubelet's part) opens its connection to containerd; the socket file at
+    ``path`` is unlinked while containerd runs (``rm``: it stands for whatever unlinks a live
+    socket; the open connection outlives it); then a pod with a hostPath volume of ``path`` (type
+    unset) is created over that connection: CreateContainer's ``WithMounts`` finds the host path
+    missing and does ``MkdirAll(path, 0755)``. The directory's time comes from inotify inside the
+    node. See docs/incident.md for why this is the one case in which the CRI plugin makes it."""
     prepare_cri(node)
     watch = _start_directory_watch(node, path, timeout)
+    pod, error = None, None
     try:
         with CriClient(node) as client:
             client.connect()
-            node.run("rm", "-f", "--", path)
-            run_hostpath_pod(node, name, path, client=client)
-        said = watch.communicate(timeout=timeout + 10)[0].split()
+            unlinked_at = float(node.sh(f"date +%s.%N && rm -f -- {path}").stdout)
+            try:
+                pod = run_hostpath_pod(node, name, path, client=client)
+            except CriError as err:  # e.g. a repair stopped containerd once the directory was there
+                error = str(err)
+        try:  # WithMounts ran inside CreateContainer: the directory, if any, is there by now
+            said = watch.communicate(timeout=1)[0].split()
+        except subprocess.TimeoutExpired:
+            said = []
     finally:
         if watch.poll() is None:
             watch.kill()
             watch.wait()
-    if not said or said[-1] == "never":
-        raise TimeoutError(f"no directory appeared at {path} within {timeout:g}s of the CRI pod")
-    return float(said[-1])
+    made = float(said[-1]) if said and said[-1] != "never" else None
+    return CriHostpathFault(unlinked_at, made, pod, error)
+
+
+def cri_socket_dir(
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
+) -> float:
+    """`cri_hostpath_fault`, the real mechanism beside the stand-ins (`make_directory_at`,
+    `hostpath_racer`): returns the node's wall-clock time at which containerd's CRI plugin made
+    the directory at ``path``; raises TimeoutError if it made none."""
+    fault = cri_hostpath_fault(node, path, name, timeout)
+    if fault.directory_at is None:
+        why = f": {fault.error}" if fault.error else ""
+        raise TimeoutError(f"the CRI plugin made no directory at {path}{why}")
+    return fault.directory_at

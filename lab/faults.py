@@ -150,6 +150,19 @@ def directory_until_serving(node: Node, path: str, timeout: float) -> tuple[floa
     return float(fault), None if serving == "never" else float(serving)
 
 
+def serving_again(node: Node, timeout: float) -> float | None:
+    """From now, poll inside the node (every 10 ms, each try ~20-40 ms) until containerd answers
+    ``ctr version`` on a socket; the node's wall-clock time it did, None if not within ``timeout``."""
+    script = (
+        f"end=$(( $(date +%s) + {int(timeout)} )); "
+        f"until ctr --timeout 1s version >/dev/null 2>&1 && test -S {SOCKET}; do "
+        f'  if [ "$(date +%s)" -ge "$end" ]; then echo never; exit 0; fi; sleep 0.01; '
+        "done; date +%s.%N"
+    )
+    said = node.sh(script, timeout=timeout + 30).stdout.split()[-1]
+    return None if said == "never" else float(said)
+
+
 def run_container(node: Node, name: str) -> int:
     """A real container (busybox through runc, no registry), kept running; returns its shim's PID.
     The node must be booted with ``containers=True``."""
@@ -602,7 +615,8 @@ def step_nodemedic_clock(node: Node, offset: str) -> None:
 
 _DIRECTORY_WATCH = r"""
 # Lab measurement (not a stand-in): inotify on the socket's folder; prints the wall-clock time at
-# which a directory named like the socket path is created there, then exits.
+# which a directory named like the socket path is created there (its mtime if it is still there
+# when this wakes, else the time of waking), then exits.
 import ctypes, os, struct, sys, time
 folder, name, timeout = os.path.dirname(sys.argv[1]), os.path.basename(sys.argv[1]), float(sys.argv[2])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -621,6 +635,10 @@ while time.monotonic() < end:
         _wd, mask, _cookie, size = struct.unpack("iIII", data[:16])
         entry, data = data[16:16 + size].rstrip(b"\0").decode(), data[16 + size:]
         if entry == name and mask & IN_ISDIR:
+            try:  # the new directory's mtime is its mkdir, to the nanosecond (tmpfs)
+                now = min(now, os.lstat(sys.argv[1]).st_mtime_ns / 1e9)
+            except OSError:
+                pass
             print(f"{now:.6f}", flush=True)
             sys.exit(0)
 print("never", flush=True)

@@ -412,29 +412,46 @@ def _container_config(name: str, host_path: str) -> Any:
     )
 
 
+def run_sandbox(node: Node, name: str, client: CriClient | None = None) -> str:
+    """RunPodSandbox in the node's network namespace; the sandbox's ID."""
+    m = cri()
+    with _client(node, client) as c:
+        response = c.call("RunPodSandbox", m["RunPodSandboxRequest"](config=_sandbox_config(name)))
+    return str(response.pod_sandbox_id)
+
+
+def start_hostpath_container(
+    node: Node, sandbox_id: str, name: str, host_path: str = SOCKET, client: CriClient | None = None
+) -> str:
+    """CreateContainer + StartContainer of a busybox ``sleep`` with a hostPath mount of
+    ``host_path`` in the sandbox ``name`` (`run_sandbox`), as the kubelet does (also for every
+    restart of a crashlooping container: the sandbox stays). CreateContainer is where the CRI
+    plugin's ``WithMounts`` creates a missing host path as a directory. The container's ID."""
+    m = cri()
+    config = _container_config(name, host_path)
+    request = m["CreateContainerRequest"](pod_sandbox_id=sandbox_id, config=config,
+                                          sandbox_config=_sandbox_config(name))  # fmt: skip
+    with _client(node, client) as c:
+        container_id = str(c.call("CreateContainer", request).container_id)
+        c.call("StartContainer", m["StartContainerRequest"](container_id=container_id))
+    return container_id
+
+
 def run_hostpath_pod(
     node: Node, name: str, host_path: str = SOCKET, client: CriClient | None = None
 ) -> CriPod:
-    """RunPodSandbox (node network namespace), then CreateContainer + StartContainer of a busybox
-    ``sleep`` with a hostPath mount of ``host_path``, as the kubelet does. CreateContainer is where
-    the CRI plugin's ``WithMounts`` creates a missing host path as a directory. With ``client``
-    the requests go over that (already open) connection. Raises CriError with containerd's error."""
-    m = cri()
-    sandbox = _sandbox_config(name)
+    """`run_sandbox`, then `start_hostpath_container`: a running pod with a hostPath mount of
+    ``host_path``. With ``client`` the requests go over that (already open) connection. Raises
+    CriError with containerd's error (the sandbox is removed again if the container failed)."""
     with _client(node, client) as c:
-        sandbox_id = c.call("RunPodSandbox", m["RunPodSandboxRequest"](config=sandbox)).pod_sandbox_id
+        sandbox_id = run_sandbox(node, name, c)
         try:
-            config = _container_config(name, host_path)
-            request = m["CreateContainerRequest"](
-                pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox
-            )
-            created = c.call("CreateContainer", request)
-            c.call("StartContainer", m["StartContainerRequest"](container_id=created.container_id))
+            container_id = start_hostpath_container(node, sandbox_id, name, host_path, c)
         except CriError:
             with contextlib.suppress(CriError):
                 _remove_sandbox(c, sandbox_id)
             raise
-    return CriPod(sandbox_id, created.container_id, name)
+    return CriPod(sandbox_id, container_id, name)
 
 
 def container_state(node: Node, pod: CriPod, client: CriClient | None = None) -> str:

@@ -5,14 +5,16 @@ Shared by the system tests, `make demo` and the benchmarks, so all three inject 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lab.cri import CriClient, CriError, CriPod, prepare_cri, run_hostpath_pod
+from lab.cri import CriClient, CriError, CriPod, prepare_cri, run_sandbox, start_hostpath_container
 from lab.node import Node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -672,25 +674,31 @@ class CriHostpathFault:
 
 
 def cri_hostpath_fault(
-    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0, gap: float = 0.0
 ) -> CriHostpathFault:
     """The incident's directory made by containerd's own CRI plugin (lab/cri.py; the node booted
     with ``containers=True``, `prepare_cri` done before nodemedic starts: it restarts containerd
-    once). A client (the kubelet's part) opens its connection to containerd; the socket file at
-    ``path`` is unlinked while containerd runs (``rm``: it stands for whatever unlinks a live
-    socket; the open connection outlives it); then a pod with a hostPath volume of ``path`` (type
-    unset) is created over that connection: CreateContainer's ``WithMounts`` finds the host path
-    missing and does ``MkdirAll(path, 0755)``. The directory's time comes from inotify inside the
-    node. See docs/incident.md for why this is the one case in which the CRI plugin makes it."""
+    once). As the kubelet restarting a crashlooping container: the pod's sandbox runs, the
+    kubelet's connection to containerd is open; the socket file at ``path`` is unlinked while
+    containerd runs (from the host through the node's root: it stands for whatever unlinks a live
+    socket; the open connection outlives it); ``gap`` seconds later CreateContainer + StartContainer
+    of a container with a hostPath volume of ``path`` (type unset) go over that connection, and
+    CreateContainer's ``WithMounts`` finds the host path missing and does ``MkdirAll(path, 0755)``.
+    The directory's time comes from inotify inside the node (its mtime). The host and the node
+    share one wall clock. See docs/incident.md for why this is the one case in which the CRI
+    plugin makes the directory."""
     prepare_cri(node)
     watch = _start_directory_watch(node, path, timeout)
-    pod, error = None, None
+    container, error = None, None
     try:
         with CriClient(node) as client:
-            client.connect()
-            unlinked_at = float(node.sh(f"date +%s.%N && rm -f -- {path}").stdout)
+            sandbox = run_sandbox(node, name, client)
+            unlinked_at = time.time()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{node.root}{path}")
+            time.sleep(gap)
             try:
-                pod = run_hostpath_pod(node, name, path, client=client)
+                container = start_hostpath_container(node, sandbox, name, path, client)
             except CriError as err:  # e.g. a repair stopped containerd once the directory was there
                 error = str(err)
         try:  # WithMounts ran inside CreateContainer: the directory, if any, is there by now
@@ -702,6 +710,7 @@ def cri_hostpath_fault(
             watch.kill()
             watch.wait()
     made = float(said[-1]) if said and said[-1] != "never" else None
+    pod = CriPod(sandbox, container, name) if container else None
     return CriHostpathFault(unlinked_at, made, pod, error)
 
 

@@ -200,14 +200,21 @@ class CriClient:
         except grpc.FutureTimeoutError:
             raise CriError(f"no connection to containerd at {self.target} within {timeout:g}s") from None
 
-    def call(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        """One RuntimeService call; containerd's error becomes a CriError with its message."""
+    def future(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """Send one RuntimeService request without waiting: a grpc.Future (`call` raises
+        containerd's error as CriError; here ``.exception()`` holds the RpcError)."""
+        return self._stub(method, request).future(request, timeout=timeout)
+
+    def _stub(self, method: str, request: Any) -> Any:
         name = type(request).DESCRIPTOR.name
         response_type = cri()[name.removesuffix("Request") + "Response"]
-        stub = self.channel.unary_unary(RUNTIME + method, request_serializer=type(request).SerializeToString,
+        return self.channel.unary_unary(RUNTIME + method, request_serializer=type(request).SerializeToString,
                                         response_deserializer=response_type.FromString)  # fmt: skip
+
+    def call(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """One RuntimeService call; containerd's error becomes a CriError with its message."""
         try:
-            return stub(request, timeout=timeout)
+            return self._stub(method, request)(request, timeout=timeout)
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else None
             detail = err.details() if isinstance(err, grpc.Call) else str(err)
@@ -420,6 +427,15 @@ def run_sandbox(node: Node, name: str, client: CriClient | None = None) -> str:
     return str(response.pod_sandbox_id)
 
 
+def create_container_request(sandbox_id: str, sandbox_name: str, name: str, host_path: str = SOCKET) -> Any:
+    """The CreateContainerRequest for container ``name`` with a hostPath mount of ``host_path`` in
+    the sandbox `run_sandbox` made for ``sandbox_name``."""
+    config = _container_config(name, host_path)
+    return cri()["CreateContainerRequest"](
+        pod_sandbox_id=sandbox_id, config=config, sandbox_config=_sandbox_config(sandbox_name)
+    )
+
+
 def start_hostpath_container(
     node: Node, sandbox_id: str, name: str, host_path: str = SOCKET, client: CriClient | None = None
 ) -> str:
@@ -428,9 +444,7 @@ def start_hostpath_container(
     restart of a crashlooping container: the sandbox stays). CreateContainer is where the CRI
     plugin's ``WithMounts`` creates a missing host path as a directory. The container's ID."""
     m = cri()
-    config = _container_config(name, host_path)
-    request = m["CreateContainerRequest"](pod_sandbox_id=sandbox_id, config=config,
-                                          sandbox_config=_sandbox_config(name))  # fmt: skip
+    request = create_container_request(sandbox_id, name, name, host_path)
     with _client(node, client) as c:
         container_id = str(c.call("CreateContainer", request).container_id)
         c.call("StartContainer", m["StartContainerRequest"](container_id=container_id))

@@ -8,13 +8,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import signal
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lab.cri import CriClient, CriError, CriPod, prepare_cri, run_sandbox, start_hostpath_container
+from lab.cri import (
+    CriClient,
+    CriError,
+    CriPod,
+    create_container_request,
+    prepare_cri,
+    run_sandbox,
+    runtime_ready,
+    start_hostpath_container,
+)
 from lab.node import Node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -714,12 +725,98 @@ def cri_hostpath_fault(
     return CriHostpathFault(unlinked_at, made, pod, error)
 
 
+def containerd_host_pid(node: Node) -> int:
+    """containerd's main PID as the host sees it (the node has its own PID namespace): the
+    process in the node's PID namespace whose innermost PID is the unit's MainPID."""
+    main = node.unit_property("containerd.service", "MainPID")
+    namespace = os.readlink(f"/proc/{node.leader}/ns/pid")
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                status = Path(f"/proc/{entry}/status").read_text()
+                nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+                if nspid.split()[-1] == main:
+                    return int(entry)
+    raise RuntimeError(f"containerd's main PID {main} is not among the node's processes")
+
+
+@dataclass(frozen=True)
+class CriStopRace:
+    """What `cri_stop_race` did: how many clean stops it tried, and when the directory appeared
+    (None: not within the tries)."""
+
+    attempts: int
+    directory_at: float | None
+
+
+def _restart_cri(node: Node) -> None:
+    node.run("systemctl", "reset-failed", "containerd.service", check=False)
+    node.run("systemctl", "restart", "containerd.service", timeout=60)
+    wait_for(lambda: runtime_ready(node), 30, "the CRI plugin to be ready")
+
+
+def _stop_during_create(node: Node, client: CriClient, sandbox: str, name: str, path: str) -> None:
+    """CreateContainer sent, and SIGTERM to containerd (what `systemctl stop` sends) 2-10 ms
+    later, busy-waited; returns once that containerd has exited."""
+    pid = containerd_host_pid(node)
+    future = client.future("CreateContainer", create_container_request(sandbox, "stop-race", name, path))
+    delay = random.uniform(0.002, 0.010)  # noqa: S311 -- spreading a race over its window, not crypto
+    start = time.perf_counter()
+    while time.perf_counter() - start < delay:
+        pass
+    os.kill(pid, signal.SIGTERM)
+    future.exception()  # done: created, or cut off by the stop
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "containerd to exit")
+
+
+def cri_stop_race(node: Node, path: str = SOCKET, tries: int = 200) -> CriStopRace:
+    """The second real way (docs/incident.md, case (b)): no one unlinks anything, containerd is
+    stopped cleanly while a CreateContainer with a hostPath volume of ``path`` is in flight.
+    SIGTERM makes containerd call grpc-go's ``Server.Stop``, which closes the listeners (Go
+    unlinks the socket file) before the connections and does not wait for running handlers: a
+    handler that reaches ``WithMounts`` after that finds the path missing and makes it a
+    directory. Tried up to ``tries`` times (a clean restart between tries; about 5 % hit in the
+    lab, 1 s a try) until the directory appears; containerd is then left down, systemd's automatic
+    restart failing on the directory: the incident's end state. Times from inotify in the node."""
+    prepare_cri(node)
+    _restart_cri(node)
+    with CriClient(node) as client:
+        sandbox = run_sandbox(node, "stop-race", client)
+    watch = _start_directory_watch(node, path, tries * 30.0)
+    attempts = 0
+    try:
+        while attempts < tries and watch.poll() is None:
+            if attempts:
+                _restart_cri(node)
+            attempts += 1
+            with CriClient(node) as client:
+                _stop_during_create(node, client, sandbox, f"stop-race-{attempts}", path)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watch.wait(timeout=0.2)
+        said = watch.communicate(timeout=1)[0].split() if watch.poll() is not None else []
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    made = float(said[-1]) if said and said[-1] != "never" else None
+    return CriStopRace(attempts, made)
+
+
 def cri_socket_dir(
-    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0, via: str = "unlink"
 ) -> float:
-    """`cri_hostpath_fault`, the real mechanism beside the stand-ins (`make_directory_at`,
-    `hostpath_racer`): returns the node's wall-clock time at which containerd's CRI plugin made
-    the directory at ``path``; raises TimeoutError if it made none."""
+    """The real mechanism beside the stand-ins (`make_directory_at`, `hostpath_racer`): returns
+    the node's wall-clock time at which containerd's own CRI plugin made the directory at
+    ``path``; raises TimeoutError if it made none. ``via="unlink"``: `cri_hostpath_fault`
+    (containerd keeps running, refusing new clients); ``via="stop"``: `cri_stop_race` (a clean
+    stop with a CreateContainer in flight; containerd is left down on the directory)."""
+    if via == "stop":
+        race = cri_stop_race(node, path)
+        if race.directory_at is None:
+            raise TimeoutError(f"no directory at {path} in {race.attempts} clean stops in CreateContainer")
+        return race.directory_at
+    if via != "unlink":
+        raise ValueError(f"via must be 'unlink' or 'stop', not {via!r}")
     fault = cri_hostpath_fault(node, path, name, timeout)
     if fault.directory_at is None:
         why = f": {fault.error}" if fault.error else ""

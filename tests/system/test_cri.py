@@ -1,7 +1,8 @@
 """The lab's real CRI mechanism (lab/cri.py): containerd 1.6.20's own CRI plugin, driven over the
 CRI v1 API as the kubelet drives it, runs a pod with a hostPath volume of the socket path, and
-makes a directory there in exactly one case (docs/incident.md): containerd running, its socket
-file unlinked, the request arriving over a connection that outlived the unlink."""
+makes a directory there only while it runs with its socket file gone (docs/incident.md): the
+socket unlinked under a connection that outlived it, or a clean stop with a CreateContainer in
+flight; never while containerd is down, never at its start."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from lab.cri import (
     run_hostpath_pod,
     runtime_ready,
 )
-from lab.faults import SOCKET, TTRPC, cri_socket_dir, sighup_containerd, wait_for
+from lab.faults import SOCKET, TTRPC, cri_socket_dir, cri_stop_race, sighup_containerd, wait_for
 from lab.node import Node
 
 pytestmark = pytest.mark.system
@@ -99,6 +100,21 @@ def test_no_directory_while_containerd_is_down(cri_node: Node) -> None:
     assert kind(node) == "missing"
     containerd_restarted(node)
     assert kind(node) == "socket"
+
+
+def test_a_clean_stop_during_create_container_leaves_a_directory(cri_node: Node) -> None:
+    """No one unlinks anything: containerd stopped (SIGTERM) while a CreateContainer with a
+    hostPath of the socket is in flight. grpc-go's Stop closes the listener (the socket file goes)
+    and does not wait for the handler, whose WithMounts then makes the directory (a few % of tries)."""
+    node = cri_node
+    race = cri_stop_race(node)
+    assert race.directory_at is not None, f"no directory in {race.attempts} tries"
+    assert kind(node) == "directory"
+    node.run("systemctl", "start", "containerd.service", check=False, timeout=60)
+    failed = node.run("journalctl", "-q", "-u", "containerd.service", "--grep", "is a directory", check=False)
+    assert "failed to get listener for main endpoint: is a directory" in failed.stdout
+    node.run("rmdir", SOCKET)  # lab clean-up, as above
+    containerd_restarted(node)
 
 
 @pytest.mark.parametrize("how", ["restart", "sighup"])

@@ -1,6 +1,7 @@
 """The socket-directory incident with the real mechanism (issue 18): containerd's own CRI plugin
 makes the directory (lab.faults.cri_socket_dir: the socket unlinked under a live connection, then
-a pod with a hostPath volume of it), and nodemedic repairs it: containerd serves again."""
+a pod with a hostPath volume of it; or a clean stop with such a CreateContainer in flight), and
+nodemedic repairs it: containerd serves again."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ pytestmark = pytest.mark.system
 RULE = "socket-path-is-directory"
 
 
-@pytest.mark.parametrize("path", [SOCKET, TTRPC], ids=["containerd.sock", "containerd.sock.ttrpc"])
-def test_directory_made_by_the_cri_plugin_is_repaired(node_factory: Callable[..., Node], path: str) -> None:
+@pytest.mark.parametrize(("path", "via"), [(SOCKET, "unlink"), (TTRPC, "unlink"), (SOCKET, "stop")],
+                         ids=["containerd.sock", "containerd.sock.ttrpc", "clean-stop-race"])  # fmt: skip
+def test_directory_made_by_the_cri_plugin_is_repaired(
+    node_factory: Callable[..., Node], path: str, via: str
+) -> None:
     node = node_factory(containers=True)
     prepare_cri(node)  # before nodemedic: it restarts containerd once for the lab's CRI settings
     start_nodemedic(node)
 
-    made_at = cri_socket_dir(node, path)
+    made_at = cri_socket_dir(node, path, via=via)
 
     wait_for(lambda: records(node, rule=RULE, outcome="repaired"), 30, "nodemedic's 'repaired' record")
     assert containerd_serving(node)

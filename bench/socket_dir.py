@@ -7,7 +7,10 @@ directory at the socket path by one of two mechanisms (--mechanism):
   - cri: the real thing (lab.faults.cri_hostpath_fault): containerd running, its socket file
     unlinked under an open CRI connection, and containerd's own CRI plugin makes the directory
     for a hostPath pod of the socket path (CreateContainer's WithMounts MkdirAll). containerd
-    stays active with no socket: new clients get "connection refused" (the incident's pod log).
+    stays active with no socket: new clients get "connection refused" (the incident's pod log);
+  - cri-stop: the real thing without any unlink (lab.faults.cri_stop_race): containerd stopped
+    cleanly (SIGTERM) while such a CreateContainer is in flight, tried until the CRI plugin makes
+    the directory (a few % of tries); containerd is left down on it.
 Measured inside the node with its wall clock, from the directory's appearance (standin: just
 before the mkdir; cri: inotify):
   - fault -> nodemedic's "detected" journald record (the record's own timestamp);
@@ -30,6 +33,7 @@ from lab.cri import prepare_cri
 from lab.faults import (
     SOCKET,
     cri_hostpath_fault,
+    cri_socket_dir,
     directory_until_serving,
     realtime,
     records,
@@ -58,15 +62,20 @@ def cri_fault(node: Node, timeout: float) -> tuple[float, float | None]:
     return fault.directory_at, serving_again(node, timeout)
 
 
-MECHANISMS = {"standin": standin_fault, "cri": cri_fault}
-STUCK = {"standin": "restart loop", "cri": "containerd active, its socket a directory: clients refused"}
+def cri_stop_fault(node: Node, timeout: float) -> tuple[float, float | None]:
+    return cri_socket_dir(node, via="stop"), serving_again(node, timeout)
+
+
+MECHANISMS = {"standin": standin_fault, "cri": cri_fault, "cri-stop": cri_stop_fault}
+STUCK = {"standin": "restart loop", "cri": "containerd active, its socket a directory: clients refused",
+         "cri-stop": "restart loop"}  # fmt: skip
 
 
 def one_run(
     image: Path, mechanism: str, with_nodemedic: bool, baseline_wait: float
 ) -> tuple[float | None, float | None]:
-    with Node.boot(image=image, containers=mechanism == "cri") as node:
-        if mechanism == "cri":
+    with Node.boot(image=image, containers=mechanism.startswith("cri")) as node:
+        if mechanism.startswith("cri"):
             prepare_cri(node)  # before nodemedic: it restarts containerd once for the lab's settings
         if with_nodemedic:
             start_nodemedic(node)
@@ -84,7 +93,8 @@ def main() -> int:
     )
     parser.add_argument("--mechanism", choices=sorted(MECHANISMS), default="standin",
                         help="what makes the directory: the stand-in mkdir after a SIGHUP, or the real "
-                        "CRI plugin (default standin)")  # fmt: skip
+                        "CRI plugin after an unlink (cri) or in a clean stop (cri-stop); "
+                        "default standin")  # fmt: skip
     parser.add_argument("--runs", type=int, default=10, help="runs with nodemedic (default 10)")
     parser.add_argument("--baseline-runs", type=int, default=1, help="runs without nodemedic (default 1)")
     parser.add_argument("--baseline-wait", type=float, default=60.0,

@@ -5,12 +5,27 @@ Shared by the system tests, `make demo` and the benchmarks, so all three inject 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lab.cri import (
+    CriClient,
+    CriError,
+    CriPod,
+    create_container_request,
+    prepare_cri,
+    run_sandbox,
+    runtime_ready,
+    start_hostpath_container,
+)
 from lab.node import Node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,6 +161,19 @@ def directory_until_serving(node: Node, path: str, timeout: float) -> tuple[floa
     )
     fault, serving = node.sh(script, timeout=timeout + 30).stdout.split()
     return float(fault), None if serving == "never" else float(serving)
+
+
+def serving_again(node: Node, timeout: float) -> float | None:
+    """From now, poll inside the node (every 10 ms, each try ~20-40 ms) until containerd answers
+    ``ctr version`` on a socket; the node's wall-clock time it did, None if not within ``timeout``."""
+    script = (
+        f"end=$(( $(date +%s) + {int(timeout)} )); "
+        f"until ctr --timeout 1s version >/dev/null 2>&1 && test -S {SOCKET}; do "
+        f'  if [ "$(date +%s)" -ge "$end" ]; then echo never; exit 0; fi; sleep 0.01; '
+        "done; date +%s.%N"
+    )
+    said = node.sh(script, timeout=timeout + 30).stdout.split()[-1]
+    return None if said == "never" else float(said)
 
 
 def run_container(node: Node, name: str) -> int:
@@ -594,3 +622,203 @@ def step_nodemedic_clock(node: Node, offset: str) -> None:
     """Step nodemedic's wall clock to ``offset`` from the real one (renamed into place: never read half
     written)."""
     node.sh(f"printf '%s\\n' '{offset}' > {FAKETIME_FILE}.tmp && mv -f {FAKETIME_FILE}.tmp {FAKETIME_FILE}")
+
+
+# ---- the real mechanism (issue 18): containerd's own CRI plugin makes the directory ------------
+
+_DIRECTORY_WATCH = r"""
+# Lab measurement (not a stand-in): inotify on the socket's folder; prints the wall-clock time at
+# which a directory named like the socket path is created there (its mtime if it is still there
+# when this wakes, else the time of waking), then exits.
+import ctypes, os, struct, sys, time
+folder, name, timeout = os.path.dirname(sys.argv[1]), os.path.basename(sys.argv[1]), float(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+IN_CREATE, IN_MOVED_TO, IN_ISDIR = 0x100, 0x80, 0x40000000
+fd = libc.inotify_init1(os.O_NONBLOCK)
+if fd < 0 or libc.inotify_add_watch(fd, folder.encode(), IN_CREATE | IN_MOVED_TO) < 0:
+    sys.exit(f"inotify on {folder} failed: errno {ctypes.get_errno()}")
+print("ready", flush=True)
+end = time.monotonic() + timeout
+import select
+while time.monotonic() < end:
+    if not select.select([fd], [], [], 0.05)[0]:
+        continue
+    now, data = time.time(), os.read(fd, 65536)
+    while data:
+        _wd, mask, _cookie, size = struct.unpack("iIII", data[:16])
+        entry, data = data[16:16 + size].rstrip(b"\0").decode(), data[16 + size:]
+        if entry == name and mask & IN_ISDIR:
+            try:  # the new directory's mtime is its mkdir, to the nanosecond (tmpfs)
+                now = min(now, os.lstat(sys.argv[1]).st_mtime_ns / 1e9)
+            except OSError:
+                pass
+            print(f"{now:.6f}", flush=True)
+            sys.exit(0)
+print("never", flush=True)
+"""
+
+
+def _start_directory_watch(node: Node, path: str, timeout: float) -> subprocess.Popen[str]:
+    cmd = ["nsenter", "-t", str(node.leader), "-a", "--", "/usr/bin/python3", "-c", _DIRECTORY_WATCH,
+           path, f"{timeout:g}"]  # fmt: skip
+    watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    if watch.stdout is None or watch.stdout.readline().strip() != "ready":
+        watch.kill()
+        raise RuntimeError(f"the directory watch did not start: {watch.communicate()[1]}")
+    return watch
+
+
+@dataclass(frozen=True)
+class CriHostpathFault:
+    """What `cri_hostpath_fault` did: node wall-clock times, the pod if the CRI plugin made it."""
+
+    unlinked_at: float
+    """Just before the socket file was unlinked."""
+    directory_at: float | None
+    """When the CRI plugin's MkdirAll made the directory; None if it made none (the path existed
+    again when CreateContainer looked, e.g. a placeholder put there in time)."""
+    pod: CriPod | None
+    """The pod, if every CRI call succeeded (a repair may stop containerd in the middle)."""
+    error: str | None
+    """containerd's error if a CRI call failed."""
+
+
+def cri_hostpath_fault(
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0, gap: float = 0.0
+) -> CriHostpathFault:
+    """The incident's directory made by containerd's own CRI plugin (lab/cri.py; the node booted
+    with ``containers=True``, `prepare_cri` done before nodemedic starts: it restarts containerd
+    once). As the kubelet restarting a crashlooping container: the pod's sandbox runs, the
+    kubelet's connection to containerd is open; the socket file at ``path`` is unlinked while
+    containerd runs (from the host through the node's root: it stands for whatever unlinks a live
+    socket; the open connection outlives it); ``gap`` seconds later CreateContainer + StartContainer
+    of a container with a hostPath volume of ``path`` (type unset) go over that connection, and
+    CreateContainer's ``WithMounts`` finds the host path missing and does ``MkdirAll(path, 0755)``.
+    The directory's time comes from inotify inside the node (its mtime). The host and the node
+    share one wall clock. See docs/incident.md for why this is the one case in which the CRI
+    plugin makes the directory."""
+    prepare_cri(node)
+    watch = _start_directory_watch(node, path, timeout)
+    container, error = None, None
+    try:
+        with CriClient(node) as client:
+            sandbox = run_sandbox(node, name, client)
+            unlinked_at = time.time()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{node.root}{path}")
+            time.sleep(gap)
+            try:
+                container = start_hostpath_container(node, sandbox, name, path, client)
+            except CriError as err:  # e.g. a repair stopped containerd once the directory was there
+                error = str(err)
+        try:  # WithMounts ran inside CreateContainer: the directory, if any, is there by now
+            said = watch.communicate(timeout=1)[0].split()
+        except subprocess.TimeoutExpired:
+            said = []
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    made = float(said[-1]) if said and said[-1] != "never" else None
+    pod = CriPod(sandbox, container, name) if container else None
+    return CriHostpathFault(unlinked_at, made, pod, error)
+
+
+def containerd_host_pid(node: Node) -> int:
+    """containerd's main PID as the host sees it (the node has its own PID namespace): the
+    process in the node's PID namespace whose innermost PID is the unit's MainPID."""
+    main = node.unit_property("containerd.service", "MainPID")
+    namespace = os.readlink(f"/proc/{node.leader}/ns/pid")
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                status = Path(f"/proc/{entry}/status").read_text()
+                nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+                if nspid.split()[-1] == main:
+                    return int(entry)
+    raise RuntimeError(f"containerd's main PID {main} is not among the node's processes")
+
+
+@dataclass(frozen=True)
+class CriStopRace:
+    """What `cri_stop_race` did: how many clean stops it tried, and when the directory appeared
+    (None: not within the tries)."""
+
+    attempts: int
+    directory_at: float | None
+
+
+def _restart_cri(node: Node) -> None:
+    node.run("systemctl", "reset-failed", "containerd.service", check=False)
+    node.run("systemctl", "restart", "containerd.service", timeout=60)
+    wait_for(lambda: runtime_ready(node), 30, "the CRI plugin to be ready")
+
+
+def _stop_during_create(node: Node, client: CriClient, sandbox: str, name: str, path: str) -> None:
+    """CreateContainer sent, and SIGTERM to containerd (what `systemctl stop` sends) 2-10 ms
+    later, busy-waited; returns once that containerd has exited."""
+    pid = containerd_host_pid(node)
+    future = client.future("CreateContainer", create_container_request(sandbox, "stop-race", name, path))
+    delay = random.uniform(0.002, 0.010)  # noqa: S311 -- spreading a race over its window, not crypto
+    start = time.perf_counter()
+    while time.perf_counter() - start < delay:
+        pass
+    os.kill(pid, signal.SIGTERM)
+    future.exception()  # done: created, or cut off by the stop
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "containerd to exit")
+
+
+def cri_stop_race(node: Node, path: str = SOCKET, tries: int = 200) -> CriStopRace:
+    """The second real way (docs/incident.md, case (b)): no one unlinks anything, containerd is
+    stopped cleanly while a CreateContainer with a hostPath volume of ``path`` is in flight.
+    SIGTERM makes containerd call grpc-go's ``Server.Stop``, which closes the listeners (Go
+    unlinks the socket file) before the connections and does not wait for running handlers: a
+    handler that reaches ``WithMounts`` after that finds the path missing and makes it a
+    directory. Tried up to ``tries`` times (a clean restart between tries; about 5 % hit in the
+    lab, 1 s a try) until the directory appears; containerd is then left down, systemd's automatic
+    restart failing on the directory: the incident's end state. Times from inotify in the node."""
+    prepare_cri(node)
+    _restart_cri(node)
+    with CriClient(node) as client:
+        sandbox = run_sandbox(node, "stop-race", client)
+    watch = _start_directory_watch(node, path, tries * 30.0)
+    attempts = 0
+    try:
+        while attempts < tries and watch.poll() is None:
+            if attempts:
+                _restart_cri(node)
+            attempts += 1
+            with CriClient(node) as client:
+                _stop_during_create(node, client, sandbox, f"stop-race-{attempts}", path)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watch.wait(timeout=0.2)
+        said = watch.communicate(timeout=1)[0].split() if watch.poll() is not None else []
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    made = float(said[-1]) if said and said[-1] != "never" else None
+    return CriStopRace(attempts, made)
+
+
+def cri_socket_dir(
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0, via: str = "unlink"
+) -> float:
+    """The real mechanism beside the stand-ins (`make_directory_at`, `hostpath_racer`): returns
+    the node's wall-clock time at which containerd's own CRI plugin made the directory at
+    ``path``; raises TimeoutError if it made none. ``via="unlink"``: `cri_hostpath_fault`
+    (containerd keeps running, refusing new clients); ``via="stop"``: `cri_stop_race` (a clean
+    stop with a CreateContainer in flight; containerd is left down on the directory)."""
+    if via == "stop":
+        race = cri_stop_race(node, path)
+        if race.directory_at is None:
+            raise TimeoutError(f"no directory at {path} in {race.attempts} clean stops in CreateContainer")
+        return race.directory_at
+    if via != "unlink":
+        raise ValueError(f"via must be 'unlink' or 'stop', not {via!r}")
+    fault = cri_hostpath_fault(node, path, name, timeout)
+    if fault.directory_at is None:
+        why = f": {fault.error}" if fault.error else ""
+        raise TimeoutError(f"the CRI plugin made no directory at {path}{why}")
+    return fault.directory_at

@@ -974,6 +974,14 @@ def real_edges() -> Edges:
     return Edges(units=read_units, probe=ContainerdProbe(), journal=read_journal)
 
 
+async def _diagnose_once(policy: Policy, edges: Edges) -> Diagnosis:
+    try:
+        return await diagnose(policy, edges)
+    finally:
+        if isinstance(edges.probe, ContainerdProbe):
+            edges.probe.close()  # its kept connection, before the loop ends
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         # Read only: the owner check is the daemon's business (it would refuse such a policy, and says so).
@@ -984,7 +992,7 @@ def _run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"{exc.path}:{'' if _LINE.match(problem) else ' '}{problem}", file=sys.stderr)
         return EXIT_UNKNOWN
-    diagnosis = asyncio.run(diagnose(policy, real_edges()))
+    diagnosis = asyncio.run(_diagnose_once(policy, real_edges()))
     if args.json:
         print(json.dumps(diagnosis.to_json(str(args.policy)), indent=2))
     else:

@@ -411,10 +411,17 @@ def paths_check(policy: Policy, facts: Facts) -> Check:
 
 
 async def probe_check(policy: Policy, edges: Edges, facts: Facts) -> Check:
-    """Version requests, as many in a row as the policy's probe triggers need to fire."""
+    """Version requests, as many in a row as the policy's probe triggers need to fire, and the
+    confirming request where their rule confirms with the probe (as the daemon asks them)."""
     probe = policy.daemon.probe
     tries = max(
-        (t.failures for r in policy.rule for t in r.trigger if isinstance(t, ProbeTrigger)), default=1
+        (
+            t.failures + (1 if r.confirm is not None and r.confirm.probe else 0)
+            for r in policy.rule
+            for t in r.trigger
+            if isinstance(t, ProbeTrigger)
+        ),
+        default=1,
     )
     for attempt in range(1, tries + 1):
         try:

@@ -6,12 +6,15 @@ Version API over the node's socket (through /proc/LEADER/root) ``--requests`` ti
 
 - grpcio-per-request: a new grpc.aio channel for every request (nodemedic up to issue 14);
 - grpcio-kept: one grpc.aio channel kept, with a short reconnect backoff (100 ms);
-- grpclib-kept: nodemedic's ContainerdProbe (grpclib, one kept HTTP/2 connection, no protobuf).
+- grpclib-kept: one grpclib channel kept (asyncio-native, over the h2 package);
+- nodemedic-wire: nodemedic's ContainerdProbe (sources/grpcwire.py: one kept HTTP/2 connection,
+  a pre-encoded request in one write, hpack for the answer's headers, no protobuf).
 
 Figures per request: CPU (user+system of the whole process, all threads) and context switches
 (summed over all threads); after the run: VmRSS and the number of threads. The grpcio clients
 need grpcio and protobuf, which nodemedic no longer depends on:
-`.venv/bin/pip install grpcio protobuf` first (they are skipped otherwise).
+`.venv/bin/pip install grpcio protobuf` first (they are skipped otherwise); grpclib is in the
+dev dependencies.
 
     .venv/bin/python bench/grpc_clients.py --requests 400
 """
@@ -32,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-CLIENTS = ("grpcio-per-request", "grpcio-kept", "grpclib-kept")
+CLIENTS = ("grpcio-per-request", "grpcio-kept", "grpclib-kept", "nodemedic-wire")
 METHOD = "/containerd.services.version.v1.Version/Version"
 BACKOFF = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -72,7 +75,28 @@ async def _grpcio(socket: str, kept: bool, ask: int, interval: float) -> None:
         await channel.close()
 
 
+class _RawCodec:
+    __content_subtype__ = "proto"
+
+    def encode(self, message: bytes, message_type: type) -> bytes:
+        return message
+
+    def decode(self, data: bytes, message_type: type) -> bytes:
+        return data
+
+
 async def _grpclib(socket: str, ask: int, interval: float) -> None:
+    from grpclib.client import Channel, UnaryUnaryMethod
+
+    channel = Channel(path=socket, codec=_RawCodec())  # type: ignore[arg-type]
+    call = UnaryUnaryMethod[bytes, bytes](channel, METHOD, bytes, bytes)
+    for _ in range(ask):
+        await call(b"", timeout=1.0)
+        await asyncio.sleep(interval)
+    channel.close()
+
+
+async def _wire(socket: str, ask: int, interval: float) -> None:
     from nodemedic.sources.probe import ContainerdProbe
 
     probe = ContainerdProbe()
@@ -84,8 +108,11 @@ async def _grpclib(socket: str, ask: int, interval: float) -> None:
 
 def client(name: str, socket: str, ask: int, interval: float) -> dict[str, float]:
     """Run in the child: warm up (imports, first connection), then measure ``ask`` requests."""
-    run = (lambda n: _grpclib(socket, n, interval)) if name == "grpclib-kept" else (
-        lambda n: _grpcio(socket, name == "grpcio-kept", n, interval))  # fmt: skip
+    runs = {
+        "grpclib-kept": lambda n: _grpclib(socket, n, interval),
+        "nodemedic-wire": lambda n: _wire(socket, n, interval),
+    }
+    run = runs.get(name, lambda n: _grpcio(socket, name == "grpcio-kept", n, interval))
     asyncio.run(run(3))
     cpu, switches = time.process_time(), _switches()
     asyncio.run(run(ask))

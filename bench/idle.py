@@ -9,7 +9,8 @@ node's own /proc for ``--seconds``:
   of one core;
 - memory: VmRSS from /proc/PID/status and Pss from /proc/PID/smaps_rollup, at the end;
 - wake-ups a second: voluntary+nonvoluntary context switches summed over every thread in
-  /proc/PID/task/*.
+  /proc/PID/task/* (the voluntary ones, the process blocking to wait, also on their own: the
+  nonvoluntary ones are preemptions, which grow with the host's load).
 
     .venv/bin/python bench/idle.py --seconds 60
 """
@@ -34,12 +35,13 @@ set log syslog
 check process containerd matching "^/usr/bin/containerd"
   if failed unixsocket /run/containerd/containerd.sock then alert
 """
-# One line per sample: utime stime cutime cstime (clock ticks), ctxt switches summed over the
-# threads, then VmRSS and Pss (kB).
+# One line per sample: utime stime cutime cstime (clock ticks), voluntary and nonvoluntary ctxt
+# switches summed over the threads, then VmRSS and Pss (kB) and the number of threads.
 SAMPLE = r"""p=$1
 set -- $(cut -d')' -f2 /proc/$p/stat)
 cpu="${12} ${13} ${14} ${15}"
-cs=$(cat /proc/$p/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}')
+cs=$(cat /proc/$p/task/*/status |
+    awk '/^voluntary_ctxt/ {v += $2} /nonvoluntary_ctxt/ {n += $2} END {print v, n}')
 rss=$(awk '/^VmRSS/ {print $2}' /proc/$p/status)
 pss=$(awk '/^Pss:/ {print $2}' /proc/$p/smaps_rollup)
 threads=$(ls /proc/$p/task | wc -l)
@@ -52,7 +54,8 @@ class Sample:
     at: float
     ticks: int
     child_ticks: int
-    switches: int
+    voluntary: int
+    preempted: int
     rss_kb: int
     pss_kb: int
     threads: int
@@ -63,6 +66,7 @@ class Cost:
     cpu_percent: float
     child_percent: float
     wakeups: float
+    voluntary: float
     rss_mb: float
     pss_mb: float
     threads: int
@@ -79,7 +83,8 @@ def cost(first: Sample, last: Sample) -> Cost:
     return Cost(
         cpu_percent=100.0 * (last.ticks - first.ticks) / tick / wall,
         child_percent=100.0 * (last.child_ticks - first.child_ticks) / tick / wall,
-        wakeups=(last.switches - first.switches) / wall,
+        wakeups=(last.voluntary + last.preempted - first.voluntary - first.preempted) / wall,
+        voluntary=(last.voluntary - first.voluntary) / wall,
         rss_mb=last.rss_kb / 1024,
         pss_mb=last.pss_kb / 1024,
         threads=last.threads,
@@ -108,8 +113,8 @@ def measure(seconds: float, settle: float) -> tuple[Cost, Cost, str]:
 
 def row(name: str, c: Cost) -> str:
     return (f"{name:<10} cpu {c.cpu_percent:6.3f} % of a core (children {c.child_percent:.3f} %)   "
-            f"wake-ups {c.wakeups:6.1f}/s   VmRSS {c.rss_mb:5.1f} MB   Pss {c.pss_mb:5.1f} MB   "
-            f"threads {c.threads}")  # fmt: skip
+            f"wake-ups {c.wakeups:5.1f}/s (voluntary {c.voluntary:4.1f})   VmRSS {c.rss_mb:5.1f} MB   "
+            f"Pss {c.pss_mb:5.1f} MB   threads {c.threads}")  # fmt: skip
 
 
 def ratio(a: float, b: float) -> str:

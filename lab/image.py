@@ -322,7 +322,7 @@ def _clean_tree(rootfs: Path) -> None:
 
 
 def _check_imports(rootfs: Path) -> None:
-    modules = "dbus_fast, asyncinotify, pydantic, tomlkit, grpclib.client, systemd.journal"
+    modules = "dbus_fast, asyncinotify, pydantic, tomlkit, hpack, systemd.journal"
     _chroot(rootfs, f"{VENV}/bin/python3", "-c", f"import {modules}")
 
 

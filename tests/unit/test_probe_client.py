@@ -1,10 +1,15 @@
-"""The probe's client reads containerd's VersionResponse from the protobuf wire format itself."""
+"""The probe's own client: containerd's VersionResponse read from the protobuf wire format, and the
+HTTP/2 exchange of sources/grpcwire.py fed frames as a server sends them."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from nodemedic.sources.probe import Empty, VersionCodec, VersionResponse
+import pytest
+from hpack import Decoder, Encoder
+
+from nodemedic.sources import grpcwire as gw
+from nodemedic.sources.probe import VERSION_METHOD, VersionResponse
 
 pytestmark = pytest.mark.unit
 
@@ -48,9 +53,122 @@ def test_bytes_that_are_no_message_raise_value_error(wire: bytes) -> None:
         VersionResponse.from_wire(wire)
 
 
-def test_codec_sends_empty_and_refuses_anything_else() -> None:
-    codec = VersionCodec()
-    assert codec.encode(Empty(), Empty) == b""
-    with pytest.raises(TypeError, match="only Empty"):
-        codec.encode(VersionResponse(), Empty)
-    assert codec.decode(_string(1, "v"), VersionResponse).version == "v"
+class Writer:
+    """The edge: what the connection writes to its socket."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        pass
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    while data:
+        size = int.from_bytes(data[:3], "big")
+        out.append((data[3], data[4], int.from_bytes(data[5:9], "big"), data[9 : 9 + size]))
+        data = data[9 + size :]
+    return out
+
+
+def _call(*server_frames: bytes) -> tuple[bytes | Exception, list[tuple[int, int, int, bytes]]]:
+    async def run() -> tuple[bytes | Exception, bytes]:
+        reader, writer = asyncio.StreamReader(), Writer()
+        reader.feed_data(b"".join(server_frames))
+        reader.feed_eof()
+        conn = gw.Connection(reader, writer)  # type: ignore[arg-type]
+        try:
+            return await conn.unary_empty(VERSION_METHOD), writer.sent
+        except gw.CallFailed as exc:
+            return exc, writer.sent
+
+    result, sent = asyncio.run(run())
+    return result, _frames(sent)
+
+
+def _headers(
+    encoder: Encoder, stream: int, fields: list[tuple[str, str]], flags: int = gw.END_HEADERS
+) -> bytes:
+    return gw._frame(gw.HEADERS, flags, stream, encoder.encode(fields))
+
+
+OK = [(":status", "200"), ("content-type", "application/grpc")]
+MESSAGE = b"\x00\x00\x00\x00\x04" + _string(1, "v1")
+
+
+def _answer(encoder: Encoder, stream: int = 1) -> bytes:
+    return (
+        _headers(encoder, stream, OK)
+        + gw._frame(gw.DATA, 0, stream, MESSAGE)
+        + _headers(encoder, stream, [("grpc-status", "0")], gw.END_HEADERS | gw.END_STREAM)
+    )
+
+
+def test_the_request_is_headers_and_an_empty_message_in_one_write() -> None:
+    result, sent = _call(_answer(Encoder()))
+    assert result == _string(1, "v1")
+    kinds = [(k, f, s) for k, f, s, _ in sent]
+    assert kinds == [(gw.HEADERS, gw.END_HEADERS, 1), (gw.DATA, gw.END_STREAM, 1)]
+    assert sent[1][3] == b"\x00" * 5
+    fields = dict(Decoder().decode(sent[0][3]))
+    assert fields == {":method": "POST", ":scheme": "http", ":path": VERSION_METHOD,
+                      ":authority": "localhost", "content-type": "application/grpc", "te": "trailers",
+                      "user-agent": "nodemedic"}  # fmt: skip
+
+
+def test_settings_and_ping_are_acknowledged_window_updates_ignored() -> None:
+    settings = gw._frame(gw.SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")
+    ping = gw._frame(gw.PING, 0, 0, b"12345678")
+    window = gw._frame(8, 0, 0, b"\x00\x00\x10\x00")
+    result, sent = _call(settings + window + ping + _answer(Encoder()))
+    assert result == _string(1, "v1")
+    assert (gw.SETTINGS, gw.ACK, 0, b"") in sent
+    assert (gw.PING, gw.ACK, 0, b"12345678") in sent
+
+
+def test_the_header_table_stays_in_step_across_calls_and_continuations() -> None:
+    encoder = Encoder()
+    first = _answer(encoder)  # indexes content-type and grpc-status in the dynamic table
+    block = encoder.encode([("grpc-status", "0")])
+    split = (
+        _headers(encoder, 3, OK)
+        + gw._frame(gw.DATA, 0, 3, MESSAGE)
+        + gw._frame(gw.HEADERS, gw.END_STREAM, 3, block[:1])
+        + gw._frame(gw.CONTINUATION, gw.END_HEADERS, 3, block[1:])
+    )
+
+    async def run() -> list[bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(first + split)
+        conn = gw.Connection(reader, Writer())  # type: ignore[arg-type]
+        return [await conn.unary_empty(VERSION_METHOD), await conn.unary_empty(VERSION_METHOD)]
+
+    assert asyncio.run(run()) == [_string(1, "v1")] * 2
+
+
+@pytest.mark.parametrize(
+    ("frames", "said"),
+    [
+        (lambda e: _headers(e, 1, [*OK, ("grpc-status", "12"), ("grpc-message", "unknown service")],
+                            gw.END_HEADERS | gw.END_STREAM), "gRPC status 12: unknown service"),
+        (lambda e: _headers(e, 1, [(":status", "503")], gw.END_HEADERS | gw.END_STREAM), "HTTP status 503"),
+        (lambda e: gw._frame(gw.GOAWAY, 0, 0, b"\x00" * 4 + b"\x00\x00\x00\x02"), "GOAWAY (code 2)"),
+        (lambda e: gw._frame(gw.RST_STREAM, 0, 1, b"\x00\x00\x00\x08"), "reset the stream (code 8)"),
+        (lambda e: _headers(e, 1, OK) + gw._frame(gw.DATA, gw.END_STREAM, 1, MESSAGE), "gRPC status missing"),
+        (lambda e: _headers(e, 1, OK), "the connection was closed"),
+        (lambda e: b"\x00\x01\x00\x00", "the connection was closed"),
+        (lambda e: b"\xff\xff\xff" + b"\x00" * 6, "larger than announced"),
+        (lambda e: gw._frame(gw.HEADERS, gw.END_HEADERS, 1, b"\xff\xff\xff\xff"), "HPACK"),
+        (lambda e: _headers(e, 1, OK) + gw._frame(gw.DATA, 0, 1, b"\x01\x00\x00\x00\x00")
+         + _headers(e, 1, [("grpc-status", "0")], gw.END_HEADERS | gw.END_STREAM), "not one uncompressed"),
+        (lambda e: gw._frame(gw.DATA, gw.PADDED, 1, b"\x09abc"), "padding"),
+    ],
+)  # fmt: skip
+def test_what_is_no_answer_fails_the_call(frames: object, said: str) -> None:
+    result, _ = _call(frames(Encoder()))  # type: ignore[operator]
+    assert isinstance(result, gw.CallFailed)
+    assert said in str(result)

@@ -1,39 +1,30 @@
-"""A real request to containerd: its Version API over the socket, with grpclib (asyncio-native).
+"""A real request to containerd: its Version API over the socket (sources/grpcwire.py: gRPC's
+unary call over one kept HTTP/2 connection, no gRPC library).
 
 The request is google.protobuf.Empty (no bytes) and the answer
 containerd.services.version.v1.VersionResponse {string version = 1; string revision = 2;}, read
-here from the protobuf wire format: two strings need no protobuf runtime (a megabyte and more of
-RSS in every node).
+here from the protobuf wire format: two strings need no protobuf runtime.
 
-One HTTP/2 connection per socket is kept between requests (a channel per request cost about 4 ms of
-CPU each, four times a second). A request that fails closes it, so the next request dials anew on a
-fresh connection: grpclib has no reconnect backoff, so a containerd that comes back is seen by the
-first request after it listens (docs/design.md, "probe client").
+One connection per socket is kept between requests (a grpc.aio channel per request cost about
+4 ms of CPU each, four times a second). A request that fails or times out closes it, so the next
+request (the rule's confirmation, the next probe) dials anew on a fresh connection: there is no
+reconnect backoff, so a containerd that comes back is seen by the first request after it listens
+(docs/design.md, "probe client").
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
-
-from grpclib.client import Channel, UnaryUnaryMethod
-from grpclib.encoding.base import CodecBase
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from h2.exceptions import H2Error
 
 from nodemedic.errors import ProbeError
 from nodemedic.events import Event, ProbeAnswered, ProbeFailed
 from nodemedic.ports import Clock, VersionProbe
+from nodemedic.sources.grpcwire import CallFailed, Connection
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
-# What a failed request can raise: containerd's status, a connection lost or refused (OSError),
-# a broken HTTP/2 exchange, the deadline (grpclib raises asyncio.TimeoutError).
-_FAILURES = (GRPCError, StreamTerminatedError, ProtocolError, H2Error, OSError, asyncio.TimeoutError)
-
-
-class Empty:
-    """google.protobuf.Empty: encodes to no bytes."""
 
 
 class VersionResponse:
@@ -81,63 +72,60 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-class VersionCodec(CodecBase):
-    """grpclib's codec for the two messages above (its own ProtoCodec needs the protobuf runtime)."""
-
-    __content_subtype__ = "proto"
-
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if not isinstance(message, Empty):
-            raise TypeError(f"only Empty is sent, not {type(message).__name__}")
-        return b""
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        return VersionResponse.from_wire(data)
-
-
 class ContainerdProbe:
-    """Asks containerd for its version over one kept connection per socket; a failed request
-    closes it, so the next one (the confirmation, the next probe) is on a fresh connection."""
+    """Asks containerd for its version over one kept connection per socket. A failed request
+    closes it, so the next one is on a fresh connection; a request made while another is under
+    way (the rule's confirmation during the next probe) gets a connection of its own."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, Channel] = {}
+        self._kept: dict[str, Connection] = {}
 
     async def version(self, socket: str, timeout: float) -> str:
-        channel = self._channels.get(socket)
-        if channel is None:
-            channel = self._channels[socket] = Channel(path=socket, codec=VersionCodec())
-        call = UnaryUnaryMethod[Empty, VersionResponse](channel, VERSION_METHOD, Empty, VersionResponse)
         try:
-            response = await call(Empty(), timeout=timeout)
-        except _FAILURES as exc:
-            self._drop(socket, channel)
-            raise ProbeError(f"containerd Version on {socket}: {_describe(exc, timeout)}") from exc
-        except ValueError as exc:  # an answer that is no VersionResponse
-            self._drop(socket, channel)
-            raise ProbeError(f"containerd Version on {socket}: unreadable answer: {exc}") from exc
-        return response.version
+            answer = await _within(timeout, self._call(socket))
+            return VersionResponse.from_wire(answer).version
+        except (asyncio.TimeoutError, CallFailed, OSError, ValueError) as exc:
+            raise ProbeError(f"containerd Version on {socket}: {_why(exc, timeout)}") from exc
 
-    def _drop(self, socket: str, channel: Channel) -> None:
-        """Close the failed connection; another request may already have replaced it."""
-        channel.close()
-        if self._channels.get(socket) is channel:
-            del self._channels[socket]
+    async def _call(self, socket: str) -> bytes:
+        kept = self._kept.get(socket)
+        conn = kept if kept is not None and not kept.busy else await Connection.open(socket)
+        if kept is None:
+            self._kept[socket] = kept = conn
+        try:
+            return await conn.unary_empty(VERSION_METHOD)
+        except BaseException:  # a failure, or cut off by the timeout: its state is unknown
+            conn.close()
+            if self._kept.get(socket) is conn:
+                del self._kept[socket]
+            raise
+        finally:
+            if conn is not kept:
+                conn.close()
 
     def close(self) -> None:
         """Close every kept connection (at shutdown; a later request dials again)."""
-        for channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
+        for conn in self._kept.values():
+            conn.close()
+        self._kept.clear()
 
 
-def _describe(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+async def _within(timeout: float, call: Coroutine[Any, Any, bytes]) -> bytes:
+    """``call`` cut off after ``timeout`` (asyncio.TimeoutError); no extra task from 3.11 on."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await call
+    return await asyncio.wait_for(call, timeout)
+
+
+def _why(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # not the builtin TimeoutError on 3.10
         return f"DEADLINE_EXCEEDED: no answer within {timeout:g}s"
-    if isinstance(exc, GRPCError):
-        return f"{exc.status.name}: {exc.message}"
     if isinstance(exc, OSError):
         return f"UNAVAILABLE: {exc.strerror or exc}"
-    return f"UNAVAILABLE: {type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError):
+        return f"INTERNAL: an answer that is no VersionResponse: {exc}"
+    return str(exc)
 
 
 class ProbeLoop:

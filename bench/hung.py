@@ -101,14 +101,15 @@ def main() -> int:
         print(
             f"run {i + 1}/{args.runs}: detected {detection:.2f} s, serving {recovery:.2f} s", file=sys.stderr
         )
-    print("\ncontainerd hung (SIGSTOP), a container running (containerd 1.6.20, lab node)")
-    print(summary("hang -> detection record", detections, unit="s"))
-    print(summary("hang -> containerd serving again", recoveries, unit="s"))
-    print(f"{'containers still running after the repair':<44} {survived}/{args.runs}")
+    if args.runs:
+        print("\ncontainerd hung (SIGSTOP), a container running (containerd 1.6.20, lab node)")
+        print(summary("hang -> detection record", detections, unit="s"))
+        print(summary("hang -> containerd serving again", recoveries, unit="s"))
+        print(f"{'containers still running after the repair':<44} {survived}/{args.runs}")
     if args.slow_runs:
         runs = f"{args.slow_runs} x {args.slow_seconds} s"
         print(f"\nslow but alive (stand-in: SIGSTOP 350 ms of every 400 ms), {runs}")
-        print(summary("ctr version while slowed", slow_latencies, unit="s"))
+        print(summary("ctr version while slowed", slow_latencies))
         print(f"{'restarts of containerd / hang records':<44} {slow_restarts} / {slow_hangs}")
     print(f"host load (1 min) {load} -> {Path('/proc/loadavg').read_text().split()[0]}")
     print(f"\nreproduce: .venv/bin/python bench/hung.py --runs {args.runs} --slow-runs {args.slow_runs}")

@@ -172,3 +172,15 @@ def test_what_is_no_answer_fails_the_call(frames: object, said: str) -> None:
     result, _ = _call(frames(Encoder()))  # type: ignore[operator]
     assert isinstance(result, gw.CallFailed)
     assert said in str(result)
+
+
+async def test_remembered_indexed_blocks_follow_the_table_as_it_changes() -> None:
+    encoder = Encoder()
+    blocks = [encoder.encode(OK), encoder.encode(OK)]  # the second: indexed fields only
+    blocks.append(encoder.encode([("x-new", "1")]))  # a new entry: every dynamic index moves
+    blocks += [blocks[1], encoder.encode(OK), blocks[1]]  # old bytes, now other fields
+    conn = gw.Connection(asyncio.StreamReader(), Writer())  # type: ignore[arg-type]
+    reference = Decoder()
+    for block in blocks:
+        assert conn._decode(block) == reference.decode(block)
+    assert all(byte & 0x80 for byte in blocks[1])

@@ -64,6 +64,7 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
         self._decoder = Decoder()
+        self._indexed: dict[bytes, list[tuple[str, str]]] = {}  # see _decode
         self._next_stream = 1
         self._received = 0  # DATA bytes since the connection window was last topped up
         self.busy = False
@@ -127,10 +128,23 @@ class Connection:
         return head[3], head[4], stream, payload
 
     def _decode(self, block: bytes) -> list[tuple[str, str]]:
+        """The block's fields. A block of indexed fields only (every byte's high bit set: one
+        field each, index < 127) changes no table, so its fields are remembered until another
+        block (which may change the table) is decoded: after the first answers a server sends the
+        same few bytes each time (containerd: 2 for the headers, 2 for the trailers)."""
+        known = self._indexed.get(block)
+        if known is not None:
+            return known
+        indexed_only = bool(block) and all(byte & 0x80 for byte in block)
+        if not indexed_only:
+            self._indexed.clear()
         try:
-            return [(str(k), str(v)) for k, v in self._decoder.decode(block)]
+            fields = [(str(k), str(v)) for k, v in self._decoder.decode(block)]
         except HPACKError as exc:
             raise CallFailed(f"INTERNAL: a header block HPACK cannot decode: {exc}") from exc
+        if indexed_only and len(self._indexed) < 16:
+            self._indexed[block] = fields
+        return fields
 
     def _data(self, sid: int, stream: int, flags: int, payload: bytes, have: int) -> bytes:
         self._received += len(payload)

@@ -1,6 +1,7 @@
 """Benchmark: what nodemedic costs a node at rest, side by side with monit.
 
-One lab node, nodemedic started with the shipped policy (probe every 250 ms) and Debian's monit
+One lab node, nodemedic started with the shipped policy (probe every 250 ms; the D-Bus policy the
+packages install, so its API is served as on an installed node) and Debian's monit
 started in the same node with a config that checks containerd's socket every 5 s (`if failed
 unixsocket`: a connect, no request). After a settle time both processes are sampled from the
 node's own /proc for ``--seconds``:
@@ -26,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.faults import start_nodemedic, wait_for
+from lab.faults import REPO, start_nodemedic, wait_for
 from lab.image import ensure_image
 from lab.node import Node
 
+API_POLICY = "/usr/share/dbus-1/system.d/io.nodemedic1.conf"
 MONITRC = """set daemon 5
 set log syslog
 check process containerd matching "^/usr/bin/containerd"
@@ -97,8 +99,16 @@ def start_monit(node: Node) -> int:
     return int(wait_for(lambda: int(node.unit_property("bench-monit.service", "MainPID")), 10, "monit"))  # type: ignore[call-overload]
 
 
+def install_api_policy(node: Node) -> None:
+    """The D-Bus policy the packages install: without it a plain lab node's nodemedic retries
+    owning io.nodemedic1 every few seconds, which no installed node does."""
+    node.write_file(API_POLICY, (REPO / "packaging" / "dbus" / "io.nodemedic1.conf").read_text())
+    node.run("systemctl", "reload", "dbus.service")
+
+
 def measure(seconds: float, settle: float) -> tuple[Cost, Cost, str]:
     with Node.boot(image=ensure_image()) as node:
+        install_api_policy(node)
         start_nodemedic(node)
         nodemedic = int(node.unit_property("nodemedic.service", "MainPID"))
         monit = start_monit(node)

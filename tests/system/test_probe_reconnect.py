@@ -72,3 +72,24 @@ def test_a_containerd_that_comes_back_is_answered_within_one_interval(node: Node
 
     late = asyncio.run(scenario())
     assert late <= settings.interval + settings.timeout, f"answered {late:.3f}s after containerd listened"
+
+
+def test_the_first_request_after_a_restart_is_answered(node: Node) -> None:
+    """containerd restarted (by a repair, or an operator) while the probe's connection sat idle: the
+    kept connection is dead, and the next request must still be answered (verify-containerd asks
+    right after a restart; a failure there would only delay the repair)."""
+    path = f"/proc/{node.leader}/root{SOCKET}"
+
+    async def scenario() -> list[str]:
+        probe = ContainerdProbe()
+        try:
+            answers = [await probe.version(path, 2.0)]
+            for _ in range(2):
+                await asyncio.to_thread(node.run, "systemctl", "restart", "containerd.service")
+                await _until("containerd's socket to accept", lambda: _listens(path), 30)
+                answers.append(await probe.version(path, 2.0))
+            return answers
+        finally:
+            probe.close()
+
+    assert len(asyncio.run(scenario())) == 3

@@ -15,6 +15,7 @@ reconnect backoff, so a containerd that comes back is seen by the first request 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -25,6 +26,7 @@ from nodemedic.ports import Clock, VersionProbe
 from nodemedic.sources.grpcwire import CallFailed, Connection
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
+log = logging.getLogger(__name__)
 
 
 class VersionResponse:
@@ -74,8 +76,10 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 class ContainerdProbe:
     """Asks containerd for its version over one kept connection per socket. A failed request
-    closes it, so the next one is on a fresh connection; a request made while another is under
-    way (the rule's confirmation during the next probe) gets a connection of its own."""
+    closes it, so the next one is on a fresh connection; one that fails on the kept connection
+    without timing out (closed by a containerd that restarted meanwhile) is asked once more on a
+    new one at once. A request made while another is under way (the rule's confirmation during the
+    next probe) gets a connection of its own, closed after it."""
 
     def __init__(self) -> None:
         self._kept: dict[str, Connection] = {}
@@ -89,9 +93,19 @@ class ContainerdProbe:
 
     async def _call(self, socket: str) -> bytes:
         kept = self._kept.get(socket)
-        conn = kept if kept is not None and not kept.busy else await Connection.open(socket)
-        if kept is None:
-            self._kept[socket] = kept = conn
+        if kept is not None and not kept.busy:
+            try:
+                return await self._on(socket, kept)
+            except (CallFailed, OSError):
+                # Most likely closed by the server while idle (containerd restarted, or its
+                # GOAWAY): asked once more on a new connection, as gRPC clients do. A hang is a
+                # timeout, not this, and a new connection that fails is not retried.
+                log.debug("containerd Version on %s: kept connection failed; asking anew", socket)
+        conn = await Connection.open(socket)
+        self._kept.setdefault(socket, conn)
+        return await self._on(socket, conn)
+
+    async def _on(self, socket: str, conn: Connection) -> bytes:
         try:
             return await conn.unary_empty(VERSION_METHOD)
         except BaseException:  # a failure, or cut off by the timeout: its state is unknown
@@ -100,7 +114,7 @@ class ContainerdProbe:
                 del self._kept[socket]
             raise
         finally:
-            if conn is not kept:
+            if self._kept.get(socket) is not conn:
                 conn.close()
 
     def close(self) -> None:

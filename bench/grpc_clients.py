@@ -156,7 +156,8 @@ def main() -> int:
         if r is not None:
             print(f"{name:<20} cpu {r['cpu_ms']:6.2f} ms/request   ctxt switches {r['switches']:5.1f}/request"
                   f"   VmRSS {r['rss_mb']:5.1f} MB   threads {r['threads']:.0f}")  # fmt: skip
-    print(f"\nreproduce: .venv/bin/python bench/grpc_clients.py --requests {args.requests}")
+    again = f"--requests {args.requests} --interval {args.interval:g}"
+    print(f"\nreproduce: .venv/bin/python bench/grpc_clients.py {again}")
     return 0
 
 

@@ -55,6 +55,7 @@ bench: deps
 	$(PY) bench/config_down.py
 	$(PY) bench/journal_lines.py
 	$(PY) bench/journal_flood.py
+	$(PY) bench/idle.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

@@ -85,6 +85,22 @@ def containerd_serving(node: Node) -> bool:
     return probe.returncode == 0
 
 
+STARVE_UNIT = "lab-starve-containerd.service"
+
+
+def starve_containerd(node: Node, seconds: int) -> None:
+    """A stand-in for a CPU-starved containerd (the node's cgroup2 has no cpu controller, lab.md):
+    for ``seconds`` its main process is stopped 350 ms of every 400 ms (SIGSTOP/SIGCONT from a
+    transient unit, STARVE_UNIT), so a request waits up to ~360 ms for containerd's next 50 ms
+    slice: slow, but alive. Returns at once; the unit ends with containerd running."""
+    script = (
+        "pid=$(systemctl show -p MainPID --value containerd); end=$(($(date +%s) + $1)); "
+        "trap 'kill -CONT $pid' EXIT; "
+        "while [ $(date +%s) -lt $end ]; do kill -STOP $pid; sleep 0.35; kill -CONT $pid; sleep 0.05; done"
+    )
+    node.run("systemd-run", f"--unit={STARVE_UNIT}", "/bin/sh", "-c", script, "sh", str(seconds))
+
+
 def sighup_containerd(node: Node) -> int:
     """Send containerd the toolkit's "reload" SIGHUP; wait until it is dead and systemd has
     scheduled its restart (the RestartSec window). Returns the PID that was signalled."""

@@ -40,12 +40,13 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "containerd", "runc", "python3", "python3-venv",
     "python3-systemd", "iproute2", "procps", "busybox-static", "ca-certificates", "coreutils",
-    "faketime", "prometheus-node-exporter",
+    "faketime", "prometheus-node-exporter", "monit",
 )  # fmt: skip
 # Installed but not started at boot: a lab node shares the host's network, so a node-exporter
 # enabled in every node would listen on the host's :9100, on every address. The metrics test
-# starts it on loopback (lab/prometheus.py).
-DISABLED_UNITS = ("prometheus-node-exporter.service",)
+# starts it on loopback (lab/prometheus.py). monit is the peer bench/idle.py measures nodemedic
+# against; the bench starts it with its own config.
+DISABLED_UNITS = ("prometheus-node-exporter.service", "monit.service")
 VENV = "/opt/nodemedic/venv"
 # Dependencies that come from Debian inside the node instead of from wheels.
 FROM_DEBIAN = {"systemd-python"}
@@ -321,7 +322,7 @@ def _clean_tree(rootfs: Path) -> None:
 
 
 def _check_imports(rootfs: Path) -> None:
-    modules = "dbus_fast, asyncinotify, pydantic, tomlkit, grpc, google.protobuf, systemd.journal"
+    modules = "dbus_fast, asyncinotify, pydantic, tomlkit, hpack, systemd.journal"
     _chroot(rootfs, f"{VENV}/bin/python3", "-c", f"import {modules}")
 
 

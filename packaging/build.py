@@ -52,7 +52,7 @@ SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt
                "ld-linux-x86-64.so.2", "libgcc_s.so.1", "libsystemd.so.0", "libstdc++.so.6"}  # fmt: skip
 FROM_SOURCE = "systemd-python"
 DOCS = ("README.md", "docs/operations.md", "docs/policy.md", "docs/packaging.md", "docs/reliability.md")
-IMPORTS = "nodemedic.cli, nodemedic.app, dbus_fast, asyncinotify, pydantic, tomlkit, grpc, google.protobuf, re2, prometheus_client, systemd.journal, systemd.daemon"  # noqa: E501
+IMPORTS = "nodemedic.cli, nodemedic.app, dbus_fast, asyncinotify, pydantic, tomlkit, hpack, re2, prometheus_client, systemd.journal, systemd.daemon"  # noqa: E501
 
 
 def log(msg: str) -> None:

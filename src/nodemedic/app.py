@@ -78,6 +78,11 @@ class App:
         """Fresh sources for ``policy``'s paths, files, probe and resource checks."""
         return policy_sources(policy, self.wiring) if self.wiring is not None else {}
 
+    def close_probe(self) -> None:
+        """Close the probe's kept connection to containerd (at shutdown)."""
+        if self.wiring is not None and isinstance(self.wiring.prober, ContainerdProbe):
+            self.wiring.prober.close()
+
 
 def build_app(
     policy: Policy,

@@ -230,6 +230,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         await self.app.systemd.close()
+        self.app.close_probe()
         self.app.report(RecordKind.DAEMON, "nodemedic stopped", OUTCOME="stopped")
 
 

@@ -8,7 +8,15 @@ import time
 from collections.abc import Callable
 
 import pytest
-from lab.faults import containerd_serving, records, run_container, start_nodemedic, wait_for
+from lab.faults import (
+    STARVE_UNIT,
+    containerd_serving,
+    records,
+    run_container,
+    start_nodemedic,
+    starve_containerd,
+    wait_for,
+)
 from lab.node import Node
 
 pytestmark = pytest.mark.system
@@ -50,3 +58,20 @@ def test_observe_mode_reports_the_hang_and_touches_nothing(node: Node) -> None:
         assert node.sh(f"grep -q '^State:.*stopped' /proc/{pid}/status", check=False).returncode == 0
     finally:
         node.run("kill", "-CONT", pid)
+
+
+def test_slow_but_alive_containerd_is_not_restarted(node: Node) -> None:
+    """A CPU-starved containerd (stand-in: stopped 350 ms of every 400 ms, lab.faults) answers in up
+    to ~400 ms: under the probe's timeout, so nothing is detected and nothing restarted."""
+    start_nodemedic(node)
+    pid = node.unit_property("containerd.service", "MainPID")
+    starve_containerd(node, 15)
+    slowest = 0.0
+    while node.run("systemctl", "is-active", STARVE_UNIT, check=False).returncode == 0:
+        started = time.monotonic()
+        node.run("ctr", "--timeout", "5s", "version")
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest > 0.2, f"the stand-in slowed nothing (slowest answer {slowest:.2f}s)"
+    assert records(node, rule=RULE) == [], "a slow containerd is no hang"
+    assert node.unit_property("containerd.service", "MainPID") == pid
+    assert node.unit_property("containerd.service", "NRestarts") == "0"

@@ -323,7 +323,7 @@ def test_deb_tree_runs_on_python_3_10(
                            check=True)  # fmt: skip
     assert re.search(r"valid, \d+ rule\(s\)", check.stdout)
     tree = tmp_path / "opt/nodemedic/lib/python3.10"
-    probe = (f"import sys; sys.path.insert(0, {str(tree)!r}); import systemd.journal, systemd.daemon, grpc, "
+    probe = (f"import sys; sys.path.insert(0, {str(tree)!r}); import systemd.journal, systemd.daemon, hpack, "
              "pydantic_core, dbus_fast; print(systemd.journal.__file__)")  # fmt: skip
     out = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.startswith(str(tree / "systemd"))

@@ -293,7 +293,7 @@ async def test_hang(node: Node) -> None:
     [case] = faults(d)
     assert (case.name, case.rule) == ("hang", "containerd-hung")
     assert "signal-unit -> restart-unit" in case.would
-    assert node.probe.calls == 2, "as many requests in a row as the probe trigger needs"
+    assert node.probe.calls == 2, "the requests the probe trigger needs, then the confirming one"
 
 
 async def test_broken_config_while_containerd_fails_on_it(node: Node) -> None:

@@ -1,66 +1,145 @@
-"""A real request to containerd: its Version API over the socket, with grpcio.
+"""A real request to containerd: its Version API over the socket (sources/grpcwire.py: gRPC's
+unary call over one kept HTTP/2 connection, no gRPC library).
 
-The request and response messages are google.protobuf.Empty and
-containerd.services.version.v1.VersionResponse {string version = 1; string revision = 2;}; the
-latter is built from its descriptor here, so no generated code is checked in.
+The request is google.protobuf.Empty (no bytes) and the answer
+containerd.services.version.v1.VersionResponse {string version = 1; string revision = 2;}, read
+here from the protobuf wire format: two strings need no protobuf runtime.
+
+One connection per socket is kept between requests (a grpc.aio channel per request cost about
+4 ms of CPU each, four times a second). A request that fails or times out closes it, so the next
+request (the rule's confirmation, the next probe) dials anew on a fresh connection: there is no
+reconnect backoff, so a containerd that comes back is seen by the first request after it listens
+(docs/design.md, "probe client").
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from functools import cache
+import logging
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
-
-import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 
 from nodemedic.errors import ProbeError
 from nodemedic.events import Event, ProbeAnswered, ProbeFailed
 from nodemedic.ports import Clock, VersionProbe
+from nodemedic.sources.grpcwire import CallFailed, Connection
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
+log = logging.getLogger(__name__)
 
 
-@cache
-def _version_response() -> type[Any]:
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="nodemedic/containerd_version.proto",
-        package="containerd.services.version.v1",
-        syntax="proto3",
-    )
-    msg = proto.message_type.add(name="VersionResponse")
-    for number, name in ((1, "version"), (2, "revision")):
-        msg.field.add(
-            name=name,
-            number=number,
-            type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
-        )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("containerd.services.version.v1.VersionResponse")
-    )
+class VersionResponse:
+    """containerd's VersionResponse, decoded from the wire format (fields 1 and 2, strings)."""
+
+    def __init__(self, version: str = "", revision: str = "") -> None:
+        self.version = version
+        self.revision = revision
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> VersionResponse:
+        """Raises ValueError on bytes that are no protobuf message; unknown fields are skipped."""
+        strings: dict[int, str] = {}
+        pos = 0
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                if pos + size > len(data):
+                    raise ValueError("a length-delimited field runs past the message")
+                if number in (1, 2):
+                    strings[number] = data[pos : pos + size].decode("utf-8", "replace")
+                pos += size
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"wire type {wire} of field {number} is not supported")
+        if pos > len(data):
+            raise ValueError("the last field runs past the message")
+        return cls(strings.get(1, ""), strings.get(2, ""))
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("a varint runs past the message or past 64 bits")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
 
 
 class ContainerdProbe:
-    """Asks containerd for its version; a new channel per request, so no reconnect backoff delays
-    seeing a containerd that has just come back."""
+    """Asks containerd for its version over one kept connection per socket. A failed request
+    closes it, so the next one is on a fresh connection; one that fails on the kept connection
+    without timing out (closed by a containerd that restarted meanwhile) is asked once more on a
+    new one at once. A request made while another is under way (the rule's confirmation during the
+    next probe) gets a connection of its own, closed after it."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, Connection] = {}
 
     async def version(self, socket: str, timeout: float) -> str:
-        response_type = _version_response()
         try:
-            async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-                call = channel.unary_unary(
-                    VERSION_METHOD,
-                    request_serializer=empty_pb2.Empty.SerializeToString,
-                    response_deserializer=response_type.FromString,
-                )
-                response = await call(empty_pb2.Empty(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ProbeError(f"containerd Version on {socket}: {exc.code().name}: {exc.details()}") from exc
-        return str(response.version)
+            answer = await _within(timeout, self._call(socket))
+            return VersionResponse.from_wire(answer).version
+        except (asyncio.TimeoutError, CallFailed, OSError, ValueError) as exc:
+            raise ProbeError(f"containerd Version on {socket}: {_why(exc, timeout)}") from exc
+
+    async def _call(self, socket: str) -> bytes:
+        kept = self._kept.get(socket)
+        if kept is not None and not kept.busy:
+            try:
+                return await self._on(socket, kept)
+            except (CallFailed, OSError):
+                # Most likely closed by the server while idle (containerd restarted, or its
+                # GOAWAY): asked once more on a new connection, as gRPC clients do. A hang is a
+                # timeout, not this, and a new connection that fails is not retried.
+                log.debug("containerd Version on %s: kept connection failed; asking anew", socket)
+        conn = await Connection.open(socket)
+        self._kept.setdefault(socket, conn)
+        return await self._on(socket, conn)
+
+    async def _on(self, socket: str, conn: Connection) -> bytes:
+        try:
+            return await conn.unary_empty(VERSION_METHOD)
+        except BaseException:  # a failure, or cut off by the timeout: its state is unknown
+            conn.close()
+            if self._kept.get(socket) is conn:
+                del self._kept[socket]
+            raise
+        finally:
+            if self._kept.get(socket) is not conn:
+                conn.close()
+
+    def close(self) -> None:
+        """Close every kept connection (at shutdown; a later request dials again)."""
+        for conn in self._kept.values():
+            conn.close()
+        self._kept.clear()
+
+
+async def _within(timeout: float, call: Coroutine[Any, Any, bytes]) -> bytes:
+    """``call`` cut off after ``timeout`` (asyncio.TimeoutError); no extra task from 3.11 on."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await call
+    return await asyncio.wait_for(call, timeout)
+
+
+def _why(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # not the builtin TimeoutError on 3.10
+        return f"DEADLINE_EXCEEDED: no answer within {timeout:g}s"
+    if isinstance(exc, OSError):
+        return f"UNAVAILABLE: {exc.strerror or exc}"
+    if isinstance(exc, ValueError):
+        return f"INTERNAL: an answer that is no VersionResponse: {exc}"
+    return str(exc)
 
 
 class ProbeLoop:

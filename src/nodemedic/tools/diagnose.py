@@ -412,10 +412,17 @@ def paths_check(policy: Policy, facts: Facts) -> Check:
 
 
 async def probe_check(policy: Policy, edges: Edges, facts: Facts) -> Check:
-    """Version requests, as many in a row as the policy's probe triggers need to fire."""
+    """Version requests, as many in a row as the policy's probe triggers need to fire, and the
+    confirming request where their rule confirms with the probe (as the daemon asks them)."""
     probe = policy.daemon.probe
     tries = max(
-        (t.failures for r in policy.rule for t in r.trigger if isinstance(t, ProbeTrigger)), default=1
+        (
+            t.failures + (1 if r.confirm is not None and r.confirm.probe else 0)
+            for r in policy.rule
+            for t in r.trigger
+            if isinstance(t, ProbeTrigger)
+        ),
+        default=1,
     )
     for attempt in range(1, tries + 1):
         try:
@@ -983,6 +990,14 @@ def real_edges() -> Edges:
     return Edges(units=read_units, probe=ContainerdProbe(), journal=read_journal)
 
 
+async def _diagnose_once(policy: Policy, edges: Edges) -> Diagnosis:
+    try:
+        return await diagnose(policy, edges)
+    finally:
+        if isinstance(edges.probe, ContainerdProbe):
+            edges.probe.close()  # its kept connection, before the loop ends
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         # Read only: the owner check is the daemon's business (it would refuse such a policy, and says so).
@@ -993,7 +1008,7 @@ def _run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"{exc.path}:{'' if _LINE.match(problem) else ' '}{problem}", file=sys.stderr)
         return EXIT_UNKNOWN
-    diagnosis = asyncio.run(diagnose(policy, real_edges()))
+    diagnosis = asyncio.run(_diagnose_once(policy, real_edges()))
     if args.json:
         print(json.dumps(diagnosis.to_json(str(args.policy)), indent=2))
     else:

@@ -6,6 +6,7 @@ Shared by the system tests, `make demo` and the benchmarks, so all three inject 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -594,3 +595,72 @@ def step_nodemedic_clock(node: Node, offset: str) -> None:
     """Step nodemedic's wall clock to ``offset`` from the real one (renamed into place: never read half
     written)."""
     node.sh(f"printf '%s\\n' '{offset}' > {FAKETIME_FILE}.tmp && mv -f {FAKETIME_FILE}.tmp {FAKETIME_FILE}")
+
+
+# ---- the real mechanism (issue 18): containerd's own CRI plugin makes the directory ------------
+
+_DIRECTORY_WATCH = r"""
+# Lab measurement (not a stand-in): inotify on the socket's folder; prints the wall-clock time at
+# which a directory named like the socket path is created there, then exits.
+import ctypes, os, struct, sys, time
+folder, name, timeout = os.path.dirname(sys.argv[1]), os.path.basename(sys.argv[1]), float(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+IN_CREATE, IN_MOVED_TO, IN_ISDIR = 0x100, 0x80, 0x40000000
+fd = libc.inotify_init1(os.O_NONBLOCK)
+if fd < 0 or libc.inotify_add_watch(fd, folder.encode(), IN_CREATE | IN_MOVED_TO) < 0:
+    sys.exit(f"inotify on {folder} failed: errno {ctypes.get_errno()}")
+print("ready", flush=True)
+end = time.monotonic() + timeout
+import select
+while time.monotonic() < end:
+    if not select.select([fd], [], [], 0.05)[0]:
+        continue
+    now, data = time.time(), os.read(fd, 65536)
+    while data:
+        _wd, mask, _cookie, size = struct.unpack("iIII", data[:16])
+        entry, data = data[16:16 + size].rstrip(b"\0").decode(), data[16 + size:]
+        if entry == name and mask & IN_ISDIR:
+            print(f"{now:.6f}", flush=True)
+            sys.exit(0)
+print("never", flush=True)
+"""
+
+
+def _start_directory_watch(node: Node, path: str, timeout: float) -> subprocess.Popen[str]:
+    cmd = ["nsenter", "-t", str(node.leader), "-a", "--", "/usr/bin/python3", "-c", _DIRECTORY_WATCH,
+           path, f"{timeout:g}"]  # fmt: skip
+    watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    if watch.stdout is None or watch.stdout.readline().strip() != "ready":
+        watch.kill()
+        raise RuntimeError(f"the directory watch did not start: {watch.communicate()[1]}")
+    return watch
+
+
+def cri_socket_dir(
+    node: Node, path: str = SOCKET, name: str = "hostpath-socket", timeout: float = 30.0
+) -> float:
+    """The incident's directory made by containerd's own CRI plugin (lab/cri.py; the node booted
+    with ``containers=True``): a client (the kubelet's part) opens its connection to containerd,
+    the socket file at ``path`` is unlinked while containerd runs (``rm``: it stands for whatever
+    unlinks a live socket; the open connection outlives it), then a pod with a hostPath volume of
+    ``path`` (type unset) is created over that connection: CreateContainer's ``WithMounts`` finds
+    the host path missing and does ``MkdirAll``. Returns the node's wall-clock time at which the
+    directory appeared (inotify, inside the node). See docs/incident.md for when else it can."""
+    from lab.cri import CriClient, prepare_cri, run_hostpath_pod
+
+    prepare_cri(node)
+    watch = _start_directory_watch(node, path, timeout)
+    try:
+        with CriClient(node) as client:
+            client.connect()
+            node.run("rm", "-f", "--", path)
+            run_hostpath_pod(node, name, path, client=client)
+        said = watch.communicate(timeout=timeout + 10)[0].split()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    if not said or said[-1] == "never":
+        raise TimeoutError(f"no directory appeared at {path} within {timeout:g}s of the CRI pod")
+    return float(said[-1])

@@ -664,3 +664,16 @@ def cri_socket_dir(
     if not said or said[-1] == "never":
         raise TimeoutError(f"no directory appeared at {path} within {timeout:g}s of the CRI pod")
     return float(said[-1])
+
+
+# ---- [placeholder] (issue 18, part 2) ----------------------------------------------------------
+
+
+def placeholder_policy(mode: str = "enforce", policy: str | None = None) -> str:
+    """The shipped policy (or ``policy``) with ``[placeholder] mode`` set: "enforce" keeps
+    containerd's socket paths from ever being missing, "observe" says what it would make, "off"."""
+    import tomlkit
+
+    doc = tomlkit.parse(policy if policy is not None else SHIPPED_POLICY.read_text())
+    doc["placeholder"]["mode"] = mode  # type: ignore[index]
+    return tomlkit.dumps(doc)

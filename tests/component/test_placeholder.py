@@ -136,7 +136,7 @@ async def test_containerd_binding_its_own_socket_is_said_and_never_undone(node: 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
 async def test_what_appears_meanwhile_is_left_alone(node: Node, kind: str) -> None:
     await eventually(lambda: len(node.records(OUTCOME="done")) == 2)
-    node.unit("active", "running", pid=4242)  # so the core waits its grace: time to put one there
+    node.unit("activating", "start", pid=4242)  # the core waits its grace: time to put one there
     node.sock.unlink()
     if kind == "symlink":
         os.symlink("/etc", node.sock)

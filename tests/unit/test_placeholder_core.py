@@ -76,13 +76,10 @@ def test_both_paths_each_get_one() -> None:
     assert [m.path for m in made] == [SOCK, TTRPC]
 
 
-def test_missing_while_containerd_runs_waits_the_grace_then_places_and_reports() -> None:
+def test_missing_while_containerd_runs_places_at_once_and_reports() -> None:
     h = Harness()
-    h.unit("active", "running", pid=123)
-    [later] = h.missing()
-    assert isinstance(later, Later)
-    assert later.delay == pytest.approx(0.1)
-    [make] = later.then(NOW)
+    h.unit("active", "running", pid=123)  # READY=1 came after both binds: this is no start's gap
+    [make] = h.missing()
     assert make == MakePlaceholder(SOCK, running=True, detected_at=9.99)
     records = h.core.made(make, (7, 1), "inode 7", 100.0)
     [fault] = reports(records, OUTCOME="socket-unlinked")
@@ -95,6 +92,8 @@ def test_containerds_own_bind_within_the_grace_makes_nothing() -> None:
     h = Harness()
     h.unit("activating", "start", pid=123)  # containerd starting: its unlink, then its bind
     [later] = h.missing()
+    assert isinstance(later, Later)
+    assert later.delay == pytest.approx(0.1)
     h.socket(inode=99)
     assert later.then(NOW) == []
 
@@ -155,7 +154,7 @@ def test_something_appearing_meanwhile_is_left_alone() -> None:
 
 def test_a_path_that_came_back_before_the_grace_ended_is_left_alone() -> None:
     h = Harness()
-    h.unit("active", "running", pid=1)
+    h.unit("activating", "start", pid=1)
     [later] = h.missing()
     h.feed(PathChanged(SOCK, PathKind.SYMLINK, at=10.0, inode=8))
     assert later.then(NOW) == []

@@ -1,12 +1,14 @@
 """When to put a placeholder socket at a missing containerd socket path, and what to say; pure.
 
-A watched path seen missing (inotify's word, through the node view) gets a placeholder at once
-while containerd is down. Where containerd may be between unlinking the path and binding its
-socket there (it is starting; the path that vanished was our placeholder, which only containerd's
-start removes; it runs, and D-Bus may not have said yet that it stops), a placeholder would make
-containerd's bind fail with "address already in use": the core looks again after ``grace``, and
-acts only if the path is still missing. If containerd still runs then, its socket file was
-unlinked under it: the placeholder is made and the fault reported.
+A watched path seen missing (inotify's word, through the node view) gets a placeholder at once.
+Only where containerd may be between unlinking the path and binding its socket there (it is
+starting; the path that vanished was our placeholder, which containerd removes as it starts or
+stops; D-Bus has not said yet what containerd does) would a placeholder make containerd's bind fail
+with "address already in use": then the core looks again after ``grace``, and acts only if the
+path is still missing. An active containerd has bound its sockets (it says READY after both, and a
+new process of it is reported starting long before it gets to bind): if it runs while its path is
+missing, its socket file was unlinked under it: the placeholder is made at once and the fault
+reported.
 
 The executor makes the placeholder (``MakePlaceholder``) and says how it went (``made``,
 ``not_made``); when another file takes the placeholder's place (containerd's own socket: a new
@@ -85,9 +87,7 @@ class PlaceholderCore:
         seen = self.view.state(self.settings.unit)
         if seen is None:  # at start-up, before D-Bus has said
             return True
-        return seen.active_state in RUNNING or (
-            seen.active_state == "activating" and seen.sub_state in STARTING
-        )
+        return seen.active_state == "activating" and seen.sub_state in STARTING
 
     def _running(self) -> bool:
         seen = self.view.state(self.settings.unit)

@@ -61,7 +61,7 @@ class PlaceholderSettings(BaseModel):
     """The placeholder's permission bits, in octal (containerd chmods its sockets 0660)."""
     grace: PositiveDuration = 0.1
     """While containerd may be between unlinking a socket path and binding it (it is starting, or
-    the path that vanished was a placeholder of ours, which only containerd's start removes; or it
-    runs and D-Bus may not have said it is stopping yet), look again after this long before making
-    one: a placeholder made inside containerd's unlink-to-bind gap would make its bind fail with
-    "address already in use"."""
+    the path that vanished was a placeholder of ours, which containerd removes as it starts), look
+    again after this long before making one: a placeholder made inside containerd's unlink-to-bind
+    gap would make its bind fail with "address already in use". Otherwise (containerd down, or
+    active with its socket unlinked) the placeholder is made at once."""

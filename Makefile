@@ -52,6 +52,7 @@ bench: deps
 	$(PY) bench/hung.py
 	$(PY) bench/sighup_storm.py
 	$(PY) bench/second_guide.py
+	$(PY) bench/placeholder.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

@@ -183,3 +183,13 @@ def test_a_socket_bound_anew_on_a_reused_inode_number_is_a_replacement() -> None
     h.core.made(make, (42, 1), "", 1.0)
     [replaced] = h.socket(inode=42, ctime=2)  # ext4 reuses inode numbers; the ctime tells
     assert replaced.fields["OUTCOME"] == "replaced"
+
+
+def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:
+    h = Harness()
+    h.unit("active", "running", pid=3)
+    [make] = h.missing()
+    records = h.core.made(make, (9, 1), "", 2.0)
+    assert {r.fields["RULE"] for r in of(records, Report)} == {"placeholder"}
+    [fault] = reports(records, OUTCOME="socket-unlinked")
+    assert fault.fields["ELAPSED_MS"] == 2.0

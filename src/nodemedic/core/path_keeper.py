@@ -27,6 +27,9 @@ from nodemedic.policy.placeholder import PlaceholderMode, PlaceholderSettings
 from nodemedic.report import RecordKind
 
 ACTION = "placeholder-socket"
+# Every record's NODEMEDIC_RULE (as the SIGHUP guard's say "sighup"): status, metrics and the D-Bus
+# API see the socket-unlinked fault as an incident of it, open until containerd's socket is back.
+RULE = "placeholder"
 RUNNING = ("active", "reloading")
 STARTING = ("start-pre", "start", "start-post")  # activating with a process that may bind
 
@@ -116,7 +119,8 @@ class PlaceholderCore:
                 "connections already open; a placeholder keeps the path, and a restart of "
                 f"{unit} binds its socket again"
             )
-            out.append(self._report(RecordKind.DETECTED, message, path, "socket-unlinked", MODE="enforce"))
+            fields = {"MODE": "enforce", "ELAPSED_MS": elapsed_ms, "TRIGGER": f"{path} missing"}
+            out.append(self._report(RecordKind.DETECTED, message, path, "socket-unlinked", **fields))
         why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
         message = f"placeholder socket made at {path} ({why}): {detail}"
         fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
@@ -143,5 +147,11 @@ class PlaceholderCore:
         return [self._report(RecordKind.OUTCOME, message, event.path, "replaced", DETAIL=event.kind.value)]
 
     def _report(self, kind: RecordKind, message: str, path: str, outcome: str, **fields: object) -> Report:
-        common = {"ACTION": ACTION, "PATH": path, "UNIT": self.settings.unit, "OUTCOME": outcome}
+        common = {
+            "RULE": RULE,
+            "ACTION": ACTION,
+            "PATH": path,
+            "UNIT": self.settings.unit,
+            "OUTCOME": outcome,
+        }
         return Report(kind, message, {**common, "SOURCE": "inotify", **fields})

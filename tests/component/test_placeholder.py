@@ -166,3 +166,28 @@ async def test_the_race_with_something_appearing_is_lost_safely(node: Node) -> N
 async def test_observe_mode_makes_nothing(node: Node) -> None:
     await eventually(lambda: len(node.records(OUTCOME="would-do")) == 2)
     assert os.listdir(node.run_dir) == []
+
+
+async def test_a_reload_turns_it_on(short_tmp: Path) -> None:
+    """Off at start (no [placeholder]); a reload turns it on: the paths are watched from then on
+    (the inotify source is built again) and the missing ones get their placeholders."""
+    from .test_reload_triggers import outcomes, policy_text, reload_with, running, until
+
+    run_dir = short_tmp / "run"
+    run_dir.mkdir()
+    sock = run_dir / "containerd.sock"
+    head = policy_text(short_tmp).replace('mode = "observe"', 'mode = "enforce"', 1)
+    async with running(short_tmp, head) as node:
+        assert not sock.exists()
+        node.app.executor.handle(UnitChanged(UNIT, "inactive", "dead", source="dbus"))
+        turned_on = (
+            f'{head}\n[placeholder]\nmode = "enforce"\npaths = ["{sock}"]\nconfig = "{short_tmp}/none"\n'
+        )
+        record = await reload_with(node, turned_on)
+        assert "inotify" in record.fields["DETAIL"]
+        await until(
+            lambda: stat.S_ISSOCK(os.lstat(sock).st_mode) if sock.exists() else False, "the placeholder"
+        )
+        done = [r for r in node.sink.records if r.fields.get("ACTION") == "placeholder-socket"]
+        assert [r.fields["OUTCOME"] for r in done] == ["done"]
+        assert outcomes(node, "reloaded")

@@ -59,7 +59,7 @@ def test_missing_while_containerd_down_makes_a_placeholder_at_once() -> None:
     h = Harness()
     h.unit("activating", "auto-restart")
     [make] = h.missing()
-    assert make == MakePlaceholder(SOCK, running=False, detected_at=9.99)
+    assert make == MakePlaceholder(SOCK, running=0, detected_at=9.99)
     assert h.missing() == [], "one placeholder per missing incident"
     [record] = h.core.made(make, (42, 1), "mode 0660, owner 0:0, inode 42", 1.5)
     assert record.kind is RecordKind.ACTION
@@ -80,12 +80,35 @@ def test_missing_while_containerd_runs_places_at_once_and_reports() -> None:
     h = Harness()
     h.unit("active", "running", pid=123)  # READY=1 came after both binds: this is no start's gap
     [make] = h.missing()
-    assert make == MakePlaceholder(SOCK, running=True, detected_at=9.99)
+    assert make == MakePlaceholder(SOCK, running=123, detected_at=9.99)
     records = h.core.made(make, (7, 1), "inode 7", 100.0)
-    [fault] = reports(records, OUTCOME="socket-unlinked")
+    assert reports(records, OUTCOME="done")
+    [later] = of(records, Later)  # said once the grace shows it was no stop D-Bus had not told yet
+    [fault] = reports(later.then(NOW), OUTCOME="socket-unlinked")
     assert fault.kind is RecordKind.DETECTED
     assert "serves only the connections already open" in fault.message
-    assert reports(records, OUTCOME="done")
+
+
+def test_a_stop_that_d_bus_says_late_is_no_unlinked_socket() -> None:
+    h = Harness()
+    h.unit("active", "running", pid=123)  # containerd's stop unlinked its socket; D-Bus is late
+    [make] = h.missing()
+    [later] = of(h.core.made(make, (7, 1), "", 1.0), Later)
+    h.unit("deactivating", "stop-sigterm", pid=123)
+    assert later.then(NOW) == []
+    h.unit("active", "running", pid=124)  # or it has restarted meanwhile: another process
+    assert later.then(NOW) == []
+
+
+def test_while_containerd_starts_the_core_keeps_waiting_then_places() -> None:
+    h = Harness()
+    h.unit("activating", "start", pid=5)
+    [later] = h.missing()
+    [again] = later.then(NOW)
+    assert isinstance(again, Later), "still starting: never inside its unlink-to-bind gap"
+    h.unit("failed", "failed")  # its start failed before it bound: the path stays missing
+    [make] = again.then(NOW)
+    assert make == MakePlaceholder(SOCK, running=0, detected_at=9.99)
 
 
 def test_containerds_own_bind_within_the_grace_makes_nothing() -> None:
@@ -190,6 +213,7 @@ def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:
     h.unit("active", "running", pid=3)
     [make] = h.missing()
     records = h.core.made(make, (9, 1), "", 2.0)
+    records += of(records, Later)[0].then(NOW)
     assert {r.fields["RULE"] for r in of(records, Report)} == {"placeholder"}
     [fault] = reports(records, OUTCOME="socket-unlinked")
     assert fault.fields["ELAPSED_MS"] == 2.0

@@ -32,6 +32,7 @@ ACTION = "placeholder-socket"
 RULE = "placeholder"
 RUNNING = ("active", "reloading")
 STARTING = ("start-pre", "start", "start-post")  # activating with a process that may bind
+MAX_LOOKS = 50  # grace periods waited at most while containerd starts (5 s at the default 100 ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class MakePlaceholder(Effect):
     """Make a placeholder socket at ``path`` (nothing there is ever replaced)."""
 
     path: str
-    running: bool  # containerd runs, its socket file unlinked: a fault to report
+    running: int  # containerd's main PID when it runs (its socket file unlinked: a fault), else 0
     detected_at: float  # monotonic: when the path was seen missing
 
 
@@ -76,14 +77,24 @@ class PlaceholderCore:
         if path in self._decided:
             return []
         if path in self.placed or self._may_bind():
-
-            def look_again(_now: Instant) -> Effects:
-                if self.mode == "off" or self.view.paths.get(path) is not PathKind.MISSING:
-                    return []
-                return [] if path in self._decided else self._decide(path, event.at)
-
-            return [Later(self.settings.grace, look_again, f"placeholder: {path} still missing?")]
+            return [self._look_again(path, event.at, MAX_LOOKS)]
         return self._decide(path, event.at)
+
+    def _look_again(self, path: str, detected_at: float, looks: int) -> Later:
+        """After ``grace``: still missing, and containerd not (or no longer) starting? Then decide.
+        While it starts, look again (``looks`` more times at most: a start that hangs must not keep
+        the path missing for ever)."""
+
+        def then(_now: Instant) -> Effects:
+            if self.mode == "off" or self.view.paths.get(path) is not PathKind.MISSING:
+                return []
+            if path in self._decided:
+                return []
+            if looks > 1 and self._may_bind():
+                return [self._look_again(path, detected_at, looks - 1)]
+            return self._decide(path, detected_at)
+
+        return Later(self.settings.grace, then, f"placeholder: {path} still missing?")
 
     def _may_bind(self) -> bool:
         """Whether containerd may be between unlinking its socket path and binding it."""
@@ -92,9 +103,10 @@ class PlaceholderCore:
             return True
         return seen.active_state == "activating" and seen.sub_state in STARTING
 
-    def _running(self) -> bool:
+    def _running(self) -> int:
+        """containerd's main PID while it is active, else 0."""
         seen = self.view.state(self.settings.unit)
-        return seen is not None and seen.active_state in RUNNING and seen.main_pid != 0
+        return seen.main_pid if seen is not None and seen.active_state in RUNNING else 0
 
     def _decide(self, path: str, detected_at: float) -> Effects:
         self._decided.add(path)
@@ -113,19 +125,27 @@ class PlaceholderCore:
         self.placed[path] = identity
         self._decided.discard(path)  # the path is there again: its next vanishing is a new incident
         out: Effects = []
-        if effect.running:
-            message = (
-                f"{unit} runs but its socket file {path} was unlinked: it serves only the "
-                "connections already open; a placeholder keeps the path, and a restart of "
-                f"{unit} binds its socket again"
-            )
-            fields = {"MODE": "enforce", "ELAPSED_MS": elapsed_ms, "TRIGGER": f"{path} missing"}
-            out.append(self._report(RecordKind.DETECTED, message, path, "socket-unlinked", **fields))
+        if effect.running:  # said once the grace has shown it was no stop D-Bus had not told yet
+            out.append(Later(self.settings.grace, lambda _now: self._unlinked(effect, identity, elapsed_ms)))
         why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
         message = f"placeholder socket made at {path} ({why}): {detail}"
         fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
         out.append(self._report(RecordKind.ACTION, message, path, "done", **fields))
         return out
+
+    def _unlinked(self, effect: MakePlaceholder, identity: tuple[int, int], elapsed_ms: float) -> Effects:
+        """containerd still runs as the same process and our placeholder is still there: its
+        socket file really was unlinked under it (a stop or restart would have replaced or
+        removed the placeholder, or changed the unit's state, by now)."""
+        path, unit = effect.path, self.settings.unit
+        if self._running() != effect.running or self.placed.get(path) != identity:
+            return []
+        message = (
+            f"{unit} runs but its socket file {path} was unlinked: it serves only the connections "
+            f"already open; a placeholder keeps the path, and a restart of {unit} binds its socket again"
+        )
+        fields = {"MODE": "enforce", "ELAPSED_MS": elapsed_ms, "TRIGGER": f"{path} missing"}
+        return [self._report(RecordKind.DETECTED, message, path, "socket-unlinked", **fields)]
 
     def not_made(self, effect: MakePlaceholder, outcome: str, detail: str) -> Effects:
         """The placeholder was not made: something appeared meanwhile ("skipped"), or it failed."""

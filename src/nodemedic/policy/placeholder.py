@@ -62,6 +62,7 @@ class PlaceholderSettings(BaseModel):
     grace: PositiveDuration = 0.1
     """While containerd may be between unlinking a socket path and binding it (it is starting, or
     the path that vanished was a placeholder of ours, which containerd removes as it starts), look
-    again after this long before making one: a placeholder made inside containerd's unlink-to-bind
+    again after this long (and again while it is still starting, 50 times at most) before making
+    one: a placeholder made inside containerd's unlink-to-bind
     gap would make its bind fail with "address already in use". Otherwise (containerd down, or
     active with its socket unlinked) the placeholder is made at once."""

@@ -6,10 +6,12 @@ reports a placeholder's making back through ``made`` / ``not_made``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from nodemedic.actions.placeholder_socket import socket_owner
 from nodemedic.core.effects import Effect, Effects, Instant, Later, Report
 from nodemedic.core.nodeview import NodeView
 from nodemedic.core.path_keeper import ACTION, MakePlaceholder, PlaceholderCore
@@ -217,3 +219,17 @@ def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:
     assert {r.fields["RULE"] for r in of(records, Report)} == {"placeholder"}
     [fault] = reports(records, OUTCOME="socket-unlinked")
     assert fault.fields["ELAPSED_MS"] == 2.0
+
+
+def test_the_owner_is_containerds_from_its_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    assert socket_owner(str(config), SOCK) == (0, 0), "no config: 0:0"
+    config.write_text("version = 2\n[grpc]\nuid = 10\ngid = 20\n")
+    assert socket_owner(str(config), SOCK) == (10, 20)
+    assert socket_owner(str(config), TTRPC) == (10, 20), "ttrpc takes [grpc]'s without its own address"
+    config.write_text('[grpc]\ngid = 20\n[ttrpc]\naddress = "/run/x.ttrpc"\ngid = 30\n')
+    assert socket_owner(str(config), TTRPC) == (0, 30)
+    config.write_text("[grpc\nuid = ")
+    assert socket_owner(str(config), SOCK) == (0, 0), "a config containerd would refuse: 0:0"
+    config.write_text('[grpc]\nuid = -1\ngid = "x"\n')
+    assert socket_owner(str(config), SOCK) == (0, 0)

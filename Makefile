@@ -56,6 +56,7 @@ bench: deps
 	$(PY) bench/journal_lines.py
 	$(PY) bench/journal_flood.py
 	$(PY) bench/idle.py
+	$(PY) bench/placeholder.py
 
 # .deb and .rpm from packaging/nfpm.yaml into build/packages/ (docs/packaging.md)
 packages: deps

@@ -838,3 +838,16 @@ def cri_socket_dir(
         why = f": {fault.error}" if fault.error else ""
         raise TimeoutError(f"the CRI plugin made no directory at {path}{why}")
     return fault.directory_at
+
+
+# ---- [placeholder] (issue 18, part 2) ----------------------------------------------------------
+
+
+def placeholder_policy(mode: str = "enforce", policy: str | None = None) -> str:
+    """The shipped policy (or ``policy``) with ``[placeholder] mode`` set: "enforce" keeps
+    containerd's socket paths from ever being missing, "observe" says what it would make, "off"."""
+    import tomlkit
+
+    doc = tomlkit.parse(policy if policy is not None else SHIPPED_POLICY.read_text())
+    doc["placeholder"]["mode"] = mode  # type: ignore[index]
+    return tomlkit.dumps(doc)

@@ -20,7 +20,7 @@ from nodemedic.api import Api
 from nodemedic.clock import MonotonicClock
 from nodemedic.configs import GoodConfigs
 from nodemedic.events import Event
-from nodemedic.executor import Executor, keeping
+from nodemedic.executor import Executor, keeping, placeholders
 from nodemedic.executor.interventions import GuardParts, SighupInterventions, register
 from nodemedic.metrics import Metrics, TextfileWriter
 from nodemedic.policy.match import journal_filter
@@ -71,6 +71,7 @@ class App:
     repairs: set[asyncio.Task[None]]
     observers: list[Callable[[Event], None]] = field(default_factory=list)  # see every event too
     guard: SighupInterventions | None = None  # [sighup], unless mode = "off"
+    placeholders: placeholders.Placeholders | None = None  # [placeholder] (mode "off": does nothing)
     wiring: Wiring | None = None  # None: the policy's sources are not rebuilt at a reload
     journal: JournalFollower | None = None  # its filter follows the policy's journal triggers
 
@@ -113,6 +114,7 @@ def build_app(
     app.journal = follower
     app.sources["journal"] = follower.run
     keeping.register(executor, settings, good)  # last-known-good copies of config.toml
+    app.placeholders = placeholders.register(executor, policy)  # a reload may turn it on
     if policy.sighup.mode != "off":
         app.guard = _build_guard(app, clock, systemd, good)
     if settings.metrics.enabled:

@@ -193,6 +193,8 @@ class Daemon:
             self.app.journal.wanted = journal_filter(policy.rule)
         if self.app.guard is not None:
             self.app.guard.replace(policy.sighup, policy.daemon.mode)
+        if self.app.placeholders is not None:
+            self.app.placeholders.replace(policy)
         again = f"; followed again: {', '.join(restarted)}" if restarted else ""
         message = f"policy reloaded from {path}: {len(policy.rule)} rule(s){again}"
         fields = {"ACTION": "reload", "OUTCOME": "reloaded", "PATH": str(path), "DETAIL": " ".join(restarted)}

@@ -49,12 +49,16 @@ class JournalLine:
 
 @dataclass(frozen=True, slots=True)
 class PathChanged:
-    """A watched path changed kind (or its state at start-up)."""
+    """A watched path changed kind, or became another socket (bound anew: its inode or, on a file
+    system that reuses inode numbers, its ctime changed), or its state at start-up. ``inode`` and
+    ``ctime_ns`` 0: nothing there, or not known; ``ctime_ns`` is only read for a socket."""
 
     path: str
     kind: PathKind
     at: float = 0.0
     source: str = "inotify"
+    inode: int = 0
+    ctime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from nodemedic.events import (
     SocketModeSeen,
     VersionSeen,
 )
-from nodemedic.executor import Executor
+from nodemedic.executor import Executor, placeholders
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.match import match
 from nodemedic.policy.model import AnyTrigger, OomTrigger
@@ -145,6 +145,7 @@ def make_app(policy_path: Path, sink: MemorySink, probe: Probe, seen: list[Event
 
     executor = Executor(policy, ctx, report, spawn)
     app = App(policy, policy_path, report, events, {"dbus": systemd.run}, systemd, executor, repairs)  # type: ignore[arg-type]
+    app.placeholders = placeholders.register(executor, policy)  # as build_app: a reload may turn it on
     # containerd's main process is this one: its fds and its cgroup are read from the real /proc
     app.wiring = Wiring(events.put_nowait, clock, probe, report, lambda unit: os.getpid(), None)
     app.sources.update(app.policy_sources(policy))

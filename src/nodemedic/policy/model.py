@@ -36,6 +36,7 @@ from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.duration import Duration, Interval, PositiveDuration
 from nodemedic.policy.paths import AbsoluteDir, AbsolutePath, absolute_path
 from nodemedic.policy.patterns import Regex
+from nodemedic.policy.placeholder import PlaceholderSettings
 from nodemedic.policy.sighup import SighupSettings
 from nodemedic.policy.signals import Signal
 
@@ -664,6 +665,8 @@ class Policy(Strict):
     """The rules, each a diagnosis and its repair."""
     sighup: SighupSettings = SighupSettings()
     """SIGHUP storms against containerd: how they are seen and damped."""
+    placeholder: PlaceholderSettings = PlaceholderSettings(mode="off")
+    """A placeholder socket at containerd's socket paths whenever one goes missing (off if absent)."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:
@@ -683,6 +686,10 @@ class Policy(Strict):
             problems.append(f"[daemon.resources].unit {resources} is not in [daemon].watch_units {watched}")
         if self.sighup.mode != "off" and self.sighup.unit not in watched:
             problems.append(f"[sighup].unit {self.sighup.unit} is not in [daemon].watch_units {watched}")
+        if self.placeholder.mode != "off" and self.placeholder.unit not in watched:
+            problems.append(
+                f"[placeholder].unit {self.placeholder.unit} is not in [daemon].watch_units {watched}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -724,7 +731,11 @@ class Policy(Strict):
         rule's confirm condition (the node view learns their kind from the same events)."""
         paths = [p for r in self.rule for t in r.trigger if isinstance(t, PathTrigger) for p in t.paths]
         paths += [p for r in self.rule if r.confirm is not None for p in r.confirm.paths]
-        return list(dict.fromkeys(paths))
+        return list(dict.fromkeys(paths + self.placeholder_paths()))
+
+    def placeholder_paths(self) -> list[str]:
+        """The socket paths ``[placeholder]`` keeps from being missing (none while it is off)."""
+        return list(self.placeholder.paths) if self.placeholder.mode != "off" else []
 
     def served(self) -> dict[str, frozenset[str]]:
         """Per source (a trigger's ``served_by``), what this policy asks of it: "inotify" the paths
@@ -737,6 +748,6 @@ class Policy(Strict):
             for trig in rule.trigger:
                 wanted.setdefault(trig.served_by, set()).update(trig.wants())
         confirm_paths = [p for r in self.rule if r.confirm is not None for p in r.confirm.paths]
-        if confirm_paths:
-            wanted.setdefault("inotify", set()).update(confirm_paths)
+        if confirm_paths or self.placeholder_paths():
+            wanted.setdefault("inotify", set()).update(confirm_paths + self.placeholder_paths())
         return {source: frozenset(items) for source, items in wanted.items()}

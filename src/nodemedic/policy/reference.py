@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from nodemedic.policy import model, sighup
+from nodemedic.policy import model, placeholder, sighup
 from nodemedic.policy.actions import ActionSpec
 from nodemedic.policy.duration import parse_duration
 from nodemedic.policy.load import DEFAULT_POLICY
@@ -49,6 +49,7 @@ SECTIONS: tuple[tuple[str, Any], ...] = (
     ("[sighup.storm]", sighup.StormSettings),
     ("[sighup.coalesce]", sighup.CoalesceSettings),
     ("[sighup.throttle]", sighup.ThrottleSettings),
+    ("[placeholder]", placeholder.PlaceholderSettings),
 )
 
 INTRO = f"""\
@@ -58,9 +59,10 @@ INTRO = f"""\
 the docstrings in src/nodemedic/policy/model.py or src/nodemedic/policy/actions.py, then `make docs`. -->
 
 A policy is a TOML file, by default `{DEFAULT_POLICY}`, made of one `[daemon]` table, any number
-of `[[rule]]` tables and one `[sighup]` table. A rule says when to look (its triggers), whether to
-act (its confirm condition, checked against the real state at decision time) and what to do (its
-ordered actions). `[sighup]` says how SIGHUP storms against containerd are seen and damped.
+of `[[rule]]` tables, one `[sighup]` and one `[placeholder]` table. A rule says when to look (its
+triggers), whether to act (its confirm condition, checked against the real state at decision time)
+and what to do (its ordered actions). `[sighup]` says how SIGHUP storms against containerd are seen
+and damped; `[placeholder]` keeps containerd's socket paths from ever being missing (off without it).
 The shipped policy, `policy/policy.toml`, is commented and a good place to start.
 
 Durations are written as text: `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds);

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from asyncinotify import Inotify, Mask, Watch
 
 from nodemedic.events import Event, PathChanged, PathKind
-from nodemedic.fs import path_kind
+from nodemedic.fs import path_identity
 from nodemedic.ports import Clock
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,14 @@ DIR_MASK = (
 
 
 class PathWatcher:
-    """Emits PathChanged for ``paths``: once each at start, then on every change of kind."""
+    """Emits PathChanged for ``paths``: once each at start, then on every change of kind, and when
+    another file of the same kind took a path's place (a new inode; a socket bound anew)."""
 
     def __init__(self, paths: list[str], emit: Callable[[Event], None], clock: Clock) -> None:
         self.paths = list(paths)
         self._emit = emit
         self._clock = clock
-        self._kinds: dict[str, PathKind] = {}
+        self._kinds: dict[str, tuple[PathKind, int, int]] = {}
         self._watches: dict[str, tuple[Watch, int]] = {}  # directory -> (watch, inode)
 
     async def run(self) -> None:
@@ -86,10 +87,10 @@ class PathWatcher:
     def _rescan(self) -> None:
         now = self._clock.monotonic()
         for path in self.paths:
-            kind = path_kind(path)
-            if self._kinds.get(path) != kind:
-                self._kinds[path] = kind
-                self._emit(PathChanged(path, kind, at=now))
+            kind, inode, ctime = identity = path_identity(path)
+            if self._kinds.get(path) != identity:
+                self._kinds[path] = identity
+                self._emit(PathChanged(path, kind, at=now, inode=inode, ctime_ns=ctime))
 
 
 def _nearest_existing(directory: str) -> str:

@@ -248,3 +248,15 @@ def test_a_server_that_does_not_read_fails_the_call() -> None:
         return caught.value
 
     assert "does not read" in str(asyncio.run(run()))
+
+
+async def test_buffered_frames_do_not_hold_the_loop() -> None:
+    """A flood already in the buffer is read without waiting: the call yields to the loop anyway."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(gw._frame(gw.PING, 0, 0, b"12345678") * 8 + _answer(Encoder()))
+    conn = gw.Connection(reader, Writer())  # type: ignore[arg-type]
+    ran = asyncio.Event()
+    other = asyncio.get_running_loop().call_soon(ran.set)
+    assert await conn.unary_empty(VERSION_METHOD) == _string(1, "v1")
+    other.cancel()
+    assert ran.is_set()

@@ -13,11 +13,11 @@ RST_STREAM, a non-200 status, a grpc-status other than 0 and anything malformed 
 ``CallFailed``; the connection is then unusable and is aborted by the caller.
 
 A hostile or broken server is bounded: a call reads at most ``MAX_FRAMES`` frames (containerd's
-answer is about 8) and yields to the loop between them, so a flood cannot hold the loop past the
-caller's timeout; at most two header blocks on our stream, each at most ``MAX_BLOCK`` bytes
-(CONTINUATIONs included) and ``MAX_HEADER_LIST`` decoded; HEADERS, DATA or CONTINUATION on any
-other stream fail the call; a server that does not read (our acknowledgements pile up past
-``MAX_WRITE_BUFFER``) fails it too.
+answer is about 8) and yields to the loop every ``YIELD_EVERY`` of them, so a flood cannot hold
+the loop past the caller's timeout; at most two header blocks on our stream, each at most
+``MAX_BLOCK`` bytes (CONTINUATIONs included) and ``MAX_HEADER_LIST`` decoded; HEADERS, DATA or
+CONTINUATION on any other stream fail the call; a server that does not read (our
+acknowledgements pile up past ``MAX_WRITE_BUFFER``) fails it too.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ MAX_MESSAGE = 1 << 16  # a VersionResponse is a few dozen bytes
 WINDOW_TOP_UP = 1 << 30  # the connection window is raised by this much whenever half is used
 USER_AGENT = "nodemedic"
 MAX_FRAMES = 64  # frames read in one call
+YIELD_EVERY = 4  # frames read between two yields to the loop (an answer is 3 once warm)
 MAX_BLOCKS = 2  # header blocks on our stream: the headers and the trailers
 MAX_BLOCK = 1 << 14  # bytes of one header block, CONTINUATIONs included
 MAX_HEADER_LIST = 8192  # decoded size (RFC 9113 6.5.2), announced and enforced
@@ -125,9 +126,10 @@ class Connection:
     async def _answer(self, stream: int) -> bytes:
         headers: list[tuple[str, str]] = []
         body, block, ending, blocks = b"", b"", False, 0
-        for _ in range(MAX_FRAMES):
+        for count in range(MAX_FRAMES):
             kind, flags, sid, payload = await self._read_frame()
-            await asyncio.sleep(0)  # a flood of buffered frames must not hold the loop
+            if count % YIELD_EVERY == YIELD_EVERY - 1:  # buffered frames must not hold the loop
+                await asyncio.sleep(0)
             _check_sequence(kind, sid, stream, bool(block))
             if kind in (HEADERS, DATA, CONTINUATION):
                 self.heard = True

@@ -164,3 +164,33 @@ async def test_a_flooding_server_fails_the_call_and_is_dropped(
         await asyncio.sleep(0.05)  # the server's writes see the connection aborted
     finally:
         server.close()
+
+
+async def test_a_bad_answer_on_the_kept_connection_is_not_asked_again(short_tmp: Path) -> None:
+    """Only a reused connection that failed before any frame of our stream is retried."""
+    dialled: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.append(1)
+        encoder = Encoder()
+        try:
+            writer.write(_answer(encoder, await _request(reader)))
+            unavailable = encoder.encode([*OK, ("grpc-status", "14")])
+            stream = await _request(reader)
+            writer.write(gw._frame(gw.HEADERS, gw.END_HEADERS | gw.END_STREAM, stream, unavailable))
+            await reader.read()  # until the client aborts
+        finally:
+            writer.close()
+
+    path = str(short_tmp / "c.sock")
+    server = await asyncio.start_unix_server(serve, path)
+    probe = ContainerdProbe()
+    try:
+        assert await probe.version(path, 0.6) == "v1"
+        with pytest.raises(ProbeError, match="gRPC status 14"):
+            await probe.version(path, 0.6)
+        assert len(dialled) == 1
+        await asyncio.sleep(0.05)  # the server sees the abort and closes its side
+    finally:
+        probe.close()
+        server.close()

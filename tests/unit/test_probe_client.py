@@ -260,3 +260,12 @@ async def test_buffered_frames_do_not_hold_the_loop() -> None:
     assert await conn.unary_empty(VERSION_METHOD) == _string(1, "v1")
     other.cancel()
     assert ran.is_set()
+
+
+async def test_a_connection_out_of_stream_ids_is_not_used() -> None:
+    conn = gw.Connection(asyncio.StreamReader(), Writer())  # type: ignore[arg-type]
+    assert conn.usable
+    conn._next_stream = gw.LAST_STREAM + 2
+    assert not conn.usable  # the probe dials anew
+    with pytest.raises(gw.CallFailed, match="no stream ids left"):
+        await conn.unary_empty(VERSION_METHOD)

@@ -7,6 +7,8 @@ Version API over the node's socket (through /proc/LEADER/root) ``--requests`` ti
 - grpcio-per-request: a new grpc.aio channel for every request (nodemedic up to issue 14);
 - grpcio-kept: one grpc.aio channel kept, with a short reconnect backoff (100 ms);
 - grpclib-kept: one grpclib channel kept (asyncio-native, over the h2 package);
+- h2-kept: python-hyper's h2 state machine used directly over one kept asyncio unix connection
+  (what replacing grpcwire's framing with h2 would cost; the gRPC framing stays ours);
 - nodemedic-wire: nodemedic's ContainerdProbe (sources/grpcwire.py: one kept HTTP/2 connection,
   a pre-encoded request in one write, hpack for the answer's headers, no protobuf).
 
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-CLIENTS = ("grpcio-per-request", "grpcio-kept", "grpclib-kept", "nodemedic-wire")
+CLIENTS = ("grpcio-per-request", "grpcio-kept", "grpclib-kept", "h2-kept", "nodemedic-wire")
 METHOD = "/containerd.services.version.v1.Version/Version"
 BACKOFF = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -96,6 +98,55 @@ async def _grpclib(socket: str, ask: int, interval: float) -> None:
     channel.close()
 
 
+H2_REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", METHOD.encode()),
+    (b":authority", b"localhost"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+async def _h2_call(conn: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    import h2.events
+
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, H2_REQUEST)
+    conn.send_data(stream, b"\x00" * 5, end_stream=True)
+    writer.write(conn.data_to_send())
+    body = b""
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            raise EOFError("closed")
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                body += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                writer.write(conn.data_to_send())
+                return body[5:]
+        writer.write(conn.data_to_send())
+
+
+async def _h2(socket: str, ask: int, interval: float) -> None:
+    import h2.config
+    import h2.connection
+
+    reader, writer = await asyncio.open_unix_connection(socket)
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    conn.increment_flow_control_window(1 << 30)
+    writer.write(conn.data_to_send())
+    for _ in range(ask):
+        async with asyncio.timeout(1.0):
+            await _h2_call(conn, reader, writer)
+        await asyncio.sleep(interval)
+    writer.close()
+
+
 async def _wire(socket: str, ask: int, interval: float) -> None:
     from nodemedic.sources.probe import ContainerdProbe
 
@@ -110,6 +161,7 @@ def client(name: str, socket: str, ask: int, interval: float) -> dict[str, float
     """Run in the child: warm up (imports, first connection), then measure ``ask`` requests."""
     runs = {
         "grpclib-kept": lambda n: _grpclib(socket, n, interval),
+        "h2-kept": lambda n: _h2(socket, n, interval),
         "nodemedic-wire": lambda n: _wire(socket, n, interval),
     }
     run = runs.get(name, lambda n: _grpcio(socket, name == "grpcio-kept", n, interval))

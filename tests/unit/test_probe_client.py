@@ -54,15 +54,25 @@ def test_bytes_that_are_no_message_raise_value_error(wire: bytes) -> None:
 
 
 class Writer:
-    """The edge: what the connection writes to its socket."""
+    """The edge: what the connection writes to its socket (``waiting``: what the peer left unread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reads: bool = True) -> None:
         self.sent = b""
+        self.waiting = 0
+        self.reads = reads
+        self.transport = self
 
     def write(self, data: bytes) -> None:
         self.sent += data
+        self.waiting += 0 if self.reads else len(data)
 
-    def close(self) -> None:
+    def get_write_buffer_size(self) -> int:
+        return self.waiting
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
         pass
 
 
@@ -75,9 +85,11 @@ def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
     return out
 
 
-def _call(*server_frames: bytes) -> tuple[bytes | Exception, list[tuple[int, int, int, bytes]]]:
+def _call(
+    *server_frames: bytes, reads: bool = True
+) -> tuple[bytes | Exception, list[tuple[int, int, int, bytes]]]:
     async def run() -> tuple[bytes | Exception, bytes]:
-        reader, writer = asyncio.StreamReader(), Writer()
+        reader, writer = asyncio.StreamReader(), Writer(reads)
         reader.feed_data(b"".join(server_frames))
         reader.feed_eof()
         conn = gw.Connection(reader, writer)  # type: ignore[arg-type]
@@ -184,3 +196,76 @@ async def test_remembered_indexed_blocks_follow_the_table_as_it_changes() -> Non
     for block in blocks:
         assert conn._decode(block) == reference.decode(block)
     assert all(byte & 0x80 for byte in blocks[1])
+
+
+def _frames_of(kind: int, flags: int, stream: int, payload: bytes, count: int) -> bytes:
+    return gw._frame(kind, flags, stream, payload) * count
+
+
+@pytest.mark.parametrize(
+    ("frames", "said"),
+    [
+        # floods that held the loop or the memory (the reviewer's flood.py and lag.py)
+        (lambda e: _frames_of(gw.PING, 0, 0, b"12345678", 65) + _answer(e), "no answer in 64 frames"),
+        (lambda e: _frames_of(gw.SETTINGS, 0, 0, b"", 65) + _answer(e), "no answer in 64 frames"),
+        (lambda e: _frames_of(gw.HEADERS, gw.END_HEADERS, 1, b"\x01\x00", 3), "more than 2 header"),
+        (lambda e: _frames_of(gw.HEADERS, gw.END_HEADERS, 1, b"\x01\x00" * 1500, 1), "larger than 8192"),
+        (lambda e: gw._frame(gw.HEADERS, 0, 1, e.encode(OK))
+         + _frames_of(gw.CONTINUATION, 0, 1, b"\x00" * 8192, 2), "header block larger than 16384"),
+        (lambda e: gw._frame(gw.HEADERS, gw.END_HEADERS | gw.END_STREAM, 1, e.encode([("x", "y" * 9000)])),
+         "larger than 8192"),
+        (lambda e: gw._frame(gw.DATA, 0, 3, b"") + _answer(e), "type 0 on stream 3"),
+        (lambda e: _headers(e, 3, OK) + _answer(e), "type 1 on stream 3"),
+        (lambda e: gw._frame(gw.PING, 0, 0, b"p" * 16384), "malformed PING"),
+        # the frame rules of RFC 9113 (review nits)
+        (lambda e: gw._frame(gw.HEADERS, 0, 1, e.encode(OK)) + gw._frame(gw.PING, 0, 0, b"12345678"),
+         "not followed by its CONTINUATION"),
+        (lambda e: gw._frame(gw.CONTINUATION, gw.END_HEADERS, 1, e.encode(OK)), "follows no header block"),
+        (lambda e: gw._frame(gw.PRIORITY, 0, 1, b"\x00\x00"), "malformed PRIORITY"),
+        (lambda e: gw._frame(gw.SETTINGS, 0, 0, b"\x00\x03\x00"), "malformed SETTINGS"),
+        (lambda e: gw._frame(gw.SETTINGS, gw.ACK, 0, b"\x00\x03\x00\x00\x00\x64"), "malformed SETTINGS"),
+        (lambda e: gw._frame(gw.PING, 0, 1, b"12345678"), "malformed PING"),
+        (lambda e: gw._frame(gw.PING, 0, 0, b"1234"), "malformed PING"),
+    ],
+)  # fmt: skip
+def test_a_hostile_server_is_bounded(frames: object, said: str) -> None:
+    result, _ = _call(frames(Encoder()))  # type: ignore[operator]
+    assert isinstance(result, gw.CallFailed)
+    assert said in str(result)
+
+
+def test_a_server_that_does_not_read_fails_the_call() -> None:
+    """What waits unwritten (acks the server never read: 155 -> 844 MB in the review) is bounded."""
+    result, _ = _call(gw._frame(gw.PING, 0, 0, b"12345678") * 40 + _answer(Encoder()), reads=False)
+    assert result == _string(1, "v1")  # 40 acks: 680 bytes waiting, under the bound
+
+    async def run() -> Exception:
+        writer = Writer(reads=False)
+        writer.waiting = gw.MAX_WRITE_BUFFER - 100  # earlier calls' acks, never read
+        conn = gw.Connection(asyncio.StreamReader(), writer)  # type: ignore[arg-type]
+        with pytest.raises(gw.CallFailed) as caught:
+            await conn.unary_empty(VERSION_METHOD)
+        return caught.value
+
+    assert "does not read" in str(asyncio.run(run()))
+
+
+async def test_buffered_frames_do_not_hold_the_loop() -> None:
+    """A flood already in the buffer is read without waiting: the call yields to the loop anyway."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(gw._frame(gw.PING, 0, 0, b"12345678") * 8 + _answer(Encoder()))
+    conn = gw.Connection(reader, Writer())  # type: ignore[arg-type]
+    ran = asyncio.Event()
+    other = asyncio.get_running_loop().call_soon(ran.set)
+    assert await conn.unary_empty(VERSION_METHOD) == _string(1, "v1")
+    other.cancel()
+    assert ran.is_set()
+
+
+async def test_a_connection_out_of_stream_ids_is_not_used() -> None:
+    conn = gw.Connection(asyncio.StreamReader(), Writer())  # type: ignore[arg-type]
+    assert conn.usable
+    conn._next_stream = gw.LAST_STREAM + 2
+    assert not conn.usable  # the probe dials anew
+    with pytest.raises(gw.CallFailed, match="no stream ids left"):
+        await conn.unary_empty(VERSION_METHOD)

@@ -88,7 +88,8 @@ HELP = {
     "nodemedic_journal_last_read_timestamp_seconds": "Unix time the journal follower last read an "
     "entry (0: none yet).",
     "nodemedic_journal_skipped_entries": "Journal entries the follower skipped unread because its "
-    "reading could not catch up (counted by sequence number: every unit's entries).",
+    "reading could not catch up (counted by sequence number: every unit's entries; a skip whose count "
+    "is unknown, across journal files, adds nothing).",
     "nodemedic_metrics_written_timestamp_seconds": "Unix time this file's content was made.",
 }
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from systemd import journal as systemd_journal
 
 from nodemedic.clock import MonotonicClock
 from nodemedic.events import JournalLine
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.match import journal_filter
-from nodemedic.sources.journal import KERNEL, JournalFollower
+from nodemedic.sources.journal import DATA_THRESHOLD, KERNEL, MESSAGE_LIMIT, JournalFollower, add_matches
 
 from .helpers import Recorder, running
 from .journal_writer import CONTAINERD, JournalWriter, containerd_says, kubelet_says, systemd_says
@@ -237,6 +238,81 @@ async def test_a_forged_unit_field_is_not_containerd(
     assert events.pending() == []
 
 
+async def test_a_forged_unit_field_is_not_even_read(journal: JournalWriter, journal_dir: Path) -> None:
+    """The reader's matches take UNIT= only from PID 1 as root: a forged entry costs nothing."""
+    forged = {**systemd_says("forged"), "_PID": "4242", "_SYSTEMD_UNIT": "user@1000.service"}
+    await journal.write(
+        forged,
+        {**forged, "MESSAGE": "forged by root", "_UID": "0"},
+        {**forged, "MESSAGE": "forged by pid 1 of a namespace", "_PID": "1", "_UID": "1000"},
+        systemd_says("from systemd"),
+        containerd_says("from containerd"),
+        kubelet_says("from kubelet"),
+    )
+    reader = systemd_journal.Reader(path=str(journal_dir))
+    try:
+        add_matches(reader, [CONTAINERD])
+        read = [entry["MESSAGE"] for entry in reader]
+    finally:
+        reader.close()
+    assert read == ["old: starting containerd", "old: Started containerd", "from systemd", "from containerd"]
+
+
+async def test_the_reader_hands_back_no_more_of_a_field_than_is_searched(journal_dir: Path) -> None:
+    reader = JournalFollower(
+        [CONTAINERD], Recorder().emit, MonotonicClock(), journal_dir=str(journal_dir)
+    )._open()
+    try:
+        assert reader.data_threshold == DATA_THRESHOLD == 4 * MESSAGE_LIMIT
+    finally:
+        reader.close()
+
+
+class StillClock(MonotonicClock):
+    """A monotonic time that stands still: the cursor's once-a-second write never comes due."""
+
+    def monotonic(self) -> float:
+        return 5000.0
+
+
+async def test_the_cursor_is_written_at_shutdown(
+    journal: JournalWriter, journal_dir: Path, cursor_file: Path
+) -> None:
+    """Lines no rule wants move the cursor at most once a second; a shutdown writes where reading
+    stopped, so the next start reads none of them again."""
+    judged: list[bytes] = []
+
+    def wanted(message: bytes) -> bool:
+        judged.append(message)
+        return message == b"wanted"
+
+    events = Recorder()
+    follower = JournalFollower(
+        [CONTAINERD],
+        events.emit,
+        StillClock(),
+        cursor_file=cursor_file,
+        journal_dir=str(journal_dir),
+        wanted=wanted,
+    )
+    async with running(events, follower.run()):
+        await asyncio.sleep(0)
+        await journal.write(containerd_says("wanted"))
+        handled = await line(events)
+        await journal.write(*(containerd_says(f"unwanted {n}") for n in range(5)))
+        for _ in range(500):
+            if b"unwanted 4" in judged:
+                break
+            await asyncio.sleep(0.01)
+        assert cursor_file.read_text(encoding="utf-8").strip() == handled.cursor  # not yet moved
+    assert cursor_file.read_text(encoding="utf-8").strip() != handled.cursor
+
+    async with following(journal_dir, cursor_file) as events:  # every line, from the saved cursor
+        await journal.write(containerd_says(IS_A_DIRECTORY))
+        assert (await line(events)).message == IS_A_DIRECTORY  # no "unwanted ..." read again
+    assert events.pending() == []
+
+
 # ---- a flood: the policy's filter, bounded batches, skipping ahead (issue 14) ----------------------
 
 FLOOD = 'time="2026-12-02T14:00:00Z" level=info msg="loading plugin" type=io.containerd.snapshotter.v1 n={}'
@@ -309,11 +385,11 @@ async def test_a_flood_bigger_than_the_bound_is_skipped_once_and_said(
 
     assert len(said) == 1
     message, detail = said[0]
-    # two full batches read (20 lines); the 980 after them up to the end skipped
-    assert "980 entries (of every unit) skipped" in message
+    # two full batches read (20 lines), then the newest; the 979 between skipped
+    assert "979 entries (of every unit) skipped" in message
     assert "after cursor" in detail
-    flood = [e for e in events.seen if isinstance(e, JournalLine) and e.message.startswith("time=")]
-    assert len(flood) == 20
+    flood = [e.message for e in events.seen if isinstance(e, JournalLine) and e.message.startswith("time=")]
+    assert flood == [FLOOD.format(n) for n in [*range(20), 999]]
     assert isinstance(last, JournalLine)
     assert cursor_file.read_text(encoding="utf-8").strip() == last.cursor
 

@@ -8,14 +8,16 @@ wants would be lost (or, less harmful, a line none wants would cost an event).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nodemedic.app import build_app
 from nodemedic.daemon import Daemon
+from nodemedic.policy import patterns
 from nodemedic.policy.load import load_policy
 from nodemedic.policy.match import journal_filter
 from nodemedic.policy.model import JournalTrigger
@@ -70,7 +72,28 @@ def test_every_sample_line_is_judged_as_the_rules_judge_it() -> None:
     assert judged > 50
 
 
-@given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.none()))
+def sample_lines() -> list[bytes]:
+    lines = []
+    for rule in JOURNAL_RULES:
+        for kind in KINDS:
+            path = SAMPLES / f"{rule.name}.{kind}.txt"
+            lines += [text.encode() for _, _, text, _ in (entries(path) if path.exists() else [])]
+    return lines
+
+
+SAMPLE_LINES = sample_lines()
+# a sample line with bytes before and after it, cut anywhere (in a character too), or whole
+near_samples = st.tuples(
+    st.binary(max_size=20) | st.sampled_from([b"", b" ", b"\n", b"x", b"\xff", "é".encode()]),
+    st.sampled_from(SAMPLE_LINES),
+    st.binary(max_size=20) | st.sampled_from([b"", b" ", b"\n", b"\xff", b"\x00"]),
+    st.integers(0, 400),
+    st.integers(0, 400),
+).map(lambda p: (p[0] + p[1] + p[2])[p[3] % 5 and p[3] : len(p[0] + p[1] + p[2]) - (p[4] % 5 and p[4])])
+messages = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.none(), near_samples)
+
+
+@given(messages)
 def test_any_message_is_judged_as_the_rules_judge_it(raw: bytes | None) -> None:
     assert WANTED(searched(raw)) == rules_fire(raw)
 
@@ -101,6 +124,61 @@ def test_each_pattern_keeps_its_own_flags() -> None:
     assert either.search(b"def")
     assert not either.search(b"DEF")
     assert not either.search(b"xabc")
+
+
+@pytest.mark.parametrize(
+    ("patterns", "lines"),
+    [
+        # RE2 lets \\Q quote to the pattern's end: joined, it would quote the next pattern too
+        ([r"\Qa", r"x\Qb\E"], ["a", "xb"]),
+        ([r"x\Qb\E", r"\Qa"], ["a", "xb"]),
+        ([r"^\Q(a)|[", r"(?i)b$"], ["(a)|[", "B"]),
+        (["\\Qa\\", "c"], ["a\\", "c"]),
+    ],
+)
+def test_a_pattern_cannot_reach_into_the_next(patterns: list[str], lines: list[str]) -> None:
+    either = AnyPattern([Regex(p) for p in patterns])
+    for text in lines:
+        assert any(Regex(p).search(text) for p in patterns)
+        assert either.search(text.encode()), (patterns, text)
+    assert not either.search(b"nothing of it")
+    assert either.joined
+
+
+def test_patterns_not_to_be_joined_are_searched_each_alone(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the join fails its check (or RE2 refuses it): each pattern alone, and said once."""
+    monkeypatch.setattr(patterns, "_alternation", lambda unique: None)
+    either = AnyPattern([Regex("(?i)^x$"), Regex("y"), Regex(r"\Qz")])
+    assert not either.joined
+    assert [either.search(t) for t in (b"X", b"y", b"z", b"xx")] == [True, True, True, False]
+    [said] = [r for r in caplog.records if "could not be joined" in r.getMessage()]
+    assert said.levelname == "WARNING"
+
+
+def test_a_join_is_checked_group_by_group() -> None:
+    assert patterns._alternation([r"\Qa", "b"]) is not None  # closed: \Qa\E
+    assert patterns._closed(r"\Qa") == r"\Qa\E"
+    assert patterns._closed(r"x\Qb\E") == r"x\Qb\E"
+    assert patterns._alternation(["(a)", "(?P<nodemedic_any_0>b)"]) is not None  # a name taken twice
+
+
+PIECES = ["a", "b", "\\Q", "\\E", "(", ")", "|", "^", "$", "(?i)", ".", "\\", "[", "]", "*", "\\d"]
+
+
+@given(
+    st.lists(st.lists(st.sampled_from(PIECES), max_size=6).map("".join), min_size=1, max_size=4),
+    st.text("ab()|[]\\QE1.", max_size=8),
+)
+@example([r"\Qa", r"x\Qb\E"], "a")
+def test_any_pattern_says_what_its_patterns_say(patterns: list[str], text: str) -> None:
+    accepted = []
+    for pattern in patterns:
+        with contextlib.suppress(ValueError):
+            accepted.append(Regex(pattern))
+    either = AnyPattern(accepted)
+    assert either.search(text.encode()) == any(p.search(text) for p in accepted), (accepted, text)
 
 
 def test_a_policy_without_journal_triggers_wants_no_line() -> None:

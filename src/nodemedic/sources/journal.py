@@ -40,10 +40,17 @@ _CURSOR = re.compile(r"[a-z]=[0-9a-f]{1,64}(;[a-z]=[0-9a-f]{1,64}){0,15}")
 # look for are under 1 KiB, and journald takes entries up to 32 MiB from any local client, which
 # every rule's pattern would otherwise search, and every event and record would carry.
 MESSAGE_LIMIT = 8192
+# What the reader hands back of a field at most (its default: 64 KiB): room for MESSAGE_LIMIT
+# characters of UTF-8; a compressed field is decompressed no further.
+DATA_THRESHOLD = 4 * MESSAGE_LIMIT
 # A flood (journald's rate limit lifted: 20,000 lines a second and more) is read from the journal
-# on disk, the buffer: a batch per turn of the loop, and if the reading does not reach the
-# journal's end for CATCH_UP seconds, the rest is skipped (and said) rather than read ever later.
+# on disk, the buffer: a batch per turn of the loop (at most BATCH entries, and no more than
+# BATCH_SECONDS of reading, the clock looked at every CLOCK_EVERY entries), and if the reading does
+# not reach the journal's end for CATCH_UP seconds, the rest is skipped (and said) rather than read
+# ever later.
 BATCH = 1000
+BATCH_SECONDS = 0.02
+CLOCK_EVERY = 32
 CATCH_UP = 10.0
 CURSOR_EVERY = 1.0  # seconds between writes of the cursor while no line is emitted
 _SEQNUM = re.compile(r"(?:^|;)s=([0-9a-f]+);i=([0-9a-f]+)")
@@ -54,10 +61,16 @@ class JournalFollower:
 
     ``wanted`` is told each entry's MESSAGE as the policy's patterns search it (its first
     MESSAGE_LIMIT characters, UTF-8) and says whether some rule may want the line; None: every
-    line. Entries are read in batches of at most ``batch``, one batch per turn of the event loop;
-    after ``catch_up`` seconds of reading without reaching the journal's end, the follower goes on
-    from the end and says with ``on_skip`` how many entries it passed over, and where (``skipped``
-    counts them).
+    line. Entries are read in batches of at most ``batch`` (and BATCH_SECONDS), one batch per turn
+    of the event loop; after ``catch_up`` seconds of reading without reaching the journal's end,
+    the follower goes on from the newest entry (which it reads) and says with ``on_skip`` how many
+    entries it passed over, and where (``skipped`` counts them, where the cursors tell).
+
+    Of systemd-python's Reader it uses the private methods that read one field or one entry
+    without converting all of them (``_next``, ``_get``, ``_get_all``, ``_convert_entry``,
+    ``_previous``, ``_get_cursor``, ``_get_realtime``): present from 231 to 235 at least (235
+    checked: PyPI and Debian 12's python3-systemd); tests/unit/test_journal_filter.py says clearly
+    if a version lacks one.
     """
 
     def __init__(
@@ -112,6 +125,8 @@ class JournalFollower:
         from systemd import journal
 
         reader = journal.Reader(path=self._journal_dir) if self._journal_dir else journal.Reader()
+        if hasattr(reader, "data_threshold"):
+            reader.data_threshold = DATA_THRESHOLD
         add_matches(reader, self.units)
         saved = self._load_cursor()
         if saved:
@@ -150,39 +165,57 @@ class JournalFollower:
         self._next_turn = asyncio.get_running_loop().call_soon(self._read, reader)
 
     def _drain(self, reader: Any) -> bool:
-        """Read at most a batch of entries; those ``wanted`` lets through become JournalLines.
-        True: the batch was full, more may wait. Only MESSAGE is read of an entry no rule wants."""
-        wanted, read, emitted = self.wanted, 0, False
-        while read < self._batch and reader._next():
+        """Read a batch of entries (at most ``batch``, and for about BATCH_SECONDS); those
+        ``wanted`` lets through become JournalLines. True: the batch was cut, more may wait.
+        Only MESSAGE is read of an entry no rule wants."""
+        wanted, read, emitted, full = self.wanted, 0, False, False
+        until = self._clock.monotonic() + BATCH_SECONDS
+        while reader._next():
             read += 1
             if wanted is None or wanted(_searched(reader)):
-                self._cursor = reader._get_cursor()
-                line = self._line(reader._convert_entry(reader._get_all()))
-                if line is not None:
-                    self._emit(line)
-                    emitted = True
+                emitted = self._take(reader) or emitted
+            if read >= self._batch or (read % CLOCK_EVERY == 0 and self._clock.monotonic() >= until):
+                full = True
+                break
         if read:
             self._cursor = reader._get_cursor() or self._cursor
             self.last_read = self._clock.wall()
             self.lag = max(0.0, self.last_read - reader._get_realtime() / 1e6)
         self._save_cursor(at_once=emitted)
-        return read == self._batch
+        return full
+
+    def _take(self, reader: Any) -> bool:
+        """The entry the reader is at becomes a JournalLine if it is from or about a followed
+        unit (`attribute`); True if it did."""
+        self._cursor = reader._get_cursor()
+        line = self._line(reader._convert_entry(reader._get_all()))
+        if line is None:
+            return False
+        self._emit(line)
+        return True
 
     def _skip(self, reader: Any) -> None:
-        """Reading has not caught up for ``catch_up`` seconds: go on from the journal's end."""
+        """Reading has not caught up for ``catch_up`` seconds: go on from the journal's end. The
+        newest entry of the units is read (judged by ``wanted`` as any other), the ones between
+        passed over. An unknown count (the cursors are of different journal files) is said as
+        such and not added to ``skipped``."""
         before = self._cursor
         reader.seek_tail()
-        if reader._previous():  # the newest entry of the units: reading goes on after it
+        newest = bool(reader._previous())  # the newest entry of the units: reading goes on after it
+        if newest:
             self._cursor = reader._get_cursor()
         count = entries_between(before, self._cursor)
+        count -= newest and count > 0  # the newest one is read, not skipped
         self.skipped += max(count, 0)
-        self._save_cursor(at_once=True)
         told = f"{count} entries" if count >= 0 else "an unknown number of entries"
         self._on_skip(
             f"journal reading fell behind for {self._catch_up:g} s; {told} (of every unit) skipped "
             "unread, reading goes on from the journal's end",
             f"skipped after cursor {before or '(none)'} up to {self._cursor}",
         )
+        if newest and (self.wanted is None or self.wanted(_searched(reader))):
+            self._take(reader)
+        self._save_cursor(at_once=True)
 
     def _line(self, entry: Mapping[str, object]) -> JournalLine | None:
         return line_from_entry(entry, self.units, self._clock.monotonic(), self._cursor)
@@ -194,9 +227,11 @@ class JournalFollower:
         return load_checked(self._cursor_file, _checked_cursor) or ""
 
     def _save_cursor(self, *, at_once: bool) -> None:
-        """Write (and fsync) the cursor if we moved on: at once after a line was emitted (a restart
-        must not hand it to the rules again), else at most every CURSOR_EVERY seconds (in a flood
-        the fd wakes for nearly every line; lines read again after a crash are filtered again)."""
+        """Write (and fsync) the cursor if we moved on: at once after a batch that emitted a line
+        (so that a restart seldom hands the rules a line again: only one emitted just before a
+        crash, or when the write fails; and a line emitted but not yet matched when the daemon
+        dies is not handed again), else at most every CURSOR_EVERY seconds (in a flood the fd
+        wakes for nearly every line; lines read again after a crash are filtered again)."""
         if self._cursor_file is None or not self._cursor or self._cursor == self._saved:
             return
         now = self._clock.monotonic()
@@ -214,8 +249,8 @@ def add_matches(reader: Any, units: Collection[str]) -> None:
     for unit in named:
         reader.add_match(_SYSTEMD_UNIT=unit)
     reader.add_disjunction()
-    for unit in named:
-        reader.add_match(UNIT=unit)
+    for unit in named:  # fields of one match group are ANDed: only PID 1, as root, names a UNIT=
+        reader.add_match(UNIT=unit, _PID=str(SYSTEMD_PID), _UID=str(ROOT_UID))
     if KERNEL in units:
         reader.add_disjunction()
         for transport in KERNEL_TRANSPORTS:
@@ -234,8 +269,13 @@ def entries_between(before: str, after: str) -> int:
 def _searched(reader: Any) -> bytes:
     """The current entry's MESSAGE as the policy's patterns search it: its first MESSAGE_LIMIT
     characters in UTF-8 (what `line_from_entry` and `Regex.search` make of it). A short ASCII
-    line, nearly every line, is searched as journald holds it, without a copy. Of a repeated
-    MESSAGE field (journald's own transports never write one) the first value is searched."""
+    line, nearly every line, is searched as journald holds it, without a copy.
+
+    Of a repeated MESSAGE field only the first value is searched, where the rules search all of
+    them joined with newlines (knowing that a field repeats costs reading every field of every
+    entry): a line whose match needs a later value is refused. Only a process in the followed
+    unit's own cgroup, speaking journald's native protocol, can write one (its stdout and stderr,
+    syslog and the kernel never do); such a process can as well write nothing at all."""
     try:
         data: bytes = reader._get("MESSAGE")
     except KeyError:  # no MESSAGE at all

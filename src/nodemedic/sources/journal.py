@@ -169,14 +169,16 @@ class JournalFollower:
         ``wanted`` lets through become JournalLines. True: the batch was cut, more may wait.
         Only MESSAGE is read of an entry no rule wants."""
         wanted, read, emitted, full = self.wanted, 0, False, False
-        until = self._clock.monotonic() + BATCH_SECONDS
+        until, look = self._clock.monotonic() + BATCH_SECONDS, min(self._batch, CLOCK_EVERY)
         while reader._next():
             read += 1
             if wanted is None or wanted(_searched(reader)):
                 emitted = self._take(reader) or emitted
-            if read >= self._batch or (read % CLOCK_EVERY == 0 and self._clock.monotonic() >= until):
-                full = True
-                break
+            if read == look:  # the batch's end, or time to look at the clock
+                if read >= self._batch or self._clock.monotonic() >= until:
+                    full = True
+                    break
+                look += min(CLOCK_EVERY, self._batch - read)
         if read:
             self._cursor = reader._get_cursor() or self._cursor
             self.last_read = self._clock.wall()

@@ -145,9 +145,12 @@ class JournalFollower:
         return reader
 
     def _on_readable(self, reader: Any) -> None:
+        """The journal changed: read in a turn of our own (else the batch already due reads the new
+        entries too). Never inline: the selector's callback can run in the same turn as a due batch,
+        before the events that batch handed on were handled, and two batches would be held."""
         reader.process()
-        if self._next_turn is None:  # else the batch already due reads the new entries too
-            self._read(reader)
+        if self._next_turn is None:
+            self._next_turn = asyncio.get_running_loop().call_soon(self._read, reader)
 
     def _read(self, reader: Any) -> None:
         """One batch; while more wait, the next one in a later turn of the loop, after the events

@@ -233,3 +233,32 @@ def test_the_owner_is_containerds_from_its_config(tmp_path: Path) -> None:
     assert socket_owner(str(config), SOCK) == (0, 0), "a config containerd would refuse: 0:0"
     config.write_text('[grpc]\nuid = -1\ngid = "x"\n')
     assert socket_owner(str(config), SOCK) == (0, 0)
+
+
+def test_a_mode_now_in_effect_decides_again_for_the_paths_already_missing() -> None:
+    """Observe said "would make" and holds the path decided; enforce by a reload (or `nodemedic
+    mode`) gets no new inotify event for it (the path did not change): it decides again at once."""
+    h = Harness(mode="observe")
+    h.unit("inactive", "dead")
+    assert reports(h.missing(SOCK) + h.missing(TTRPC), OUTCOME="would-do")
+    enforce = PlaceholderSettings(mode="enforce")
+    made = h.core.replace(enforce, "enforce", NOW)
+    assert [m.path for m in of(made, MakePlaceholder)] == [SOCK, TTRPC]
+    assert of(made, MakePlaceholder)[0].detected_at == NOW.monotonic
+    assert h.core.replace(enforce, "enforce", NOW) == [], "the same mode again: nothing new"
+
+
+def test_turned_on_where_another_rule_watches_the_path_already_missing() -> None:
+    h = Harness(mode="off")
+    h.unit("failed", "failed")
+    assert h.missing() == []  # the socket-directory rule's watch: the view knows the path missing
+    [make] = h.core.replace(PlaceholderSettings(mode="enforce"), "enforce", NOW)
+    assert make == MakePlaceholder(SOCK, running=0, detected_at=NOW.monotonic)
+    h.core.made(make, (42, 1), "", 1.0)
+    h.socket(inode=42)
+    assert h.core.replace(PlaceholderSettings(mode="off"), "enforce", NOW) == []
+    assert h.core.replace(PlaceholderSettings(mode="enforce"), "enforce", NOW) == [], "not missing"
+    h.unit("activating", "start", pid=9)
+    h.feed(PathChanged(SOCK, PathKind.MISSING, at=11.0))  # while off: unseen by the core
+    [later] = h.core.replace(PlaceholderSettings(mode="enforce"), "observe", NOW)
+    assert isinstance(later, Later), "containerd starting: the grace applies as to an event"

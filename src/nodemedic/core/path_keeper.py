@@ -52,9 +52,23 @@ class PlaceholderCore:
         self.placed: dict[str, tuple[int, int]] = {}  # path -> (inode, ctime) of our placeholder
         self._decided: set[str] = set()  # paths missing whose placeholder is decided (or said)
 
-    def replace(self, settings: PlaceholderSettings, daemon_mode: Mode) -> None:
-        """A reloaded policy: its settings from now on."""
+    def replace(self, settings: PlaceholderSettings, daemon_mode: Mode, now: Instant) -> Effects:
+        """A reloaded policy (or ``nodemedic mode``): its settings from now on. When the mode in
+        effect changes (off or observe to enforce, say), every path already missing is decided
+        again at once: no inotify event comes for it (the path did not change, and a watch another
+        rule shares is not rebuilt), and what observe said it would do is no placeholder made."""
+        before = self.mode
         self.settings, self.daemon_mode = settings, daemon_mode
+        if self.mode == before:
+            return []
+        self._decided.clear()
+        if self.mode == "off":
+            return []
+        out: Effects = []
+        for path in self.settings.paths:
+            if self.view.paths.get(path) is PathKind.MISSING:
+                out += self._missing(PathChanged(path, PathKind.MISSING, at=now.monotonic))
+        return out
 
     @property
     def mode(self) -> PlaceholderMode:

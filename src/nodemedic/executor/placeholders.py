@@ -40,8 +40,9 @@ class Placeholders:
         self._owners: dict[str, tuple[tuple[int, int, int], tuple[int, int]]] = {}
 
     def replace(self, policy: Policy) -> None:
-        """A reloaded policy's ``[placeholder]`` and ``[daemon].mode``, at once."""
-        self.core.replace(policy.placeholder, policy.daemon.mode)
+        """A reloaded policy's ``[placeholder]`` and ``[daemon].mode``, at once (a mode now in
+        effect decides again for the paths already missing: those effects are run here)."""
+        self.ex.run(self.core.replace(policy.placeholder, policy.daemon.mode, self.ex.now()))
 
     def make(self, effect: MakePlaceholder) -> None:
         settings = self.core.settings

@@ -262,3 +262,14 @@ def test_turned_on_where_another_rule_watches_the_path_already_missing() -> None
     h.feed(PathChanged(SOCK, PathKind.MISSING, at=11.0))  # while off: unseen by the core
     [later] = h.core.replace(PlaceholderSettings(mode="enforce"), "observe", NOW)
     assert isinstance(later, Later), "containerd starting: the grace applies as to an event"
+
+
+def test_a_placeholder_replaced_before_our_last_look_is_not_taken_for_ours() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    [record] = h.core.made(make, (42, 1), "inode 42", 1.0, replaced="a socket (inode 43)")
+    assert record.fields["OUTCOME"] == "done"
+    assert "already replaced by a socket (inode 43)" in record.message
+    assert h.core.placed == {}, "containerd's socket is never ours"
+    assert h.socket(inode=43) == []

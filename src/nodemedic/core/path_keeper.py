@@ -132,18 +132,27 @@ class PlaceholderCore:
         return [self._report(RecordKind.DECIDED, message, path, "would-do", MODE="observe")]
 
     def made(
-        self, effect: MakePlaceholder, identity: tuple[int, int], detail: str, elapsed_ms: float
+        self,
+        effect: MakePlaceholder,
+        identity: tuple[int, int],
+        detail: str,
+        elapsed_ms: float,
+        replaced: str = "",
     ) -> Effects:
-        """The executor made the placeholder (``identity``: its inode and ctime) at ``effect.path``."""
+        """The executor made the placeholder (``identity``: its inode and ctime) at ``effect.path``;
+        ``replaced``: what holds the path already instead (containerd unlinked ours at once)."""
         path, unit = effect.path, self.settings.unit
-        self.placed[path] = identity
         self._decided.discard(path)  # the path is there again: its next vanishing is a new incident
+        fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
+        why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
+        if replaced:  # never recorded as ours: containerd's own socket would be taken for it
+            message = f"placeholder socket made at {path} ({why}), already replaced by {replaced}: {detail}"
+            return [self._report(RecordKind.ACTION, message, path, "done", REPLACED=replaced, **fields)]
+        self.placed[path] = identity
         out: Effects = []
         if effect.running:  # said once the grace has shown it was no stop D-Bus had not told yet
             out.append(Later(self.settings.grace, lambda _now: self._unlinked(effect, identity, elapsed_ms)))
-        why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
         message = f"placeholder socket made at {path} ({why}): {detail}"
-        fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
         out.append(self._report(RecordKind.ACTION, message, path, "done", **fields))
         return out
 

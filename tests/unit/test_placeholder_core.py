@@ -14,7 +14,7 @@ import pytest
 from nodemedic.actions.placeholder_socket import socket_owner
 from nodemedic.core.effects import Effect, Effects, Instant, Later, Report
 from nodemedic.core.nodeview import NodeView
-from nodemedic.core.path_keeper import ACTION, MakePlaceholder, PlaceholderCore
+from nodemedic.core.path_keeper import ACTION, RETRY_AFTER, MakePlaceholder, PlaceholderCore
 from nodemedic.events import Event, PathChanged, PathKind, UnitChanged
 from nodemedic.policy.load import parse_policy_text
 from nodemedic.policy.placeholder import PlaceholderSettings
@@ -273,3 +273,41 @@ def test_a_placeholder_replaced_before_our_last_look_is_not_taken_for_ours() -> 
     assert "already replaced by a socket (inode 43)" in record.message
     assert h.core.placed == {}, "containerd's socket is never ours"
     assert h.socket(inode=43) == []
+
+
+def test_a_failure_is_tried_again_with_a_backoff_a_bounded_number_of_times() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    delays = []
+    for _ in range(len(RETRY_AFTER)):
+        [record, later] = h.core.not_made(make, "failed", "OSError: [Errno 28] No space left on device")
+        assert record.kind is RecordKind.ERROR
+        assert "tried again in" in record.message
+        assert isinstance(later, Later)
+        delays.append(later.delay)
+        [make] = later.then(NOW)
+        assert make == MakePlaceholder(SOCK, running=0, detected_at=9.99)
+    assert delays == sorted(delays), "a backoff"
+    assert delays[0] < delays[-1]
+    [record] = h.core.not_made(make, "failed", "OSError: again")
+    assert "given up" in record.message
+    assert h.missing() == [], "given up for this incident"
+    h.socket(inode=5)  # the path came back: the next vanishing is a new incident, tried afresh
+    [make] = h.missing()
+    assert of(h.core.not_made(make, "failed", "OSError"), Later)
+
+
+def test_a_retry_finds_the_path_back_or_the_feature_off_and_does_nothing() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    [_, later] = h.core.not_made(make, "failed", "OSError")
+    h.socket(inode=5)
+    assert later.then(NOW) == []
+    [make] = h.missing()
+    [_, later] = h.core.not_made(make, "failed", "OSError")
+    h.core.replace(PlaceholderSettings(mode="off"), "enforce", NOW)
+    assert later.then(NOW) == []
+    assert not of(h.core.not_made(make, "skipped", "something appeared"), Later)
+    assert not of(h.core.not_made(make, "refused", "a symlink"), Later), "only a failure is tried again"

@@ -33,6 +33,7 @@ RULE = "placeholder"
 RUNNING = ("active", "reloading")
 STARTING = ("start-pre", "start", "start-post")  # activating with a process that may bind
 MAX_LOOKS = 50  # grace periods waited at most while containerd starts (5 s at the default 100 ms)
+RETRY_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each new try after a failure; then given up
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class PlaceholderCore:
         self.settings, self.daemon_mode, self.view = settings, daemon_mode, view
         self.placed: dict[str, tuple[int, int]] = {}  # path -> (inode, ctime) of our placeholder
         self._decided: set[str] = set()  # paths missing whose placeholder is decided (or said)
+        self._retries: dict[str, int] = {}  # path -> tries after a failure so far (this incident)
 
     def replace(self, settings: PlaceholderSettings, daemon_mode: Mode, now: Instant) -> Effects:
         """A reloaded policy (or ``nodemedic mode``): its settings from now on. When the mode in
@@ -62,6 +64,7 @@ class PlaceholderCore:
         if self.mode == before:
             return []
         self._decided.clear()
+        self._retries.clear()
         if self.mode == "off":
             return []
         out: Effects = []
@@ -84,6 +87,7 @@ class PlaceholderCore:
         if event.kind is PathKind.MISSING:
             return self._missing(event)
         self._decided.discard(event.path)
+        self._retries.pop(event.path, None)
         return self._present(event)
 
     def _missing(self, event: PathChanged) -> Effects:
@@ -143,6 +147,7 @@ class PlaceholderCore:
         ``replaced``: what holds the path already instead (containerd unlinked ours at once)."""
         path, unit = effect.path, self.settings.unit
         self._decided.discard(path)  # the path is there again: its next vanishing is a new incident
+        self._retries.pop(path, None)
         fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
         why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
         if replaced:  # never recorded as ours: containerd's own socket would be taken for it
@@ -171,10 +176,37 @@ class PlaceholderCore:
         return [self._report(RecordKind.DETECTED, message, path, "socket-unlinked", **fields)]
 
     def not_made(self, effect: MakePlaceholder, outcome: str, detail: str) -> Effects:
-        """The placeholder was not made: something appeared meanwhile ("skipped"), or it failed."""
+        """The placeholder was not made: something appeared meanwhile ("skipped"), it was refused,
+        or it failed: then it is tried again after a backoff, ``len(RETRY_AFTER)`` times at most."""
         kind = RecordKind.ERROR if outcome == "failed" else RecordKind.ACTION
+        retry = self._retry(effect) if outcome == "failed" else []
+        if outcome == "failed":
+            tries = self._retries[effect.path]
+            again = (
+                f"tried again in {retry[0].delay:g}s ({tries} of {len(RETRY_AFTER)})" if retry else "given up"
+            )
+            detail = f"{detail}; {again}"
         message = f"no placeholder socket made at {effect.path}: {detail}"
-        return [self._report(kind, message, effect.path, outcome, MODE="enforce", DETAIL=detail)]
+        return [self._report(kind, message, effect.path, outcome, MODE="enforce", DETAIL=detail), *retry]
+
+    def _retry(self, effect: MakePlaceholder) -> list[Later]:
+        path = effect.path
+        tries = self._retries.get(path, 0)
+        if tries >= len(RETRY_AFTER):
+            return []
+        self._retries[path] = tries + 1
+        self._decided.discard(path)  # an event for the path meanwhile decides anew; else this does
+
+        def then(_now: Instant) -> Effects:
+            if (
+                self.mode == "off"
+                or path in self._decided
+                or self.view.paths.get(path) is not PathKind.MISSING
+            ):
+                return []
+            return self._missing(PathChanged(path, PathKind.MISSING, at=effect.detected_at))
+
+        return [Later(RETRY_AFTER[tries], then, f"placeholder: {path} again after a failure")]
 
     def _present(self, event: PathChanged) -> Effects:
         """Something is at the path: if it took our placeholder's place, say so once."""

@@ -201,13 +201,15 @@ def test_the_policy_turns_it_on_and_off_and_watches_its_paths() -> None:
     assert {SOCK, TTRPC} <= on.served()["inotify"]
 
 
-def test_a_socket_bound_anew_on_a_reused_inode_number_is_a_replacement() -> None:
+def test_a_new_ctime_on_our_inode_is_said_changed_not_replaced_by_containerd() -> None:
     h = Harness()
     h.unit("inactive", "dead")
     [make] = h.missing()
     h.core.made(make, (42, 1), "", 1.0)
-    [replaced] = h.socket(inode=42, ctime=2)  # ext4 reuses inode numbers; the ctime tells
-    assert replaced.fields["OUTCOME"] == "replaced"
+    [changed] = h.socket(inode=42, ctime=2)  # a chmod/chown (IN_ATTRIB), or ext4 reusing the number
+    assert changed.fields["OUTCOME"] == "changed", "not said to be containerd's own socket"
+    assert "replaced" not in changed.message
+    assert "bound its own" not in changed.message
 
 
 def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:
@@ -311,3 +313,16 @@ def test_a_retry_finds_the_path_back_or_the_feature_off_and_does_nothing() -> No
     assert later.then(NOW) == []
     assert not of(h.core.not_made(make, "skipped", "something appeared"), Later)
     assert not of(h.core.not_made(make, "refused", "a symlink"), Later), "only a failure is tried again"
+
+
+def test_the_records_of_a_missing_path_while_containerd_is_active_are_worded_neutrally() -> None:
+    """At a stop whose D-Bus word comes late the path is missing with containerd still "active":
+    the done and would-do records must not claim its socket was unlinked under it."""
+    for h in (Harness(), Harness(mode="observe")):
+        h.unit("active", "running", pid=3)
+        effects = h.missing()
+        for make in of(effects, MakePlaceholder):
+            effects += h.core.made(make, (9, 1), "", 1.0)
+        [record] = of(effects, Report)
+        assert "unlinked" not in record.message
+        assert "containerd.service" in record.message

@@ -131,7 +131,7 @@ class PlaceholderCore:
         running = self._running()
         if self.mode == "enforce":
             return [MakePlaceholder(path, running, detected_at)]
-        state = "runs, its socket file unlinked" if running else "is not running"
+        state = "is active" if running else "is not running"
         message = f"{path} is missing and {self.settings.unit} {state}: would make a placeholder socket there"
         return [self._report(RecordKind.DECIDED, message, path, "would-do", MODE="observe")]
 
@@ -149,7 +149,7 @@ class PlaceholderCore:
         self._decided.discard(path)  # the path is there again: its next vanishing is a new incident
         self._retries.pop(path, None)
         fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
-        why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
+        why = f"{unit} active when it went missing" if effect.running else f"{unit} is not running"
         if replaced:  # never recorded as ours: containerd's own socket would be taken for it
             message = f"placeholder socket made at {path} ({why}), already replaced by {replaced}: {detail}"
             return [self._report(RecordKind.ACTION, message, path, "done", REPLACED=replaced, **fields)]
@@ -214,6 +214,12 @@ class PlaceholderCore:
         if ours is None or (event.kind is PathKind.SOCKET and (event.inode, event.ctime_ns) == ours):
             return []
         del self.placed[event.path]
+        if event.kind is PathKind.SOCKET and event.inode == ours[0]:  # IN_ATTRIB: a chmod, a chown
+            message = (
+                f"the placeholder socket at {event.path} changed (inode {event.inode}, a new ctime: its "
+                f"mode or owner changed, or a socket was bound anew on a reused inode number)"
+            )
+            return [self._report(RecordKind.OUTCOME, message, event.path, "changed", DETAIL=event.kind.value)]
         if event.kind is PathKind.SOCKET:
             what = f"a new socket (inode {event.inode}): {self.settings.unit} bound its own"
         else:

@@ -201,15 +201,15 @@ def test_the_policy_turns_it_on_and_off_and_watches_its_paths() -> None:
     assert {SOCK, TTRPC} <= on.served()["inotify"]
 
 
-def test_a_new_ctime_on_our_inode_is_said_changed_not_replaced_by_containerd() -> None:
+def test_a_new_ctime_on_our_inode_is_not_said_to_be_containerds_socket() -> None:
     h = Harness()
     h.unit("inactive", "dead")
     [make] = h.missing()
     h.core.made(make, (42, 1), "", 1.0)
     [changed] = h.socket(inode=42, ctime=2)  # a chmod/chown (IN_ATTRIB), or ext4 reusing the number
-    assert changed.fields["OUTCOME"] == "changed", "not said to be containerd's own socket"
-    assert "replaced" not in changed.message
-    assert "bound its own" not in changed.message
+    assert changed.fields["OUTCOME"] == "replaced"  # inotify coalesces unlink+bind: no telling
+    assert "chmod or chown" in changed.message
+    assert "bound its own" not in changed.message, "not said to be containerd's own socket"
 
 
 def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:

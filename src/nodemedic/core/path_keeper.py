@@ -214,12 +214,14 @@ class PlaceholderCore:
         if ours is None or (event.kind is PathKind.SOCKET and (event.inode, event.ctime_ns) == ours):
             return []
         del self.placed[event.path]
-        if event.kind is PathKind.SOCKET and event.inode == ours[0]:  # IN_ATTRIB: a chmod, a chown
+        if event.kind is PathKind.SOCKET and event.inode == ours[0]:  # a chmod (IN_ATTRIB), or inode reuse
             message = (
-                f"the placeholder socket at {event.path} changed (inode {event.inode}, a new ctime: its "
-                f"mode or owner changed, or a socket was bound anew on a reused inode number)"
+                f"the placeholder socket at {event.path} changed or was replaced (inode {event.inode}, a "
+                f"new ctime: a chmod or chown of it, or a socket bound anew on a reused inode number)"
             )
-            return [self._report(RecordKind.OUTCOME, message, event.path, "changed", DETAIL=event.kind.value)]
+            return [
+                self._report(RecordKind.OUTCOME, message, event.path, "replaced", DETAIL=event.kind.value)
+            ]
         if event.kind is PathKind.SOCKET:
             what = f"a new socket (inode {event.inode}): {self.settings.unit} bound its own"
         else:

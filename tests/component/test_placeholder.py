@@ -191,3 +191,42 @@ async def test_a_reload_turns_it_on(short_tmp: Path) -> None:
         done = [r for r in node.sink.records if r.fields.get("ACTION") == "placeholder-socket"]
         assert [r.fields["OUTCOME"] for r in done] == ["done"]
         assert outcomes(node, "reloaded")
+
+
+@pytest.mark.parametrize("turned_on_by", ["[placeholder] mode", "[daemon] mode"])
+async def test_turned_on_where_the_directory_rule_watches_the_path_already_missing(
+    short_tmp: Path, turned_on_by: str
+) -> None:
+    """The socket-directory rule watches the same path: turning [placeholder] on (or the daemon's
+    mode to enforce, as `nodemedic mode` does) changes no source, inotify is not built again and
+    says nothing new of the path missing; the placeholder comes all the same."""
+    from .test_reload_triggers import RULE, outcomes, policy_text, reload_with, running, until
+
+    run_dir = short_tmp / "run"
+    run_dir.mkdir()
+    sock = run_dir / "containerd.sock"
+    directory = RULE.replace("{name}", "dir").replace(
+        "{trigger}", f'{{ source = "path", paths = ["{sock}"], kind = "directory" }}'
+    )
+    head = policy_text(short_tmp) + directory
+    enforcing = head.replace('mode = "observe"', 'mode = "enforce"', 1)
+    section = f'\n[placeholder]\nmode = "%s"\npaths = ["{sock}"]\nconfig = "{short_tmp}/none"\n'
+    first, then = (
+        (enforcing, enforcing + section % "enforce")
+        if turned_on_by == "[placeholder] mode"
+        else (head + section % "enforce", enforcing + section % "enforce")
+    )
+    async with running(short_tmp, first) as node:
+        node.app.executor.handle(UnitChanged(UNIT, "inactive", "dead", source="dbus"))
+        await until(lambda: node.app.executor.view.paths.get(str(sock)) is not None, "inotify's look")
+        if turned_on_by == "[daemon] mode":  # observe said what it would do: the path decided
+            await until(
+                lambda: any(r.fields.get("OUTCOME") == "would-do" for r in node.sink.records), "observe"
+            )
+        assert not sock.exists()
+        record = await reload_with(node, then)
+        assert "inotify" not in record.fields.get("DETAIL", ""), "the same paths watched: not built again"
+        await until(lambda: sock.exists() and stat.S_ISSOCK(os.lstat(sock).st_mode), "the placeholder")
+        done = [r for r in node.sink.records if r.fields.get("ACTION") == "placeholder-socket"]
+        assert [r.fields["OUTCOME"] for r in done][-1] == "done"
+        assert outcomes(node, "reloaded")

@@ -14,7 +14,7 @@ import pytest
 from nodemedic.actions.placeholder_socket import socket_owner
 from nodemedic.core.effects import Effect, Effects, Instant, Later, Report
 from nodemedic.core.nodeview import NodeView
-from nodemedic.core.path_keeper import ACTION, MakePlaceholder, PlaceholderCore
+from nodemedic.core.path_keeper import ACTION, RETRY_AFTER, MakePlaceholder, PlaceholderCore
 from nodemedic.events import Event, PathChanged, PathKind, UnitChanged
 from nodemedic.policy.load import parse_policy_text
 from nodemedic.policy.placeholder import PlaceholderSettings
@@ -201,13 +201,15 @@ def test_the_policy_turns_it_on_and_off_and_watches_its_paths() -> None:
     assert {SOCK, TTRPC} <= on.served()["inotify"]
 
 
-def test_a_socket_bound_anew_on_a_reused_inode_number_is_a_replacement() -> None:
+def test_a_new_ctime_on_our_inode_is_not_said_to_be_containerds_socket() -> None:
     h = Harness()
     h.unit("inactive", "dead")
     [make] = h.missing()
     h.core.made(make, (42, 1), "", 1.0)
-    [replaced] = h.socket(inode=42, ctime=2)  # ext4 reuses inode numbers; the ctime tells
-    assert replaced.fields["OUTCOME"] == "replaced"
+    [changed] = h.socket(inode=42, ctime=2)  # a chmod/chown (IN_ATTRIB), or ext4 reusing the number
+    assert changed.fields["OUTCOME"] == "replaced"  # inotify coalesces unlink+bind: no telling
+    assert "chmod or chown" in changed.message
+    assert "bound its own" not in changed.message, "not said to be containerd's own socket"
 
 
 def test_records_carry_the_placeholder_rule_for_status_and_metrics() -> None:
@@ -233,3 +235,94 @@ def test_the_owner_is_containerds_from_its_config(tmp_path: Path) -> None:
     assert socket_owner(str(config), SOCK) == (0, 0), "a config containerd would refuse: 0:0"
     config.write_text('[grpc]\nuid = -1\ngid = "x"\n')
     assert socket_owner(str(config), SOCK) == (0, 0)
+
+
+def test_a_mode_now_in_effect_decides_again_for_the_paths_already_missing() -> None:
+    """Observe said "would make" and holds the path decided; enforce by a reload (or `nodemedic
+    mode`) gets no new inotify event for it (the path did not change): it decides again at once."""
+    h = Harness(mode="observe")
+    h.unit("inactive", "dead")
+    assert reports(h.missing(SOCK) + h.missing(TTRPC), OUTCOME="would-do")
+    enforce = PlaceholderSettings(mode="enforce")
+    made = h.core.replace(enforce, "enforce", NOW)
+    assert [m.path for m in of(made, MakePlaceholder)] == [SOCK, TTRPC]
+    assert of(made, MakePlaceholder)[0].detected_at == NOW.monotonic
+    assert h.core.replace(enforce, "enforce", NOW) == [], "the same mode again: nothing new"
+
+
+def test_turned_on_where_another_rule_watches_the_path_already_missing() -> None:
+    h = Harness(mode="off")
+    h.unit("failed", "failed")
+    assert h.missing() == []  # the socket-directory rule's watch: the view knows the path missing
+    [make] = h.core.replace(PlaceholderSettings(mode="enforce"), "enforce", NOW)
+    assert make == MakePlaceholder(SOCK, running=0, detected_at=NOW.monotonic)
+    h.core.made(make, (42, 1), "", 1.0)
+    h.socket(inode=42)
+    assert h.core.replace(PlaceholderSettings(mode="off"), "enforce", NOW) == []
+    assert h.core.replace(PlaceholderSettings(mode="enforce"), "enforce", NOW) == [], "not missing"
+    h.unit("activating", "start", pid=9)
+    h.feed(PathChanged(SOCK, PathKind.MISSING, at=11.0))  # while off: unseen by the core
+    [later] = h.core.replace(PlaceholderSettings(mode="enforce"), "observe", NOW)
+    assert isinstance(later, Later), "containerd starting: the grace applies as to an event"
+
+
+def test_a_placeholder_replaced_before_our_last_look_is_not_taken_for_ours() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    [record] = h.core.made(make, (42, 1), "inode 42", 1.0, replaced="a socket (inode 43)")
+    assert record.fields["OUTCOME"] == "done"
+    assert "already replaced by a socket (inode 43)" in record.message
+    assert h.core.placed == {}, "containerd's socket is never ours"
+    assert h.socket(inode=43) == []
+
+
+def test_a_failure_is_tried_again_with_a_backoff_a_bounded_number_of_times() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    delays = []
+    for _ in range(len(RETRY_AFTER)):
+        [record, later] = h.core.not_made(make, "failed", "OSError: [Errno 28] No space left on device")
+        assert record.kind is RecordKind.ERROR
+        assert "tried again in" in record.message
+        assert isinstance(later, Later)
+        delays.append(later.delay)
+        [make] = later.then(NOW)
+        assert make == MakePlaceholder(SOCK, running=0, detected_at=9.99)
+    assert delays == sorted(delays), "a backoff"
+    assert delays[0] < delays[-1]
+    [record] = h.core.not_made(make, "failed", "OSError: again")
+    assert "given up" in record.message
+    assert h.missing() == [], "given up for this incident"
+    h.socket(inode=5)  # the path came back: the next vanishing is a new incident, tried afresh
+    [make] = h.missing()
+    assert of(h.core.not_made(make, "failed", "OSError"), Later)
+
+
+def test_a_retry_finds_the_path_back_or_the_feature_off_and_does_nothing() -> None:
+    h = Harness()
+    h.unit("inactive", "dead")
+    [make] = h.missing()
+    [_, later] = h.core.not_made(make, "failed", "OSError")
+    h.socket(inode=5)
+    assert later.then(NOW) == []
+    [make] = h.missing()
+    [_, later] = h.core.not_made(make, "failed", "OSError")
+    h.core.replace(PlaceholderSettings(mode="off"), "enforce", NOW)
+    assert later.then(NOW) == []
+    assert not of(h.core.not_made(make, "skipped", "something appeared"), Later)
+    assert not of(h.core.not_made(make, "refused", "a symlink"), Later), "only a failure is tried again"
+
+
+def test_the_records_of_a_missing_path_while_containerd_is_active_are_worded_neutrally() -> None:
+    """At a stop whose D-Bus word comes late the path is missing with containerd still "active":
+    the done and would-do records must not claim its socket was unlinked under it."""
+    for h in (Harness(), Harness(mode="observe")):
+        h.unit("active", "running", pid=3)
+        effects = h.missing()
+        for make in of(effects, MakePlaceholder):
+            effects += h.core.made(make, (9, 1), "", 1.0)
+        [record] = of(effects, Report)
+        assert "unlinked" not in record.message
+        assert "containerd.service" in record.message

@@ -209,9 +209,9 @@ def shipped_rule(sock: Path, uid: int, gid: int) -> dict[str, Any]:
 
 
 async def run_rule(
-    tmp_path: Path, rule: dict[str, Any], seen: SocketModeSeen
+    tmp_path: Path, rule: dict[str, Any], seen: SocketModeSeen, state: tuple[str, str] = ("active", "running")
 ) -> tuple[FakeUnits, MemorySink]:
-    units = FakeUnits({"containerd.service": "active", "kubelet.service": "active"})
+    units = FakeUnits({"containerd.service": state[0], "kubelet.service": "active"})
     sink = MemorySink()
     tasks: list[asyncio.Task[None]] = []
     ex = Executor(
@@ -220,7 +220,7 @@ async def run_rule(
         Reporter(sink),
         lambda c: tasks.append(asyncio.get_running_loop().create_task(c)),
     )
-    ex.handle(UnitChanged("containerd.service", "active", "running", main_pid=42))  # as D-Bus says
+    ex.handle(UnitChanged("containerd.service", *state, main_pid=42))  # as D-Bus says
     ex.handle(seen)
     while tasks:
         await tasks.pop(0)
@@ -267,3 +267,16 @@ async def test_the_shipped_rule_in_observe_mode_says_only_the_chmod(tmp_path: Pa
     assert mode_of(sock) == 0o600
     would = [a for a, outcome in outcomes(sink) if outcome == "would-do"]
     assert would == ["verify-containerd", "restore-socket-mode"], "no restart would be made"
+
+
+@pytest.mark.parametrize("state", [("activating", "auto-restart"), ("failed", "failed"), ("inactive", "dead")])
+async def test_the_shipped_rule_judges_no_socket_while_containerd_is_not_active(
+    tmp_path: Path, sock: Path, state: tuple[str, str]
+) -> None:
+    """containerd down: the socket there is [placeholder]'s, root:root where nodemedic cannot
+    chown to [grpc]'s uid/gid; restarting a failed containerd for it would count toward its breaker."""
+    uid, gid = os.getuid(), os.getgid()
+    rule = shipped_rule(sock, uid + 1, gid)  # [grpc] uid set; the placeholder keeps nodemedic's
+    units, sink = await run_rule(tmp_path, rule, SocketModeSeen(str(sock), 0o660, uid, gid), state)
+    assert units.calls == []
+    assert outcomes(sink) == []

@@ -33,6 +33,7 @@ RULE = "placeholder"
 RUNNING = ("active", "reloading")
 STARTING = ("start-pre", "start", "start-post")  # activating with a process that may bind
 MAX_LOOKS = 50  # grace periods waited at most while containerd starts (5 s at the default 100 ms)
+RETRY_AFTER = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each new try after a failure; then given up
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +52,26 @@ class PlaceholderCore:
         self.settings, self.daemon_mode, self.view = settings, daemon_mode, view
         self.placed: dict[str, tuple[int, int]] = {}  # path -> (inode, ctime) of our placeholder
         self._decided: set[str] = set()  # paths missing whose placeholder is decided (or said)
+        self._retries: dict[str, int] = {}  # path -> tries after a failure so far (this incident)
 
-    def replace(self, settings: PlaceholderSettings, daemon_mode: Mode) -> None:
-        """A reloaded policy: its settings from now on."""
+    def replace(self, settings: PlaceholderSettings, daemon_mode: Mode, now: Instant) -> Effects:
+        """A reloaded policy (or ``nodemedic mode``): its settings from now on. When the mode in
+        effect changes (off or observe to enforce, say), every path already missing is decided
+        again at once: no inotify event comes for it (the path did not change, and a watch another
+        rule shares is not rebuilt), and what observe said it would do is no placeholder made."""
+        before = self.mode
         self.settings, self.daemon_mode = settings, daemon_mode
+        if self.mode == before:
+            return []
+        self._decided.clear()
+        self._retries.clear()
+        if self.mode == "off":
+            return []
+        out: Effects = []
+        for path in self.settings.paths:
+            if self.view.paths.get(path) is PathKind.MISSING:
+                out += self._missing(PathChanged(path, PathKind.MISSING, at=now.monotonic))
+        return out
 
     @property
     def mode(self) -> PlaceholderMode:
@@ -70,6 +87,7 @@ class PlaceholderCore:
         if event.kind is PathKind.MISSING:
             return self._missing(event)
         self._decided.discard(event.path)
+        self._retries.pop(event.path, None)
         return self._present(event)
 
     def _missing(self, event: PathChanged) -> Effects:
@@ -113,23 +131,33 @@ class PlaceholderCore:
         running = self._running()
         if self.mode == "enforce":
             return [MakePlaceholder(path, running, detected_at)]
-        state = "runs, its socket file unlinked" if running else "is not running"
+        state = "is active" if running else "is not running"
         message = f"{path} is missing and {self.settings.unit} {state}: would make a placeholder socket there"
         return [self._report(RecordKind.DECIDED, message, path, "would-do", MODE="observe")]
 
     def made(
-        self, effect: MakePlaceholder, identity: tuple[int, int], detail: str, elapsed_ms: float
+        self,
+        effect: MakePlaceholder,
+        identity: tuple[int, int],
+        detail: str,
+        elapsed_ms: float,
+        replaced: str = "",
     ) -> Effects:
-        """The executor made the placeholder (``identity``: its inode and ctime) at ``effect.path``."""
+        """The executor made the placeholder (``identity``: its inode and ctime) at ``effect.path``;
+        ``replaced``: what holds the path already instead (containerd unlinked ours at once)."""
         path, unit = effect.path, self.settings.unit
-        self.placed[path] = identity
         self._decided.discard(path)  # the path is there again: its next vanishing is a new incident
+        self._retries.pop(path, None)
+        fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
+        why = f"{unit} active when it went missing" if effect.running else f"{unit} is not running"
+        if replaced:  # never recorded as ours: containerd's own socket would be taken for it
+            message = f"placeholder socket made at {path} ({why}), already replaced by {replaced}: {detail}"
+            return [self._report(RecordKind.ACTION, message, path, "done", REPLACED=replaced, **fields)]
+        self.placed[path] = identity
         out: Effects = []
         if effect.running:  # said once the grace has shown it was no stop D-Bus had not told yet
             out.append(Later(self.settings.grace, lambda _now: self._unlinked(effect, identity, elapsed_ms)))
-        why = "containerd runs, its socket unlinked" if effect.running else f"{unit} is not running"
         message = f"placeholder socket made at {path} ({why}): {detail}"
-        fields = {"MODE": "enforce", "DETAIL": detail, "ELAPSED_MS": elapsed_ms}
         out.append(self._report(RecordKind.ACTION, message, path, "done", **fields))
         return out
 
@@ -148,10 +176,37 @@ class PlaceholderCore:
         return [self._report(RecordKind.DETECTED, message, path, "socket-unlinked", **fields)]
 
     def not_made(self, effect: MakePlaceholder, outcome: str, detail: str) -> Effects:
-        """The placeholder was not made: something appeared meanwhile ("skipped"), or it failed."""
+        """The placeholder was not made: something appeared meanwhile ("skipped"), it was refused,
+        or it failed: then it is tried again after a backoff, ``len(RETRY_AFTER)`` times at most."""
         kind = RecordKind.ERROR if outcome == "failed" else RecordKind.ACTION
+        retry = self._retry(effect) if outcome == "failed" else []
+        if outcome == "failed":
+            tries = self._retries[effect.path]
+            again = (
+                f"tried again in {retry[0].delay:g}s ({tries} of {len(RETRY_AFTER)})" if retry else "given up"
+            )
+            detail = f"{detail}; {again}"
         message = f"no placeholder socket made at {effect.path}: {detail}"
-        return [self._report(kind, message, effect.path, outcome, MODE="enforce", DETAIL=detail)]
+        return [self._report(kind, message, effect.path, outcome, MODE="enforce", DETAIL=detail), *retry]
+
+    def _retry(self, effect: MakePlaceholder) -> list[Later]:
+        path = effect.path
+        tries = self._retries.get(path, 0)
+        if tries >= len(RETRY_AFTER):
+            return []
+        self._retries[path] = tries + 1
+        self._decided.discard(path)  # an event for the path meanwhile decides anew; else this does
+
+        def then(_now: Instant) -> Effects:
+            if (
+                self.mode == "off"
+                or path in self._decided
+                or self.view.paths.get(path) is not PathKind.MISSING
+            ):
+                return []
+            return self._missing(PathChanged(path, PathKind.MISSING, at=effect.detected_at))
+
+        return [Later(RETRY_AFTER[tries], then, f"placeholder: {path} again after a failure")]
 
     def _present(self, event: PathChanged) -> Effects:
         """Something is at the path: if it took our placeholder's place, say so once."""
@@ -159,6 +214,14 @@ class PlaceholderCore:
         if ours is None or (event.kind is PathKind.SOCKET and (event.inode, event.ctime_ns) == ours):
             return []
         del self.placed[event.path]
+        if event.kind is PathKind.SOCKET and event.inode == ours[0]:  # a chmod (IN_ATTRIB), or inode reuse
+            message = (
+                f"the placeholder socket at {event.path} changed or was replaced (inode {event.inode}, a "
+                f"new ctime: a chmod or chown of it, or a socket bound anew on a reused inode number)"
+            )
+            return [
+                self._report(RecordKind.OUTCOME, message, event.path, "replaced", DETAIL=event.kind.value)
+            ]
         if event.kind is PathKind.SOCKET:
             what = f"a new socket (inode {event.inode}): {self.settings.unit} bound its own"
         else:

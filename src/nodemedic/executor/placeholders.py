@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from nodemedic.actions.placeholder_socket import make_placeholder, socket_owner
-from nodemedic.core.path_keeper import MakePlaceholder, PlaceholderCore
+from nodemedic.actions.placeholder_socket import make_placeholder, socket_owner, sweep_temporaries
+from nodemedic.core.path_keeper import ACTION, MakePlaceholder, PlaceholderCore
 from nodemedic.errors import UnsafePathError
 from nodemedic.policy.model import Policy
+from nodemedic.report import RecordKind
 
 if TYPE_CHECKING:
     from nodemedic.executor import Executor
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 def register(ex: Executor, policy: Policy) -> Placeholders:
     """The placeholder core and its handler, added to ``ex``; returns what a reload updates."""
     core = PlaceholderCore(policy.placeholder, policy.daemon.mode, ex.view)
+    for path in policy.placeholder.paths:  # what a crash between bind and unlink left
+        for removed in sweep_temporaries(path):
+            message = f"removed {removed}, a placeholder's temporary a crash left"
+            ex.report(RecordKind.DAEMON, message, PATH=removed, ACTION=ACTION, OUTCOME="removed")
     placeholders = Placeholders(ex, core)
     ex.handlers[MakePlaceholder] = placeholders.make
     ex.add_core(core)
@@ -40,8 +45,9 @@ class Placeholders:
         self._owners: dict[str, tuple[tuple[int, int, int], tuple[int, int]]] = {}
 
     def replace(self, policy: Policy) -> None:
-        """A reloaded policy's ``[placeholder]`` and ``[daemon].mode``, at once."""
-        self.core.replace(policy.placeholder, policy.daemon.mode)
+        """A reloaded policy's ``[placeholder]`` and ``[daemon].mode``, at once (a mode now in
+        effect decides again for the paths already missing: those effects are run here)."""
+        self.ex.run(self.core.replace(policy.placeholder, policy.daemon.mode, self.ex.now()))
 
     def make(self, effect: MakePlaceholder) -> None:
         settings = self.core.settings
@@ -58,7 +64,7 @@ class Placeholders:
         else:
             elapsed = (self.ex.ctx.clock.monotonic() - effect.detected_at) * 1000.0
             identity = placed.inode, placed.ctime_ns
-            run(self.core.made(effect, identity, placed.describe(), max(0.0, elapsed)))
+            run(self.core.made(effect, identity, placed.describe(), max(0.0, elapsed), placed.replaced))
 
     def _owner(self, config: str, path: str) -> tuple[int, int]:
         """containerd's owner for ``path``, from its config; parsed again only when it changed."""

@@ -194,3 +194,31 @@ async def test_a_bad_answer_on_the_kept_connection_is_not_asked_again(short_tmp:
     finally:
         probe.close()
         server.close()
+
+
+async def test_a_socket_unlinked_under_a_kept_connection_is_seen_at_the_next_request(short_tmp: Path) -> None:
+    """containerd runs on with its socket file unlinked (issue 18): the kept connection still gets
+    answers, every new client is refused. The probe looks at the file at the path, as a new client
+    would: missing, then a placeholder (bound, never listening) in its place, each fails."""
+    server = Server(short_tmp / "c.sock")
+    await server.start()
+    probe = ContainerdProbe()
+    try:
+        assert await probe.version(server.path, 0.6) == "v1"
+        Path(server.path).unlink()  # the server still answers the connection it has
+        with pytest.raises(ProbeError):
+            await probe.version(server.path, 0.6)
+        import socket as sockets
+
+        placeholder = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        placeholder.bind(server.path)  # never listening: ECONNREFUSED
+        try:
+            with pytest.raises(ProbeError):
+                await probe.version(server.path, 0.6)
+        finally:
+            placeholder.close()
+        await asyncio.sleep(0.05)
+        assert server.open == 0  # the kept connection to the unlinked socket was closed
+    finally:
+        probe.close()
+        server.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -79,10 +80,16 @@ class ContainerdProbe:
     closes it, so the next one is on a fresh connection; one that fails on the kept connection
     without timing out (closed by a containerd that restarted meanwhile) is asked once more on a
     new one at once. A request made while another is under way (the rule's confirmation during the
-    next probe) gets a connection of its own, closed after it."""
+    next probe) gets a connection of its own, closed after it.
+
+    A kept connection is used only while the socket file it was dialled to is still at the path
+    (device and inode, one lstat a request): a containerd that runs on with its socket unlinked
+    (issue 18: it serves only connections already open, every new client is refused) or a
+    placeholder in its place is seen by the next request, as a new client would see it."""
 
     def __init__(self) -> None:
         self._kept: dict[str, Connection] = {}
+        self._dialled: dict[str, tuple[int, int] | None] = {}  # socket -> the file it was dialled to
 
     async def version(self, socket: str, timeout: float) -> str:
         try:
@@ -93,6 +100,11 @@ class ContainerdProbe:
 
     async def _call(self, socket: str) -> bytes:
         kept = self._kept.get(socket)
+        if kept is not None and _identity(socket) != self._dialled.get(socket):
+            log.debug("containerd Version on %s: the socket file changed; dialling anew", socket)
+            if not kept.busy:
+                self._drop(socket, kept)
+            kept = None
         if kept is not None and not kept.usable:
             if not kept.busy:  # closed by the server, or out of stream ids: dialled anew
                 self._drop(socket, kept)
@@ -108,9 +120,10 @@ class ContainerdProbe:
                 if kept.heard:
                     raise
                 log.debug("containerd Version on %s: kept connection failed; asking anew", socket)
+        identity = _identity(socket)
         conn = await Connection.open(socket)
         if socket not in self._kept:  # a concurrent request may have kept its own meanwhile
-            self._kept[socket] = conn
+            self._kept[socket], self._dialled[socket] = conn, identity
         return await self._on(socket, conn)
 
     def _drop(self, socket: str, conn: Connection) -> None:
@@ -133,6 +146,15 @@ class ContainerdProbe:
         for conn in self._kept.values():
             conn.close()
         self._kept.clear()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), never following a symlink; None if there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 async def _within(timeout: float, call: Coroutine[Any, Any, bytes]) -> bytes:

@@ -269,7 +269,10 @@ async def test_the_shipped_rule_in_observe_mode_says_only_the_chmod(tmp_path: Pa
     assert would == ["verify-containerd", "restore-socket-mode"], "no restart would be made"
 
 
-@pytest.mark.parametrize("state", [("activating", "auto-restart"), ("failed", "failed"), ("inactive", "dead")])
+NOT_ACTIVE = [("activating", "auto-restart"), ("failed", "failed"), ("inactive", "dead")]
+
+
+@pytest.mark.parametrize("state", NOT_ACTIVE)
 async def test_the_shipped_rule_judges_no_socket_while_containerd_is_not_active(
     tmp_path: Path, sock: Path, state: tuple[str, str]
 ) -> None:

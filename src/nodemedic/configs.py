@@ -173,6 +173,16 @@ async def config_problem(path: Path) -> str | None:
     return None if binary is None else await _containerd_problem(binary, path)
 
 
+def parsed_config(path: Path) -> dict[str, Any] | None:
+    """containerd's config at ``path`` as TOML, read as ``read_config`` does (a regular file, never
+    through a symlink, at most 1 MiB); None if it cannot be read or is not TOML. For readers that
+    only look a setting up: a broken config is the config rules' business, never an error here."""
+    try:  # ValueError: UnicodeDecodeError, TOMLDecodeError; a nesting too deep is RecursionError
+        return tomllib.loads(read_config(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return None
+
+
 def imports_problem(content: bytes, path: Path) -> str | None:
     """``imports`` that containerd would read but nodemedic would not: a FIFO, a device or
     /dev/zero would hang `containerd config dump` (and containerd's start) or have it read until

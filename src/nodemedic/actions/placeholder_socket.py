@@ -22,17 +22,11 @@ import re
 import secrets
 import socket
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodemedic.configs import read_config
+from nodemedic.configs import parsed_config
 from nodemedic.errors import UnsafePathError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_ONLY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -167,9 +161,8 @@ def socket_owner(config: str, path: str) -> tuple[int, int]:
     """The uid and gid containerd gives its socket at ``path`` by its config (0:0 if unset or the
     config cannot be read): ``[ttrpc]``'s for a ``.ttrpc`` path when ``[ttrpc] address`` is set
     (containerd then takes its uid/gid), else ``[grpc]``'s."""
-    try:  # a regular file only, never through a symlink, bounded in size
-        data = tomllib.loads(read_config(Path(config)).decode("utf-8"))
-    except (OSError, ValueError):
+    data = parsed_config(Path(config))  # a regular file only, never through a symlink, bounded
+    if data is None:
         return 0, 0
     grpc, ttrpc = _table(data, "grpc"), _table(data, "ttrpc")
     table = ttrpc if path.endswith(".ttrpc") and ttrpc.get("address") else grpc

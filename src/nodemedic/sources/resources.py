@@ -19,12 +19,11 @@ import json
 import logging
 import os
 import stat
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from nodemedic.configs import read_config
+from nodemedic.configs import parsed_config
 from nodemedic.errors import ProbeError
 from nodemedic.events import (
     Event,
@@ -46,11 +45,6 @@ from nodemedic.policy.model import (
 )
 from nodemedic.ports import Clock, VersionProbe
 from nodemedic.procfs import oom_kill_count, open_fds, read_pressure, soft_nofile, unit_cgroup
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +216,8 @@ def streams_setting(path: Path) -> str | None:
     """The TOML value of ``[grpc] max_concurrent_streams`` in ``path`` as written (at most 64
     characters), "" if the key is not set, None if the file is not one nodemedic reads or not TOML:
     a broken config is the config rule's business, and reading it is never an error here."""
-    try:
-        doc = tomllib.loads(read_config(path).decode())
-    except (OSError, ValueError, RecursionError, MemoryError):  # ValueError: UnicodeDecodeError, TOML
+    doc = parsed_config(path)
+    if doc is None:
         return None
     grpc = doc.get("grpc")
     if not isinstance(grpc, dict) or "max_concurrent_streams" not in grpc:

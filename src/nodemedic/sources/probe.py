@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nodemedic.errors import ProbeError
-from nodemedic.events import Event, ProbeAnswered, ProbeFailed
+from nodemedic.events import Event, PathKind, ProbeAnswered, ProbeFailed
+from nodemedic.fs import path_identity
 from nodemedic.ports import Clock, VersionProbe
 from nodemedic.sources.grpcwire import CallFailed, Connection
+
+Identity = tuple[PathKind, int, int]  # what path_identity says of the socket path
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class ContainerdProbe:
 
     def __init__(self) -> None:
         self._kept: dict[str, Connection] = {}
-        self._dialled: dict[str, tuple[int, int] | None] = {}  # socket -> the file it was dialled to
+        self._dialled: dict[Connection, Identity] = {}  # a kept connection -> the file it was dialled to
 
     async def version(self, socket: str, timeout: float) -> str:
         try:
@@ -100,7 +102,7 @@ class ContainerdProbe:
 
     async def _call(self, socket: str) -> bytes:
         kept = self._kept.get(socket)
-        if kept is not None and _identity(socket) != self._dialled.get(socket):
+        if kept is not None and path_identity(socket) != self._dialled.get(kept):
             log.debug("containerd Version on %s: the socket file changed; dialling anew", socket)
             if not kept.busy:
                 self._drop(socket, kept)
@@ -120,16 +122,17 @@ class ContainerdProbe:
                 if kept.heard:
                     raise
                 log.debug("containerd Version on %s: kept connection failed; asking anew", socket)
-        identity = _identity(socket)
+        identity = path_identity(socket)
         conn = await Connection.open(socket)
         if socket not in self._kept:  # a concurrent request may have kept its own meanwhile
-            self._kept[socket], self._dialled[socket] = conn, identity
+            self._kept[socket], self._dialled[conn] = conn, identity
         return await self._on(socket, conn)
 
     def _drop(self, socket: str, conn: Connection) -> None:
         conn.close()
         if self._kept.get(socket) is conn:
             del self._kept[socket]
+        self._dialled.pop(conn, None)
 
     async def _on(self, socket: str, conn: Connection) -> bytes:
         try:
@@ -146,15 +149,7 @@ class ContainerdProbe:
         for conn in self._kept.values():
             conn.close()
         self._kept.clear()
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """The file at ``path`` (device, inode), never following a symlink; None if there is none."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
+        self._dialled.clear()
 
 
 async def _within(timeout: float, call: Coroutine[Any, Any, bytes]) -> bytes:

@@ -71,3 +71,11 @@ def test_stale_temporaries_of_ours_are_swept_and_nothing_else(tmp_path: Path) ->
     assert sweep_temporaries(str(path)) == [str(ours)]
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in [*kept, not_a_socket])
     assert sweep_temporaries(str(tmp_path / "gone" / "containerd.sock")) == [], "no folder: nothing"
+
+
+def test_a_config_nested_too_deep_gives_the_default_owner(tmp_path: Path) -> None:
+    """tomllib raises RecursionError on a deep enough nesting: the owner falls back to 0:0, never
+    an exception inside the placeholder's making."""
+    config = tmp_path / "config.toml"
+    config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n[grpc]\nuid = 5\n")
+    assert placeholder_socket.socket_owner(str(config), "/run/containerd/containerd.sock") == (0, 0)

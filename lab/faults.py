@@ -735,7 +735,7 @@ def cri_hostpath_fault(
     finally:
         if watch.poll() is None:
             watch.kill()
-            watch.wait()
+        watch.communicate()  # reaps it and closes its pipes (else a ResourceWarning fails the test)
     made = float(said[-1]) if said and said[-1] != "never" else None
     pod = CriPod(sandbox, container, name) if container else None
     return CriHostpathFault(unlinked_at, made, pod, error)
@@ -813,7 +813,7 @@ def cri_stop_race(node: Node, path: str = SOCKET, tries: int = 200) -> CriStopRa
     finally:
         if watch.poll() is None:
             watch.kill()
-            watch.wait()
+        watch.communicate()  # reaps it and closes its pipes
     made = float(said[-1]) if said and said[-1] != "never" else None
     return CriStopRace(attempts, made)
 

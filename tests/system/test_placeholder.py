@@ -11,7 +11,7 @@ from lab.faults import (
     SOCKET,
     TTRPC,
     containerd_serving,
-    cri_socket_dir,
+    cri_hostpath_fault,
     placeholder_policy,
     records,
     start_nodemedic,
@@ -61,8 +61,11 @@ def test_the_real_cri_pod_finds_the_path_existing(node_factory: Callable[..., No
     under a live connection, and a hostPath pod of it is created over that connection."""
     node = node_factory(containers=True)
     start_nodemedic(node, policy=placeholder_policy("enforce"))
-    with pytest.raises(TimeoutError, match="no directory"):
-        cri_socket_dir(node, SOCKET, timeout=5)
+    # 50 ms between the unlink and the pod's CreateContainer (a kubelet restarting a crashlooping
+    # container waits its back-off, 10 s at least): with none at all, the CRI plugin's MkdirAll can
+    # come within the millisecond inotify takes to tell nodemedic (docs/benchmarks.md, placeholder)
+    fault = cri_hostpath_fault(node, SOCKET, timeout=5, gap=0.05)
+    assert fault.directory_at is None, fault
     assert kind_of(node, SOCKET) == "socket"
     [fault] = records(node, action=ACTION, outcome="socket-unlinked")
     assert fault["NODEMEDIC_KIND"] == "detected"

@@ -82,11 +82,18 @@ def log(msg: str) -> None:
     print(f"[lab {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+# Not nodemedic's: what lab code run inside a node needs (test_grpc_streams' stream holder speaks
+# gRPC with grpcio); the daemon never imports them, its packages vendor only its own dependencies.
+LAB_ONLY = ("grpcio>=1.60", "protobuf>=4.25")
+
+
 def dependencies(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
-    """The project's runtime requirements that must be installed as wheels in the node."""
+    """The requirements installed as wheels in the node: the project's runtime ones (less those
+    from Debian) and LAB_ONLY."""
     with pyproject.open("rb") as f:
         deps: list[str] = tomllib.load(f)["project"]["dependencies"]
-    return [d for d in deps if _name(d) not in FROM_DEBIAN and not _py_below_311(d)]
+    own = [d for d in deps if _name(d) not in FROM_DEBIAN and not _py_below_311(d)]
+    return [*own, *LAB_ONLY]
 
 
 def _name(requirement: str) -> str:
